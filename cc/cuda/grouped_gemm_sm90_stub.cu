@@ -1,0 +1,27 @@
+// Placeholder until the sm90 grouped GEMM lands (issue 4): reports UNSUPPORTED with a message; nothing
+// falls back silently to another backend. Delete this file when the real implementation lands.
+#include "cc/cuda/grouped_gemm.h"
+#include "cc/src/status.h"
+
+namespace mxmoe {
+namespace cuda {
+namespace {
+mxmoe_status NotYet(const char* op) {
+  return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": not implemented in this build yet");
+}
+}  // namespace
+
+mxmoe_status PrepareWeightsSm90Size(const mxmoe_prepare_weights_args&, size_t*) {
+  return NotYet("prepare_weights (sm90)");
+}
+mxmoe_status PrepareWeightsSm90(const mxmoe_prepare_weights_args&, void*) {
+  return NotYet("prepare_weights (sm90)");
+}
+mxmoe_status GroupedGemmSm90WorkspaceSize(const mxmoe_grouped_gemm_args&, size_t*) {
+  return NotYet("grouped_gemm (sm90)");
+}
+mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args&, void*, size_t, void*) {
+  return NotYet("grouped_gemm (sm90)");
+}
+}  // namespace cuda
+}  // namespace mxmoe

@@ -1,0 +1,3 @@
+#!/bin/sh
+echo "bazel coverage is not supported offline in mxmoe" >&2
+exit 1

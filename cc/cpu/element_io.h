@@ -109,6 +109,11 @@ inline void StoreFromDouble(void* base, int32_t dtype, int64_t index, double v) 
   }
 }
 
+// memset that accepts a NULL pointer for an empty range (memset(NULL, 0, 0) is undefined).
+inline void ZeroBytes(void* ptr, int64_t bytes) {
+  if (bytes > 0) memset(ptr, 0, static_cast<size_t>(bytes));
+}
+
 inline int64_t DtypeBytes(int32_t dtype) { return dtype == MXMOE_DTYPE_FP32 ? 4 : 2; }
 
 }  // namespace cpu

@@ -1,0 +1,48 @@
+// The CPU backend: the bit-exact reference implementation of every mxmoe entry point (the data
+// contract of DESIGN.md section 2, through mxmoe/format.h). Every function receives arguments
+// already validated by cc/src (shapes, dtypes, pointers, offsets, ids), runs synchronously on
+// the calling thread plus worker threads (cc/cpu/parallel.h), and writes only its outputs.
+//
+// Numerics beyond the quantization rule (the reference the CUDA backends are checked against):
+//   - GroupedGemm: per 32-block, an exact integer dot of twice-values of the E2M1 codes, times
+//     2^(sa + sb - 254 - 2) in double, accumulated over K in double, rounded once to the output
+//     dtype (a scale 0xFF makes the element NaN). Essentially the exact product.
+//   - MoeForward: see moe_forward.cc's header for routing, order and rounding.
+//
+// Prepared weights (MXMOE_WEIGHT_FORMAT_PREPARED with backend CPU): one buffer holding the LINEAR
+// packed codes [E, n, k/2] followed immediately by the LINEAR scales [E, n, k/32]; its size is
+// E * n * (k/2 + k/32) bytes. It exists so that every backend accepts PREPARED weights; for the
+// CPU it is just the interchange format in one allocation.
+#ifndef MXMOE_CPU_CPU_BACKEND_H_
+#define MXMOE_CPU_CPU_BACKEND_H_
+
+#include <stddef.h>
+
+#include "mxmoe/mxmoe.h"
+
+namespace mxmoe {
+namespace cpu {
+
+mxmoe_status Quantize(const mxmoe_quantize_args& args);
+mxmoe_status Dequantize(const mxmoe_dequantize_args& args);
+mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args);
+mxmoe_status SiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args& args);
+mxmoe_status SwizzleScales(const mxmoe_swizzle_scales_args& args);
+mxmoe_status UnswizzleScales(const mxmoe_swizzle_scales_args& args);
+mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args& args);
+
+size_t PrepareWeightsSize(const mxmoe_expert_weights& weights);
+mxmoe_status PrepareWeights(const mxmoe_prepare_weights_args& args);
+
+// The CPU GEMM needs no caller workspace (its tile buffers are per-thread host allocations).
+size_t GroupedGemmWorkspaceSize(const mxmoe_grouped_gemm_args& args);
+mxmoe_status GroupedGemm(const mxmoe_grouped_gemm_args& args);
+
+mxmoe_status MoeForwardWorkspaceSize(const mxmoe_moe_forward_args& args, size_t* bytes);
+mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,
+                        size_t workspace_bytes);
+
+}  // namespace cpu
+}  // namespace mxmoe
+
+#endif  // MXMOE_CPU_CPU_BACKEND_H_

@@ -48,11 +48,13 @@ constexpr int kTileK = 128;
 // Bytes of one 128-row x 4-scale-column atom of the swizzled scale layout.
 constexpr int64_t kScaleAtomBytes = format::kSwizzleTileBytes;  // 512
 
-MXMOE_HD int64_t CeilDiv(int64_t x, int64_t d) { return (x + d - 1) / d; }
+// constexpr (unlike format.h's helpers) so the kernel can static_assert on the twin.
+MXMOE_HD constexpr int64_t CeilDiv(int64_t x, int64_t d) { return (x + d - 1) / d; }
+MXMOE_HD constexpr int64_t RoundUpTo(int64_t x, int64_t m) { return CeilDiv(x, m) * m; }
 
 // Width in bytes (= scale columns, padded to 4) of one row of swizzled scales of a K-wide matrix.
-MXMOE_HD int64_t SwizzledScaleRowBytes(int64_t k) {
-  return format::RoundUp(k / format::kBlockSize, format::kSwizzleCols);
+MXMOE_HD constexpr int64_t SwizzledScaleRowBytes(int64_t k) {
+  return RoundUpTo(k / format::kBlockSize, format::kSwizzleCols);
 }
 
 // The dynamic values of CUTLASS's SM100 scale-factor layout for one operand of one expert
@@ -63,8 +65,8 @@ struct ScaleLayoutSm100 {
   int64_t mn_tile_stride;  // bytes between consecutive 128-row tiles: k_tiles * 512
 };
 
-MXMOE_HD ScaleLayoutSm100 MakeScaleLayoutSm100(int64_t rows, int64_t k) {
-  ScaleLayoutSm100 layout;
+MXMOE_HD constexpr ScaleLayoutSm100 MakeScaleLayoutSm100(int64_t rows, int64_t k) {
+  ScaleLayoutSm100 layout{};
   layout.mn_tiles = static_cast<int32_t>(CeilDiv(rows, format::kSwizzleRows));
   layout.k_tiles = static_cast<int32_t>(CeilDiv(k, format::kBlockSize * format::kSwizzleCols));
   layout.mn_tile_stride = static_cast<int64_t>(layout.k_tiles) * kScaleAtomBytes;
@@ -74,7 +76,7 @@ MXMOE_HD ScaleLayoutSm100 MakeScaleLayoutSm100(int64_t rows, int64_t k) {
 // Byte offset of scale (row, scale column) under `layout`, written the way CUTLASS's layout
 // computes it (sum of coordinate x stride over its modes), not by calling SwizzledOffset, so the
 // test comparing the two is a real check.
-MXMOE_HD int64_t ScaleLayoutOffsetSm100(const ScaleLayoutSm100& layout, int64_t row,
+MXMOE_HD constexpr int64_t ScaleLayoutOffsetSm100(const ScaleLayoutSm100& layout, int64_t row,
                                         int64_t scale_col) {
   const int64_t row_in_32 = row % 32;
   const int64_t row_32_block = (row / 32) % 4;
@@ -88,7 +90,7 @@ MXMOE_HD int64_t ScaleLayoutOffsetSm100(const ScaleLayoutSm100& layout, int64_t 
 // Inverse of the swizzle inside one [round_up(rows,128), round_up(cols,4)] swizzled matrix:
 // the (row, scale column) stored at byte `offset`. Padding positions give row >= rows or
 // col >= cols (the caller writes 0 there).
-MXMOE_HD void SwizzledPositionSm100(int64_t offset, int64_t scale_cols, int64_t* row,
+MXMOE_HD constexpr void SwizzledPositionSm100(int64_t offset, int64_t scale_cols, int64_t* row,
                                     int64_t* col) {
   const int64_t k_tiles = CeilDiv(scale_cols, format::kSwizzleCols);
   const int64_t atom = offset / kScaleAtomBytes;
@@ -116,14 +118,14 @@ struct PreparedWeightsLayoutSm100 {
   int64_t total_bytes;
 };
 
-MXMOE_HD PreparedWeightsLayoutSm100 MakePreparedWeightsLayoutSm100(int64_t num_experts, int64_t n,
+MXMOE_HD constexpr PreparedWeightsLayoutSm100 MakePreparedWeightsLayoutSm100(int64_t num_experts, int64_t n,
                                                                    int64_t k) {
-  PreparedWeightsLayoutSm100 layout;
+  PreparedWeightsLayoutSm100 layout{};
   layout.expert_packed_bytes = n * (k / 2);
-  layout.expert_scale_bytes = format::SwizzledBytes(n, k / format::kBlockSize);
+  layout.expert_scale_bytes = RoundUpTo(n, format::kSwizzleRows) * SwizzledScaleRowBytes(k);
   layout.packed_offset = 0;
   layout.packed_bytes = num_experts * layout.expert_packed_bytes;
-  layout.scales_offset = format::RoundUp(layout.packed_bytes, 256);
+  layout.scales_offset = RoundUpTo(layout.packed_bytes, 256);
   layout.scales_bytes = num_experts * layout.expert_scale_bytes;
   layout.total_bytes = layout.scales_offset + layout.scales_bytes;
   return layout;
@@ -189,7 +191,7 @@ MXMOE_HD ExpertSetupSm100 ComputeExpertSetupSm100(const GroupedGemmSm100Problem&
 
   const bool in_bounds = first_row >= 0 && m >= 0 && m <= span && first_row + m <= p.rows &&
                          first_scale_row >= 0 &&
-                         first_scale_row + format::RoundUp(m, format::kSwizzleRows) <=
+                         first_scale_row + RoundUpTo(m, format::kSwizzleRows) <=
                              p.a_scale_rows;
   if (!in_bounds) m = 0;
 

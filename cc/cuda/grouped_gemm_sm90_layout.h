@@ -26,7 +26,8 @@
 //
 // Converted activations (workspace, written per call):
 //   a8:       [rows, Kp = C*128] E4M3 bytes, K padded with zeros;
-//   a_factor: [C, rows_pad4] fp32, 2^(refA - 127) of each (row, chunk) (NaN for a 0xFF scale).
+//   a_factor: [C, factor_stride] fp32, 2^(refA - 127) of each (row, chunk) (NaN for a 0xFF
+//             scale); factor_stride = round_up(rows, 4) + slack for aligned bulk copies.
 #ifndef MXMOE_CUDA_GROUPED_GEMM_SM90_LAYOUT_H_
 #define MXMOE_CUDA_GROUPED_GEMM_SM90_LAYOUT_H_
 

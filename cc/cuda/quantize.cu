@@ -1,32 +1,650 @@
-// Placeholder until the CUDA quantization kernels land (issue 3): every entry point reports
-// UNSUPPORTED with a message instead of silently falling back to another backend.
+// CUDA quantization kernels behind mxmoe::cuda::{Quantize, Dequantize, ExpertsQuantize,
+// SiluMulExpertsQuantize, SwizzleScales, UnswizzleScales, QuantizeWeights}.
+//
+// One quantizing kernel serves every entry point. Its work unit is a lane: 8 consecutive
+// elements of a row (one 16-byte load; two for SiLU, gate and up), 4 lanes per 32-element block.
+// Each CTA takes kUnitsPerCta consecutive lanes of the flattened [rows, k/8] lane grid (rows need
+// not align with CTAs), issues all its loads first, then builds a small table of where each of
+// its rows' scales go (this is where the per-expert mapping happens), then quantizes and stores.
+// Swizzled layouts have padding: extra CTAs after the data CTAs zero the padding rows of each
+// matrix's last 128-row tile; the lane that writes a row's last scale also zeroes that row's
+// padding columns.
+//
+// Limits and behaviour:
+//   - Arguments are validated by cc/src. The launchers here add the checks only a kernel needs
+//     (alignment: input and output 16 bytes, packed 4 bytes, swizzled scales 4 bytes; experts <=
+//     12287 so the offsets fit in shared memory) and fail with a status and message otherwise.
+//   - No allocation, no synchronisation: every launch can be captured in a CUDA graph. Very large
+//     problems (more than 2^30 lanes, e.g. 1.2M rows at k = 7168) are split into several launches
+//     on the same stream.
+//   - Device-side expert metadata is not trusted. A row r belongs to expert e when
+//     expert_offsets[e] <= r < expert_offsets[e+1] for the e that a binary search over
+//     expert_offsets finds; a row with no such expert, or whose expert's scale tile would fall
+//     outside [0, scale_rows) (blockscale_offsets[e] < 0 or blockscale_offsets[e] +
+//     round_up(local_row + 1, 128) > scale_rows), is skipped: neither its packed row nor its
+//     scales are written. An expert's padding rows are written only when its whole scale block
+//     lies inside [0, scale_rows). Nothing is ever written out of bounds; with invalid metadata
+//     some output bytes are simply left unwritten (or, if experts' scale blocks overlap, written
+//     by both).
 #include "cc/cuda/quantize.h"
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <algorithm>
+
+#include "cc/cuda/cuda_check.h"
+#include "cc/cuda/quantize_device.cuh"
 #include "cc/src/status.h"
+#include "mxmoe/format.h"
 
 namespace mxmoe {
 namespace cuda {
 namespace {
-mxmoe_status NotYet(const char* op) {
-  return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": no CUDA kernel in this build yet (CPU backend only)");
+
+using quant::Bf16;
+using quant::FastDivmod;
+using quant::Fp16;
+using quant::kElemsPerLane;
+using quant::kLanesPerBlock;
+
+constexpr int kThreads = 256;
+constexpr int kUnitsPerThread = 4;  // 4 independent 16-byte loads in flight per thread
+constexpr int kUnitsPerCta = kThreads * kUnitsPerThread;
+// Rows one CTA's lanes can touch: k >= 32 means >= 4 lanes per row, and CTAs start at multiples of
+// kUnitsPerCta (itself a multiple of 4), so at most kUnitsPerCta / 4 rows, +1 for safety.
+constexpr int kMaxRowsPerCta = kUnitsPerCta / kLanesPerBlock + 1;
+// Lane indices inside one launch stay below 2^30, so 32-bit arithmetic never overflows.
+constexpr int64_t kMaxUnitsPerLaunch = int64_t{1} << 30;
+// Expert offsets are kept in shared memory (48 KB without opting in to more).
+constexpr int32_t kMaxExperts = 48 * 1024 / 4 - 1;
+// At most this many CTAs zero padding (each loops over its share of the matrices).
+constexpr int32_t kMaxPaddingCtas = 1024;
+
+// Where a row's scales go.
+enum class ScaleMap {
+  kLinear,          // scales[row * scale_cols + k]
+  kSwizzledGroups,  // matrix g = row / group_rows, swizzled, at byte g * group_bytes
+  kExperts,         // matrix = the row's expert, swizzled, at row blockscale_offsets[e]
+};
+
+struct RowsParams {
+  const void* input;
+  uint8_t* packed;
+  uint8_t* scales;
+  int64_t row_begin;          // first row of this launch
+  uint32_t units;             // lanes in this launch (launch rows * k / 8)
+  uint32_t data_ctas;         // CTAs [0, data_ctas) quantize, the others zero scale padding
+  FastDivmod lanes_per_row;   // k / 8
+  int64_t input_row_elems;    // elements from one input row to the next: k, or 2k for SiLU
+  int64_t up_offset_elems;    // SiLU: where `up` starts in a row (= k)
+  int32_t scale_cols;         // k / 32
+  int32_t padded_scale_cols;  // round_up(k / 32, 4), swizzled maps
+  // kSwizzledGroups.
+  int64_t group_rows;
+  int64_t group_bytes;
+  int32_t num_groups;
+  // kExperts.
+  const int32_t* expert_offsets;
+  const int32_t* blockscale_offsets;
+  int32_t num_experts;
+  int64_t scale_rows;
+};
+
+// Byte offset of scale (row, 0) for the swizzled maps, or -1 when the row is skipped (invalid
+// expert metadata). Offsets of the other columns follow from the layout: + (k/4)*512 + k%4.
+template <ScaleMap kMap>
+__device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, int64_t row) {
+  if constexpr (kMap == ScaleMap::kSwizzledGroups) {
+    const int64_t group = row / p.group_rows;
+    const int64_t local = row - group * p.group_rows;
+    return group * p.group_bytes + format::SwizzledOffset(local, 0, p.scale_cols);
+  } else {
+    static_assert(kMap == ScaleMap::kExperts, "linear rows need no table");
+    if (row > INT32_MAX) return -1;
+    const int32_t r = static_cast<int32_t>(row);
+    // Largest e in [0, E) with offsets[e] <= r: skips empty experts that start at r.
+    int lo = 0;
+    int hi = p.num_experts;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) >> 1;
+      if (s_offsets[mid] <= r) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    const int32_t begin = s_offsets[lo];
+    const int32_t end = s_offsets[lo + 1];
+    if (r < begin || r >= end) return -1;
+    const int64_t local = static_cast<int64_t>(r) - begin;
+    const int64_t scale_row = p.blockscale_offsets[lo];
+    if (scale_row < 0 || scale_row + format::RoundUp(local + 1, format::kSwizzleRows) > p.scale_rows) {
+      return -1;
+    }
+    return scale_row * p.padded_scale_cols + format::SwizzledOffset(local, 0, p.scale_cols);
+  }
 }
+
+// Zeroes the padding rows [m, round_up(m, 128)) of swizzled matrices (all padded columns); one
+// CTA per matrix, CTAs looping over matrices. Within a 512-byte tile, 4-byte word p holds rows
+// (p % 4) * 32 + p / 4 for the tile's 4 columns, so the CTA writes whole words in address order.
+template <ScaleMap kMap>
+__device__ void ZeroScalePaddingRows(const RowsParams& p, const int32_t* s_offsets) {
+  const int32_t k_tiles = p.padded_scale_cols / format::kSwizzleCols;
+  const int32_t num_matrices =
+      kMap == ScaleMap::kExperts ? p.num_experts : p.num_groups;
+  const int32_t stride = static_cast<int32_t>(gridDim.x - p.data_ctas);
+  for (int32_t g = static_cast<int32_t>(blockIdx.x - p.data_ctas); g < num_matrices; g += stride) {
+    int64_t m;
+    int64_t base;
+    if constexpr (kMap == ScaleMap::kExperts) {
+      m = static_cast<int64_t>(s_offsets[g + 1]) - s_offsets[g];
+      if (m <= 0) continue;
+      const int64_t scale_row = p.blockscale_offsets[g];
+      if (scale_row < 0 || scale_row + format::RoundUp(m, format::kSwizzleRows) > p.scale_rows) {
+        continue;
+      }
+      base = scale_row * p.padded_scale_cols;
+    } else {
+      m = p.group_rows;
+      base = g * p.group_bytes;
+    }
+    const int32_t valid_rows_in_tile = static_cast<int32_t>(m % format::kSwizzleRows);
+    if (valid_rows_in_tile == 0) continue;
+    uint32_t* tile = reinterpret_cast<uint32_t*>(
+        p.scales + base + (m / format::kSwizzleRows) * k_tiles * format::kSwizzleTileBytes);
+    for (int32_t w = threadIdx.x; w < k_tiles * 128; w += kThreads) {
+      const int32_t word = w & 127;
+      const int32_t row_in_tile = (word & 3) * 32 + (word >> 2);
+      if (row_in_tile >= valid_rows_in_tile) tile[w] = 0;
+    }
+  }
+}
+
+template <typename T, bool kSilu, ScaleMap kMap>
+__global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams p) {
+  extern __shared__ int32_t s_expert_offsets[];  // kExperts: [num_experts + 1]
+  // Swizzled maps: scale byte offset of (row first_row + i, column 0), -1 = skip the row.
+  __shared__ int64_t s_row_scale_base[kMaxRowsPerCta];
+
+  if (blockIdx.x >= p.data_ctas) {
+    if constexpr (kMap != ScaleMap::kLinear) {
+      if constexpr (kMap == ScaleMap::kExperts) {
+        for (int i = threadIdx.x; i <= p.num_experts; i += kThreads) {
+          s_expert_offsets[i] = p.expert_offsets[i];
+        }
+        __syncthreads();
+      }
+      ZeroScalePaddingRows<kMap>(p, s_expert_offsets);
+    }
+    return;
+  }
+
+  // 1. All loads first. Lanes past the end re-read the last lane (in bounds) so that every lane of
+  //    the warp takes part in the block reductions; they store nothing.
+  const uint32_t cta_unit0 = blockIdx.x * static_cast<uint32_t>(kUnitsPerCta);
+  const uint32_t lanes_per_row = p.lanes_per_row.divisor;
+  uint4 gate_or_x[kUnitsPerThread];
+  uint4 up[kUnitsPerThread];
+  uint32_t row_in_launch[kUnitsPerThread];
+  uint32_t lane_in_row[kUnitsPerThread];
+#pragma unroll
+  for (int i = 0; i < kUnitsPerThread; ++i) {
+    const uint32_t u = min(cta_unit0 + i * kThreads + threadIdx.x, p.units - 1);
+    row_in_launch[i] = p.lanes_per_row.Div(u);
+    lane_in_row[i] = u - row_in_launch[i] * lanes_per_row;
+    const uint16_t* row_ptr = static_cast<const uint16_t*>(p.input) +
+                              (p.row_begin + row_in_launch[i]) * p.input_row_elems;
+    gate_or_x[i] = quant::LoadStreaming16(row_ptr + lane_in_row[i] * kElemsPerLane);
+    if constexpr (kSilu) {
+      up[i] = quant::LoadStreaming16(row_ptr + p.up_offset_elems + lane_in_row[i] * kElemsPerLane);
+    }
+  }
+
+  // 2. Scale base of every row this CTA touches (experts: binary search in shared memory).
+  uint32_t first_row = 0;
+  if constexpr (kMap != ScaleMap::kLinear) {
+    if constexpr (kMap == ScaleMap::kExperts) {
+      for (int i = threadIdx.x; i <= p.num_experts; i += kThreads) {
+        s_expert_offsets[i] = p.expert_offsets[i];
+      }
+      __syncthreads();
+    }
+    first_row = p.lanes_per_row.Div(cta_unit0);
+    const uint32_t last_row =
+        p.lanes_per_row.Div(min(cta_unit0 + static_cast<uint32_t>(kUnitsPerCta), p.units) - 1);
+    for (uint32_t t = threadIdx.x; t <= last_row - first_row; t += kThreads) {
+      s_row_scale_base[t] = RowScaleBase<kMap>(p, s_expert_offsets, p.row_begin + first_row + t);
+    }
+    __syncthreads();
+  }
+
+  // 3. Quantize and store.
+#pragma unroll
+  for (int i = 0; i < kUnitsPerThread; ++i) {
+    quant::Lane8 x;
+    if constexpr (kSilu) {
+      x = quant::SiluMul<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
+    } else {
+      x = quant::AsLane8(gate_or_x[i]);
+    }
+    const quant::QuantizedLane q = quant::QuantizeLane<T>(x);
+
+    const bool in_range = cta_unit0 + i * kThreads + threadIdx.x < p.units;
+    const int64_t row = p.row_begin + row_in_launch[i];
+    int64_t scale_base;
+    if constexpr (kMap == ScaleMap::kLinear) {
+      scale_base = row * p.scale_cols;
+    } else {
+      scale_base = s_row_scale_base[row_in_launch[i] - first_row];
+    }
+    if (in_range && scale_base >= 0) {
+      reinterpret_cast<uint32_t*>(p.packed)[row * lanes_per_row + lane_in_row[i]] = q.codes;
+      if (lane_in_row[i] % kLanesPerBlock == 0) {
+        const int32_t block = static_cast<int32_t>(lane_in_row[i] / kLanesPerBlock);
+        if constexpr (kMap == ScaleMap::kLinear) {
+          p.scales[scale_base + block] = q.scale;
+        } else {
+          uint8_t* s = p.scales + scale_base + (block / format::kSwizzleCols) *
+                                                   format::kSwizzleTileBytes +
+                       block % format::kSwizzleCols;
+          *s = q.scale;
+          if (block == p.scale_cols - 1) {  // this row's padding columns, same 4-byte word
+            for (int32_t c = 1; c < p.padded_scale_cols - p.scale_cols + 1; ++c) s[c] = 0;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- Dequantize ------------------------------------------------------------------------------
+
+struct DequantizeParams {
+  const uint8_t* packed;
+  const uint8_t* scales;
+  void* output;
+  int64_t row_begin;
+  uint32_t units;
+  FastDivmod lanes_per_row;
+  int32_t scale_cols;
+  bool swizzled;
+};
+
+template <mxmoe_dtype kOut>
+__device__ __forceinline__ void StoreOutput8(void* out, int64_t unit, const float (&v)[8]) {
+  if constexpr (kOut == MXMOE_DTYPE_FP32) {
+    float4* o = static_cast<float4*>(out) + 2 * unit;
+    o[0] = make_float4(v[0], v[1], v[2], v[3]);
+    o[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      uint32_t lo;
+      uint32_t hi;
+      if constexpr (kOut == MXMOE_DTYPE_BF16) {
+        lo = format::FloatToBf16(v[2 * i]);
+        hi = format::FloatToBf16(v[2 * i + 1]);
+      } else {
+        lo = format::FloatToFp16(v[2 * i]);
+        hi = format::FloatToFp16(v[2 * i + 1]);
+      }
+      w[i] = lo | (hi << 16);
+    }
+    static_cast<uint4*>(out)[unit] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+// Each thread turns kUnitsPerThread lanes of 8 codes (one 32-bit word each) into 8 outputs.
+template <mxmoe_dtype kOut>
+__global__ void __launch_bounds__(kThreads) DequantizeKernel(const DequantizeParams p) {
+  const uint32_t cta_unit0 = blockIdx.x * static_cast<uint32_t>(kUnitsPerCta);
+#pragma unroll
+  for (int i = 0; i < kUnitsPerThread; ++i) {
+    const uint32_t u = cta_unit0 + i * kThreads + threadIdx.x;
+    if (u >= p.units) break;
+    const uint32_t r = p.lanes_per_row.Div(u);
+    const uint32_t lane = u - r * p.lanes_per_row.divisor;
+    const int64_t row = p.row_begin + r;
+    const int64_t unit = row * p.lanes_per_row.divisor + lane;
+    const uint32_t codes = reinterpret_cast<const uint32_t*>(p.packed)[unit];
+    const int64_t block = lane / kLanesPerBlock;
+    const int64_t scale_offset = p.swizzled ? format::SwizzledOffset(row, block, p.scale_cols)
+                                            : row * p.scale_cols + block;
+    const float scale = format::ScaleToFloat(p.scales[scale_offset]);
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      v[j] = MXMOE_MUL(format::E2M1ToFloat(static_cast<uint8_t>((codes >> (4 * j)) & 0xF)), scale);
+    }
+    StoreOutput8<kOut>(p.output, unit, v);
+  }
+}
+
+// ---- Scale layout conversion -----------------------------------------------------------------
+
+struct SwizzleParams {
+  const uint8_t* input;
+  uint8_t* output;
+  int64_t batch;
+  int64_t rows;
+  int64_t cols;
+  int64_t swizzled_bytes;  // per matrix, padding included
+};
+
+// One thread per 4-byte word of the swizzled output (4 scale columns of one row), padding
+// included: every output byte is written, padding as 0.
+__global__ void __launch_bounds__(kThreads) SwizzleScalesKernel(const SwizzleParams p) {
+  const int64_t padded_cols = format::RoundUp(p.cols, format::kSwizzleCols);
+  const int64_t padded_rows = format::RoundUp(p.rows, format::kSwizzleRows);
+  const int64_t words_per_matrix = padded_rows * padded_cols / 4;
+  const int64_t total = p.batch * words_per_matrix;
+  for (int64_t w = blockIdx.x * int64_t{kThreads} + threadIdx.x; w < total;
+       w += int64_t{gridDim.x} * kThreads) {
+    const int64_t b = w / words_per_matrix;
+    const int64_t in_matrix = w - b * words_per_matrix;
+    const int64_t tile = in_matrix / 128;
+    const int64_t word = in_matrix % 128;
+    const int64_t k_tiles = padded_cols / 4;
+    const int64_t m = tile / k_tiles * 128 + (word & 3) * 32 + (word >> 2);
+    const int64_t k0 = tile % k_tiles * 4;
+    uint32_t value = 0;
+    if (m < p.rows) {
+      const uint8_t* src = p.input + (b * p.rows + m) * p.cols;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (k0 + j < p.cols) value |= static_cast<uint32_t>(src[k0 + j]) << (8 * j);
+      }
+    }
+    const int64_t offset = b * p.swizzled_bytes + format::SwizzledOffset(m, k0, p.cols);
+    *reinterpret_cast<uint32_t*>(p.output + offset) = value;
+  }
+}
+
+// One thread per byte of the linear output; padding of the swizzled input is never read.
+__global__ void __launch_bounds__(kThreads) UnswizzleScalesKernel(const SwizzleParams p) {
+  const int64_t total = p.batch * p.rows * p.cols;
+  for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kThreads) {
+    const int64_t k = i % p.cols;
+    const int64_t bm = i / p.cols;
+    const int64_t m = bm % p.rows;
+    const int64_t b = bm / p.rows;
+    p.output[i] = p.input[b * p.swizzled_bytes + format::SwizzledOffset(m, k, p.cols)];
+  }
+}
+
+// ---- Host side -------------------------------------------------------------------------------
+
+// Makes `device` current for the launch and restores the caller's device afterwards (a stream
+// belongs to one device; launching on another fails).
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device) : device_(device) {}
+  mxmoe_status Enter() {
+    MXMOE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&previous_));
+    if (previous_ != device_) MXMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+    return MXMOE_STATUS_OK;
+  }
+  ~ScopedDevice() {
+    if (previous_ >= 0 && previous_ != device_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int device_;
+  int previous_ = -1;
+};
+
+mxmoe_status CheckAligned(const void* ptr, int alignment, const char* op, const char* name) {
+  if (reinterpret_cast<uintptr_t>(ptr) % alignment != 0) {
+    return Fail(MXMOE_STATUS_MISALIGNED, op, ": ", name, " must be ", alignment,
+                "-byte aligned for the CUDA kernel, got address ",
+                static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(ptr)));
+  }
+  return MXMOE_STATUS_OK;
+}
+
+// Lanes per launch. MXMOE_QUANTIZE_LANES_PER_LAUNCH lowers the limit: a test knob that exercises
+// split launches on small inputs (read per call; getenv costs far less than a launch).
+int64_t MaxUnitsPerLaunch() {
+  if (const char* env = getenv("MXMOE_QUANTIZE_LANES_PER_LAUNCH")) {
+    const long long v = atoll(env);
+    if (v > 0 && v < kMaxUnitsPerLaunch) return v;
+  }
+  return kMaxUnitsPerLaunch;
+}
+
+int32_t CtasFor(int64_t units) {
+  return static_cast<int32_t>((units + kUnitsPerCta - 1) / kUnitsPerCta);
+}
+
+template <typename T, bool kSilu, ScaleMap kMap>
+mxmoe_status LaunchRows(const RowsParams& p, int32_t padding_ctas, size_t smem,
+                        cudaStream_t stream) {
+  QuantizeRowsKernel<T, kSilu, kMap><<<p.data_ctas + padding_ctas, kThreads, smem, stream>>>(p);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+// Quantizes `rows` rows of `base` (k = 8 * lanes per row) in launches of at most
+// kMaxUnitsPerLaunch lanes; the padding CTAs go with the first launch.
+template <bool kSilu, ScaleMap kMap>
+mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtype,
+                          int32_t padding_ctas, cudaStream_t stream) {
+  const int64_t lanes_per_row = k / kElemsPerLane;
+  if (lanes_per_row <= 0) return MXMOE_STATUS_OK;
+  if (lanes_per_row > kMaxUnitsPerLaunch) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, "k = ", k, " is too large for the CUDA quantizer");
+  }
+  base.lanes_per_row = FastDivmod::Make(static_cast<uint32_t>(lanes_per_row));
+  base.scale_cols = static_cast<int32_t>(k / format::kBlockSize);
+  base.padded_scale_cols =
+      static_cast<int32_t>(format::RoundUp(base.scale_cols, format::kSwizzleCols));
+  const size_t smem =
+      kMap == ScaleMap::kExperts ? (static_cast<size_t>(base.num_experts) + 1) * 4 : 0;
+  const int64_t rows_per_launch = std::max<int64_t>(1, MaxUnitsPerLaunch() / lanes_per_row);
+  bool first = true;
+  for (int64_t row_begin = 0; row_begin < rows || first; row_begin += rows_per_launch) {
+    RowsParams p = base;
+    const int64_t launch_rows = std::min(rows_per_launch, rows - row_begin);
+    p.row_begin = row_begin;
+    p.units = static_cast<uint32_t>(launch_rows * lanes_per_row);
+    p.data_ctas = CtasFor(p.units);
+    const int32_t pad = first ? padding_ctas : 0;
+    first = false;
+    if (p.data_ctas + pad == 0) continue;
+    mxmoe_status status;
+    if (dtype == MXMOE_DTYPE_BF16) {
+      status = LaunchRows<Bf16, kSilu, kMap>(p, pad, smem, stream);
+    } else {
+      status = LaunchRows<Fp16, kSilu, kMap>(p, pad, smem, stream);
+    }
+    MXMOE_RETURN_IF_ERROR(status);
+  }
+  return MXMOE_STATUS_OK;
+}
+
+mxmoe_status CheckDtype(int32_t dtype, const char* op) {
+  if (dtype != MXMOE_DTYPE_BF16 && dtype != MXMOE_DTYPE_FP16) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": input dtype must be bf16 or fp16, got ",
+                dtype);
+  }
+  return MXMOE_STATUS_OK;
+}
+
+// Quantize and QuantizeWeights: `groups` matrices of `group_rows` rows each.
+mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows, int64_t k,
+                              const void* input, int32_t dtype, uint8_t* packed, uint8_t* scales,
+                              int32_t scale_layout, int device, void* stream) {
+  MXMOE_RETURN_IF_ERROR(CheckDtype(dtype, op));
+  const int64_t rows = groups * group_rows;
+  if (rows == 0 || k == 0) return MXMOE_STATUS_OK;
+  const bool swizzled = scale_layout == MXMOE_SCALE_LAYOUT_SWIZZLED_128X4;
+  MXMOE_RETURN_IF_ERROR(CheckAligned(input, 16, op, "input"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(packed, 4, op, "packed"));
+  if (swizzled) MXMOE_RETURN_IF_ERROR(CheckAligned(scales, 4, op, "scales"));
+  ScopedDevice scoped(device);
+  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+
+  RowsParams p{};
+  p.input = input;
+  p.packed = packed;
+  p.scales = scales;
+  p.input_row_elems = k;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (!swizzled) return QuantizeRows<false, ScaleMap::kLinear>(p, rows, k, dtype, 0, s);
+  p.group_rows = group_rows;
+  p.group_bytes = format::SwizzledBytes(group_rows, k / format::kBlockSize);
+  p.num_groups = static_cast<int32_t>(groups);
+  const int32_t padding_ctas =
+      group_rows % format::kSwizzleRows == 0
+          ? 0
+          : static_cast<int32_t>(std::min<int64_t>(groups, kMaxPaddingCtas));
+  return QuantizeRows<false, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas, s);
+}
+
+template <bool kSilu>
+mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int32_t num_experts,
+                                   const void* input, int32_t dtype,
+                                   const int32_t* expert_offsets,
+                                   const int32_t* blockscale_offsets, uint8_t* packed,
+                                   uint8_t* scales, int64_t scale_rows, int device,
+                                   void* stream) {
+  MXMOE_RETURN_IF_ERROR(CheckDtype(dtype, op));
+  if (num_experts > kMaxExperts) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": num_experts must be at most ", kMaxExperts,
+                " for the CUDA kernel, got ", num_experts);
+  }
+  if (rows == 0 || k == 0 || num_experts <= 0) return MXMOE_STATUS_OK;
+  MXMOE_RETURN_IF_ERROR(CheckAligned(input, 16, op, "input"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(packed, 4, op, "packed"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(scales, 4, op, "scales"));
+  ScopedDevice scoped(device);
+  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+
+  RowsParams p{};
+  p.input = input;
+  p.packed = packed;
+  p.scales = scales;
+  p.input_row_elems = kSilu ? 2 * k : k;
+  p.up_offset_elems = k;
+  p.expert_offsets = expert_offsets;
+  p.blockscale_offsets = blockscale_offsets;
+  p.num_experts = num_experts;
+  p.scale_rows = scale_rows;
+  // At most min(E, rows) experts are non-empty (with valid metadata), each needing one CTA.
+  const int32_t padding_ctas = static_cast<int32_t>(
+      std::min<int64_t>(std::min<int64_t>(num_experts, rows), kMaxPaddingCtas));
+  return QuantizeRows<kSilu, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
+                                                 static_cast<cudaStream_t>(stream));
+}
+
+template <mxmoe_dtype kOut>
+mxmoe_status LaunchDequantize(const DequantizeParams& base, int64_t rows, int64_t lanes_per_row,
+                              cudaStream_t stream) {
+  const int64_t rows_per_launch = std::max<int64_t>(1, MaxUnitsPerLaunch() / lanes_per_row);
+  for (int64_t row_begin = 0; row_begin < rows; row_begin += rows_per_launch) {
+    DequantizeParams p = base;
+    p.row_begin = row_begin;
+    p.units = static_cast<uint32_t>(std::min(rows_per_launch, rows - row_begin) * lanes_per_row);
+    DequantizeKernel<kOut><<<CtasFor(p.units), kThreads, 0, stream>>>(p);
+    MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  }
+  return MXMOE_STATUS_OK;
+}
+
+// Grid for the grid-stride swizzle kernels: enough CTAs to fill any current GPU, no more.
+int32_t GridStrideCtas(int64_t items) {
+  return static_cast<int32_t>(std::min<int64_t>((items + kThreads - 1) / kThreads, 16384));
+}
+
 }  // namespace
 
-mxmoe_status Quantize(const mxmoe_quantize_args&, void*) { return NotYet("quantize"); }
-mxmoe_status Dequantize(const mxmoe_dequantize_args&, void*) { return NotYet("dequantize"); }
-mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args&, void*) {
-  return NotYet("experts_quantize");
+mxmoe_status Quantize(const mxmoe_quantize_args& args, void* stream) {
+  return QuantizeMatrices("quantize", 1, args.rows, args.k, args.input, args.input_dtype,
+                          args.packed, args.scales, args.scale_layout, args.device.id, stream);
 }
-mxmoe_status SiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args&, void*) {
-  return NotYet("silu_mul_experts_quantize");
+
+mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args& args, void* stream) {
+  return QuantizeMatrices("quantize_weights", args.num_experts, args.n, args.k, args.weights,
+                          args.weights_dtype, args.packed, args.scales, args.scale_layout,
+                          args.device.id, stream);
 }
-mxmoe_status SwizzleScales(const mxmoe_swizzle_scales_args&, void*) {
-  return NotYet("swizzle_scales");
+
+mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args, void* stream) {
+  return LaunchExpertsQuantize<false>(
+      "experts_quantize", args.rows, args.k, args.num_experts, args.input, args.input_dtype,
+      args.expert_offsets, args.blockscale_offsets, args.packed, args.scales, args.scale_rows,
+      args.device.id, stream);
 }
-mxmoe_status UnswizzleScales(const mxmoe_swizzle_scales_args&, void*) {
-  return NotYet("unswizzle_scales");
+
+mxmoe_status SiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args& args,
+                                    void* stream) {
+  return LaunchExpertsQuantize<true>(
+      "silu_mul_experts_quantize", args.rows, args.n, args.num_experts, args.input,
+      args.input_dtype, args.expert_offsets, args.blockscale_offsets, args.packed, args.scales,
+      args.scale_rows, args.device.id, stream);
 }
-mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args&, void*) {
-  return NotYet("quantize_weights");
+
+mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {
+  const char* op = "dequantize";
+  if (args.rows == 0 || args.k == 0) return MXMOE_STATUS_OK;
+  const int64_t lanes_per_row = args.k / kElemsPerLane;
+  if (lanes_per_row > kMaxUnitsPerLaunch) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": k = ", args.k, " is too large for the CUDA kernel");
+  }
+  MXMOE_RETURN_IF_ERROR(CheckAligned(args.packed, 4, op, "packed"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(args.output, 16, op, "output"));
+  ScopedDevice scoped(args.device.id);
+  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  DequantizeParams p{};
+  p.packed = args.packed;
+  p.scales = args.scales;
+  p.output = args.output;
+  p.lanes_per_row = FastDivmod::Make(static_cast<uint32_t>(lanes_per_row));
+  p.scale_cols = static_cast<int32_t>(args.k / format::kBlockSize);
+  p.swizzled = args.scale_layout == MXMOE_SCALE_LAYOUT_SWIZZLED_128X4;
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (args.output_dtype) {
+    case MXMOE_DTYPE_BF16:
+      return LaunchDequantize<MXMOE_DTYPE_BF16>(p, args.rows, lanes_per_row, s);
+    case MXMOE_DTYPE_FP16:
+      return LaunchDequantize<MXMOE_DTYPE_FP16>(p, args.rows, lanes_per_row, s);
+    case MXMOE_DTYPE_FP32:
+      return LaunchDequantize<MXMOE_DTYPE_FP32>(p, args.rows, lanes_per_row, s);
+    default:
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": output dtype must be bf16, fp16 or fp32, got ",
+                  args.output_dtype);
+  }
+}
+
+mxmoe_status SwizzleScales(const mxmoe_swizzle_scales_args& args, void* stream) {
+  SwizzleParams p{args.input, args.output, args.batch, args.rows, args.cols,
+                  format::SwizzledBytes(args.rows, args.cols)};
+  const int64_t words = args.batch * p.swizzled_bytes / 4;
+  if (words == 0) return MXMOE_STATUS_OK;
+  MXMOE_RETURN_IF_ERROR(CheckAligned(args.output, 4, "swizzle_scales", "output"));
+  ScopedDevice scoped(args.device.id);
+  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  SwizzleScalesKernel<<<GridStrideCtas(words), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+mxmoe_status UnswizzleScales(const mxmoe_swizzle_scales_args& args, void* stream) {
+  SwizzleParams p{args.input, args.output, args.batch, args.rows, args.cols,
+                  format::SwizzledBytes(args.rows, args.cols)};
+  const int64_t bytes = args.batch * args.rows * args.cols;
+  if (bytes == 0) return MXMOE_STATUS_OK;
+  ScopedDevice scoped(args.device.id);
+  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  UnswizzleScalesKernel<<<GridStrideCtas(bytes), kThreads, 0,
+                          static_cast<cudaStream_t>(stream)>>>(p);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
 }
 
 }  // namespace cuda

@@ -82,6 +82,18 @@ void CheckApi(mxmoe_status status) {
   if (status != MXMOE_STATUS_OK) Raise(status, mxmoe_last_error());
 }
 
+// Runs a C API call with the GIL released (CPU backends compute for a while; other Python
+// threads keep running), then raises with the GIL held again.
+template <typename Call>
+void RunWithoutGil(Call&& call) {
+  mxmoe_status status;
+  {
+    nb::gil_scoped_release release;
+    status = call();
+  }
+  CheckApi(status);  // mxmoe_last_error() is thread-local: still this thread's message
+}
+
 void RegisterExceptions(nb::module_& m) {
   error_base = PyErr_NewExceptionWithDoc(
       "mxmoe._mxmoe.Error",
@@ -249,8 +261,7 @@ void Quantize(const InArray& input, const OutArray& packed, const OutArray& scal
                                                                     scale_layout), kUInt8},
         args.device, "input");
   }
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_quantize(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_quantize(&args, Stream(stream)); });
 }
 
 void Dequantize(const InArray& packed, const InArray& scales, int32_t scale_layout,
@@ -272,8 +283,7 @@ void Dequantize(const InArray& packed, const InArray& scales, int32_t scale_layo
                                                                     scale_layout), kUInt8},
         args.device, "packed");
   }
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_dequantize(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_dequantize(&args, Stream(stream)); });
 }
 
 // Shared by experts_quantize and silu_mul_experts_quantize: `width` is the output width (k or n).
@@ -346,8 +356,7 @@ void ExpertsQuantize(const InArray& input, const InArray& expert_offsets,
   args.scales = a.scales;
   args.scale_rows = a.scale_rows;
   args.device = a.device;
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_experts_quantize(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_experts_quantize(&args, Stream(stream)); });
 }
 
 void SiluMulExpertsQuantize(const InArray& input, const InArray& expert_offsets,
@@ -367,8 +376,7 @@ void SiluMulExpertsQuantize(const InArray& input, const InArray& expert_offsets,
   args.scales = a.scales;
   args.scale_rows = a.scale_rows;
   args.device = a.device;
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_silu_mul_experts_quantize(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_silu_mul_experts_quantize(&args, Stream(stream)); });
 }
 
 void SwizzleScales(const InArray& input, const OutArray& output, uintptr_t stream) {
@@ -383,8 +391,7 @@ void SwizzleScales(const InArray& input, const OutArray& output, uintptr_t strea
                               {args.batch, RoundUp(args.rows, 128), RoundUp(args.cols, 4)},
                               kUInt8},
                              args.device, "input");
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_swizzle_scales(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_swizzle_scales(&args, Stream(stream)); });
 }
 
 void UnswizzleScales(const InArray& input, const OutArray& output, uintptr_t stream) {
@@ -400,8 +407,7 @@ void UnswizzleScales(const InArray& input, const OutArray& output, uintptr_t str
                                    {args.batch, RoundUp(args.rows, 128), RoundUp(args.cols, 4)},
                                    kUInt8},
                                   args.device, "output");
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_unswizzle_scales(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_unswizzle_scales(&args, Stream(stream)); });
 }
 
 void QuantizeWeights(const InArray& weights, const OutArray& packed, const OutArray& scales,
@@ -431,8 +437,7 @@ void QuantizeWeights(const InArray& weights, const OutArray& packed, const OutAr
                                  args.device, "weights");
     }
   }
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_quantize_weights(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_quantize_weights(&args, Stream(stream)); });
 }
 
 mxmoe_prepare_weights_args PrepareArgs(const InArray& packed, const InArray& scales,
@@ -461,8 +466,7 @@ void PrepareWeights(const InArray& packed, const InArray& scales, int32_t num_ex
   args.prepared = Arg<uint8_t>(prepared, {"prepared", "[bytes]", {kAnyDim}, kUInt8}, args.device,
                                "packed");
   args.prepared_bytes = static_cast<size_t>(prepared.shape(0));
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_prepare_weights(&args, Stream(stream)));
+  RunWithoutGil([&] { return mxmoe_prepare_weights(&args, Stream(stream)); });
 }
 
 mxmoe_grouped_gemm_args GroupedGemmArgs(const InArray& a, const InArray& a_scales,
@@ -535,8 +539,9 @@ void GroupedGemm(const InArray& a, const InArray& a_scales, const InArray& b_pac
                               args.device, "a");
     workspace_bytes = static_cast<size_t>(workspace.shape(0));
   }
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_grouped_gemm(&args, workspace_ptr, workspace_bytes, Stream(stream)));
+  RunWithoutGil([&] {
+    return mxmoe_grouped_gemm(&args, workspace_ptr, workspace_bytes, Stream(stream));
+  });
 }
 
 
@@ -623,8 +628,9 @@ void MoeForward(const InArray& hidden, const InArray& w13_packed, const InArray&
                               args.device, "hidden_states");
     workspace_bytes = static_cast<size_t>(workspace.shape(0));
   }
-  nb::gil_scoped_release release;
-  CheckApi(mxmoe_moe_forward(&args, workspace_ptr, workspace_bytes, Stream(stream)));
+  RunWithoutGil([&] {
+    return mxmoe_moe_forward(&args, workspace_ptr, workspace_bytes, Stream(stream));
+  });
 }
 
 std::string BackendForDevice(int32_t device_type, int32_t device_id) {

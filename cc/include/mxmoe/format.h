@@ -62,18 +62,24 @@ MXMOE_HD bool IsNaN(float f) { return (FloatBits(f) & 0x7FFFFFFFu) > 0x7F800000u
 
 // ---- E2M1 ------------------------------------------------------------------------------------
 
+// Twice the magnitude of codes 0..7, an integer: 0 1 2 3 4 6 8 12. Codes 0, 1 are the
+// subnormals (0, 0.5); from code 2 on, (1 + mantissa bit / 2) * 2^(exponent - 1), i.e. twice
+// the value is (2 + mantissa bit) << (exponent - 1).
+MXMOE_HD int E2M1TwiceMagnitude(uint8_t code) {
+  const int m = code & 7;
+  return m < 2 ? m : (2 + (m & 1)) << ((m >> 1) - 1);
+}
+
 // Magnitude of codes 0..7; codes 8..15 are the negatives (8 = -0).
 MXMOE_HD float E2M1ToFloat(uint8_t code) {
-  // Twice the magnitude is an integer: 0 1 2 3 4 6 8 12.
-  const int twice = (code & 7) < 4 ? (code & 7) : ((code & 7) - 2) * 2;
-  const float mag = 0.5f * static_cast<float>(twice);
+  const float mag = 0.5f * static_cast<float>(E2M1TwiceMagnitude(code));
   return (code & 8) ? -mag : mag;
 }
 
 // Twice the signed value of a code, as an integer in [-12, 12]; products of two such integers
 // are exact, which is what the CPU GEMM's integer block dot relies on.
 MXMOE_HD int E2M1TwiceValue(uint8_t code) {
-  const int twice = (code & 7) < 4 ? (code & 7) : ((code & 7) - 2) * 2;
+  const int twice = E2M1TwiceMagnitude(code);
   return (code & 8) ? -twice : twice;
 }
 

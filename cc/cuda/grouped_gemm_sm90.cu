@@ -1,0 +1,444 @@
+// SM90 (Hopper) backend of the W4A4 MXFP4 grouped GEMM: the entry points of grouped_gemm.h,
+// the weight preparation kernel, the per-call activation conversion kernel and the launch of the
+// FP8 WGMMA kernel (grouped_gemm_sm90_kernel.cuh).
+//
+// Per call: (1) if the weights are not PREPARED, prepare them into the workspace (a full pass
+// over the weights: pass PREPARED weights for speed); (2) convert the MXFP4 activations into
+// E4M3 with per-128-chunk exponent folding plus one fp32 factor per (row, chunk) in the
+// workspace; (3) the grouped GEMM. Everything is asynchronous on `stream`: no allocation, no
+// host synchronisation (CUDA-graph capturable). Per-expert row counts come from expert_offsets on
+// the device; problem_sizes is not read (it must agree with expert_offsets).
+// Device-side checks: negative m_e counts as 0; writes past `rows` are dropped.
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+#include <stdint.h>
+
+#include <mutex>
+
+#include "cc/cuda/cuda_check.h"
+#include "cc/cuda/grouped_gemm.h"
+#include "cc/cuda/grouped_gemm_sm90_heuristics.h"
+#include "cc/cuda/grouped_gemm_sm90_kernel.h"
+#include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "cc/src/status.h"
+#include "mxmoe/format.h"
+
+namespace mxmoe {
+namespace cuda {
+namespace {
+
+using sm90::kChunkK;
+using sm90::kCodeBytes;
+using sm90::kNumTables;
+using sm90::kPanelRows;
+using sm90::kRecordBytes;
+
+constexpr size_t kSliceAlign = 1024;
+
+size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+// ---- weight preparation ---------------------------------------------------------------------
+
+// One thread per 32-bit word of a prepared record: 1024 code words, then 64 scale words.
+__global__ void PrepareWeightsKernel(const uint8_t* __restrict__ packed,
+                                     const uint8_t* __restrict__ scales, int scales_swizzled,
+                                     int num_experts, int n, int k, int num_panels,
+                                     int num_chunks, uint32_t* __restrict__ out) {
+  constexpr int kWords = kRecordBytes / 4;  // 1088
+  const int64_t total = static_cast<int64_t>(num_experts) * num_panels * num_chunks * kWords;
+  const int scale_cols = k / 32;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int word = static_cast<int>(idx % kWords);
+    const int64_t rec = idx / kWords;
+    const int c = static_cast<int>(rec % num_chunks);
+    const int panel = static_cast<int>((rec / num_chunks) % num_panels);
+    const int e = static_cast<int>(rec / (static_cast<int64_t>(num_chunks) * num_panels));
+    uint32_t value = 0;
+    if (word < kCodeBytes / 4) {
+      // word = ((w*2 + q)*32 + lane)*4 + h*2 + row_hi (see CodeByteOffset).
+      const int row_hi = word & 1, h = (word >> 1) & 1, lane = (word >> 2) & 31;
+      const int wq = word >> 7, q = wq & 1, w = wq >> 1;
+      const int g = lane / 4, t = lane % 4, s = 2 * q + h;
+      const int r = 16 * w + g + 8 * row_hi;
+      const int row = panel * kPanelRows + r;
+      if (row < n) {
+        const uint8_t* src = packed + (static_cast<int64_t>(e) * n + row) * (k / 2);
+#pragma unroll
+        for (int second = 0; second < 2; ++second) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int kk = c * kChunkK + 32 * s + 16 * second + 4 * t + j;
+            if (kk < k) {
+              const uint32_t code = (src[kk / 2] >> (4 * (kk & 1))) & 0xFu;
+              const int mag_shift = second ? 16 + 4 * j : 4 * j;
+              const int sign_shift = second ? 8 * j + 3 : 8 * j + 7;
+              value |= (code & 7u) << mag_shift;
+              value |= (code >> 3) << sign_shift;
+            }
+          }
+        }
+      }
+    } else {
+      const int r = word - kCodeBytes / 4;
+      const int row = panel * kPanelRows + r;
+      if (row < n) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const int kb = c * 4 + b;
+          if (kb < scale_cols) {
+            const uint8_t s =
+                scales_swizzled
+                    ? scales[static_cast<int64_t>(e) * format::SwizzledBytes(n, scale_cols) +
+                             format::SwizzledOffset(row, kb, scale_cols)]
+                    : scales[(static_cast<int64_t>(e) * n + row) * scale_cols + kb];
+            value |= static_cast<uint32_t>(s) << (8 * b);
+          }
+        }
+      }
+    }
+    out[idx] = value;
+  }
+}
+
+mxmoe_status LaunchPrepare(const uint8_t* packed, const uint8_t* scales, bool swizzled,
+                           int num_experts, int64_t n, int64_t k, uint8_t* out,
+                           cudaStream_t stream) {
+  const int64_t words = sm90::PreparedBytes(num_experts, n, k) / 4;
+  if (words == 0) return MXMOE_STATUS_OK;
+  const int threads = 256;
+  const int64_t blocks64 = (words + threads - 1) / threads;
+  const int blocks = static_cast<int>(blocks64 < 65535 * 8 ? blocks64 : 65535 * 8);
+  PrepareWeightsKernel<<<blocks, threads, 0, stream>>>(
+      packed, scales, swizzled ? 1 : 0, num_experts, static_cast<int>(n), static_cast<int>(k),
+      static_cast<int>(sm90::NumPanels(n)), static_cast<int>(sm90::NumChunks(k)),
+      reinterpret_cast<uint32_t*>(out));
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+// ---- activation conversion --------------------------------------------------------------------
+
+// Natural nibble order (element i of a word = nibble i) -> 8 E4M3 bytes through the table.
+__device__ __forceinline__ uint2 DecodeNatural(uint32_t x, uint2 table) {
+  const uint32_t m = x & 0x77777777u;
+  const uint32_t sg = x & 0x88888888u;
+  const uint32_t s0 = ((sg & 0x8u) << 4) | ((sg & 0x80u) << 8) | ((sg & 0x800u) << 12) |
+                      ((sg & 0x8000u) << 16);
+  const uint32_t s1 = ((sg >> 12) & 0x80u) | ((sg >> 8) & 0x8000u) | ((sg >> 4) & 0x800000u) |
+                      (sg & 0x80000000u);
+  return make_uint2(__byte_perm(table.x, table.y, m) | s0,
+                    __byte_perm(table.x, table.y, m >> 16) | s1);
+}
+
+// One thread per (row, 128-wide chunk): 64 bytes of codes + 4 scales in, 128 E4M3 bytes and one
+// fp32 factor out. Rows past expert_offsets[E] get zeros (they are read by the last tile).
+__global__ void ConvertActivationsKernel(const uint8_t* __restrict__ a,
+                                         const uint8_t* __restrict__ a_scales,
+                                         const int32_t* __restrict__ expert_offsets,
+                                         const int32_t* __restrict__ blockscale_offsets,
+                                         int num_experts, int64_t rows, int k, int num_chunks,
+                                         int64_t factor_stride, uint8_t* __restrict__ a8,
+                                         float* __restrict__ factor) {
+  __shared__ uint2 tables[kNumTables];
+  if (threadIdx.x < kNumTables) {
+    uint32_t lo, hi;
+    sm90::E4m3Table(static_cast<int>(threadIdx.x) - sm90::kTableOffset, &lo, &hi);
+    tables[threadIdx.x] = make_uint2(lo, hi);
+  }
+  __syncthreads();
+  const int64_t total = rows * num_chunks;
+  const int scale_cols = k / 32;
+  const int64_t kp = static_cast<int64_t>(num_chunks) * kChunkK;
+  const int32_t end_row = expert_offsets[num_experts];
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / num_chunks;
+    const int c = static_cast<int>(idx % num_chunks);
+    uint4* dst = reinterpret_cast<uint4*>(a8 + row * kp + c * kChunkK);
+    if (row >= end_row || row < expert_offsets[0]) {
+      for (int i = 0; i < 8; ++i) dst[i] = make_uint4(0, 0, 0, 0);
+      factor[c * factor_stride + row] = 0.0f;
+      continue;
+    }
+    // Expert of this row: largest e with expert_offsets[e] <= row.
+    int lo = 0, hi = num_experts;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (expert_offsets[mid] <= row) lo = mid; else hi = mid;
+    }
+    const int64_t scale_row = blockscale_offsets[lo] + (row - expert_offsets[lo]);
+    int s[4];
+    int mx = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int kb = c * 4 + b;
+      s[b] = kb < scale_cols ? a_scales[format::SwizzledOffset(scale_row, kb, scale_cols)] : 0;
+      mx = max(mx, s[b]);
+    }
+    factor[c * factor_stride + row] = sm90::ChunkFactor(mx);
+    const uint8_t* src = a + row * (k / 2) + c * (kChunkK / 2);
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      uint4 codes = make_uint4(0, 0, 0, 0);
+      if (c * 4 + b < scale_cols) codes = *reinterpret_cast<const uint4*>(src + 16 * b);
+      const uint2 table = tables[sm90::TableIndex(s[b], mx)];
+      const uint2 w0 = DecodeNatural(codes.x, table), w1 = DecodeNatural(codes.y, table);
+      const uint2 w2 = DecodeNatural(codes.z, table), w3 = DecodeNatural(codes.w, table);
+      dst[2 * b] = make_uint4(w0.x, w0.y, w1.x, w1.y);
+      dst[2 * b + 1] = make_uint4(w2.x, w2.y, w3.x, w3.y);
+    }
+  }
+}
+
+// ---- tensor maps ------------------------------------------------------------------------------
+
+PFN_cuTensorMapEncodeTiled_v12000 EncodeTiledFn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult result;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &result) == cudaSuccess &&
+        result == cudaDriverEntryPointSuccess) {
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+    }
+  });
+  return fn;
+}
+
+mxmoe_status Encode2d(CUtensorMap* map, CUtensorMapDataType type, void* base, uint64_t dim0,
+                      uint64_t dim1, uint64_t stride1_bytes, uint32_t box0, uint32_t box1,
+                      CUtensorMapSwizzle swizzle, const char* what) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = EncodeTiledFn();
+  if (encode == nullptr) {
+    return Fail(MXMOE_STATUS_CUDA_ERROR, "grouped_gemm (sm90): cuTensorMapEncodeTiled unavailable");
+  }
+  const cuuint64_t dims[2] = {dim0, dim1};
+  const cuuint64_t strides[1] = {stride1_bytes};
+  const cuuint32_t box[2] = {box0, box1};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, type, 2, base, dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return Fail(MXMOE_STATUS_CUDA_ERROR, "grouped_gemm (sm90): cuTensorMapEncodeTiled failed for ",
+                what, " (CUresult ", static_cast<int>(r), ")");
+  }
+  return MXMOE_STATUS_OK;
+}
+
+// ---- workspace --------------------------------------------------------------------------------
+
+// Floats per chunk row of the activation factors: the rows, padded to 4, plus the slack that the
+// kernel's aligned bulk copies may read past the last row (never used: masked tokens).
+int64_t FactorStride(int64_t rows) { return format::RoundUp(rows, 4) + sm90::kFactorSlack; }
+
+struct WorkspaceLayout {
+  size_t a8_offset, a8_bytes;
+  size_t factor_offset, factor_bytes;
+  size_t prepared_offset, prepared_bytes;  // 0 bytes when the weights are already PREPARED
+  size_t total;
+};
+
+WorkspaceLayout Layout(const mxmoe_grouped_gemm_args& args) {
+  WorkspaceLayout l;
+  const int64_t chunks = sm90::NumChunks(args.k);
+  size_t at = 0;
+  l.a8_offset = at;
+  l.a8_bytes = static_cast<size_t>(args.rows) * chunks * kChunkK;
+  at = AlignUp(at + l.a8_bytes, kSliceAlign);
+  l.factor_offset = at;
+  l.factor_bytes = static_cast<size_t>(chunks) * FactorStride(args.rows) * 4;
+  at = AlignUp(at + l.factor_bytes, kSliceAlign);
+  l.prepared_offset = at;
+  l.prepared_bytes = args.b.format == MXMOE_WEIGHT_FORMAT_PREPARED
+                         ? 0
+                         : static_cast<size_t>(sm90::PreparedBytes(args.num_experts, args.n, args.k));
+  at = AlignUp(at + l.prepared_bytes, kSliceAlign);
+  l.total = at + kSliceAlign;  // slack: the caller's pointer is aligned up to kSliceAlign
+  return l;
+}
+
+mxmoe_status CheckShape(int64_t n, int64_t k, int32_t num_experts, const char* op) {
+  if (num_experts <= 0) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": num_experts must be > 0, got ", num_experts);
+  }
+  if (n <= 0 || n % 32 != 0) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": n must be a positive multiple of 32, got ", n);
+  }
+  if (k <= 0 || k % 32 != 0) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": k must be a positive multiple of 32, got ", k);
+  }
+  if (n > (1 << 30) || k > (1 << 30)) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": n and k must be < 2^30, got n=", n, " k=", k);
+  }
+  return MXMOE_STATUS_OK;
+}
+
+bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
+
+}  // namespace
+
+// ---- entry points -----------------------------------------------------------------------------
+
+mxmoe_status PrepareWeightsSm90Size(const mxmoe_prepare_weights_args& args, size_t* bytes) {
+  MXMOE_RETURN_IF_ERROR(
+      CheckShape(args.weights.n, args.weights.k, args.weights.num_experts, "prepare_weights (sm90)"));
+  *bytes = static_cast<size_t>(
+      sm90::PreparedBytes(args.weights.num_experts, args.weights.n, args.weights.k));
+  return MXMOE_STATUS_OK;
+}
+
+mxmoe_status PrepareWeightsSm90(const mxmoe_prepare_weights_args& args, void* stream) {
+  const mxmoe_expert_weights& w = args.weights;
+  MXMOE_RETURN_IF_ERROR(CheckShape(w.n, w.k, w.num_experts, "prepare_weights (sm90)"));
+  if (w.format != MXMOE_WEIGHT_FORMAT_LINEAR && w.format != MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                "prepare_weights (sm90): weights.format must be LINEAR, got ", w.format);
+  }
+  if (w.packed == nullptr || w.scales == nullptr || args.prepared == nullptr) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                "prepare_weights (sm90): weights.packed, weights.scales and prepared must be set");
+  }
+  const size_t need = static_cast<size_t>(sm90::PreparedBytes(w.num_experts, w.n, w.k));
+  if (args.prepared_bytes < need) {
+    return Fail(MXMOE_STATUS_WORKSPACE_TOO_SMALL, "prepare_weights (sm90): prepared_bytes ",
+                args.prepared_bytes, " < ", need);
+  }
+  if (!Aligned(args.prepared, 16)) {
+    return Fail(MXMOE_STATUS_MISALIGNED, "prepare_weights (sm90): prepared must be 16-byte aligned");
+  }
+  return LaunchPrepare(w.packed, w.scales, w.format == MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4,
+                       w.num_experts, w.n, w.k, args.prepared, static_cast<cudaStream_t>(stream));
+}
+
+mxmoe_status GroupedGemmSm90WorkspaceSize(const mxmoe_grouped_gemm_args& args, size_t* bytes) {
+  MXMOE_RETURN_IF_ERROR(CheckShape(args.n, args.k, args.num_experts, "grouped_gemm (sm90)"));
+  *bytes = Layout(args).total;
+  return MXMOE_STATUS_OK;
+}
+
+mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspace,
+                             size_t workspace_bytes, void* stream_ptr) {
+  const char* op = "grouped_gemm (sm90)";
+  MXMOE_RETURN_IF_ERROR(CheckShape(args.n, args.k, args.num_experts, op));
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (args.rows < 0 || args.rows > (int64_t{1} << 31) - 256) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": rows must be in [0, 2^31 - 256), got ", args.rows);
+  }
+  if (args.c_dtype != MXMOE_DTYPE_BF16 && args.c_dtype != MXMOE_DTYPE_FP16) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": c_dtype must be BF16 or FP16, got ",
+                args.c_dtype);
+  }
+  if (args.b.n != args.n || args.b.k != args.k || args.b.num_experts != args.num_experts) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": b (n=", args.b.n, " k=", args.b.k,
+                " experts=", args.b.num_experts, ") does not match n=", args.n, " k=", args.k,
+                " experts=", args.num_experts);
+  }
+  const bool prepared = args.b.format == MXMOE_WEIGHT_FORMAT_PREPARED;
+  if (prepared && args.b.backend != MXMOE_BACKEND_SM90) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": b is PREPARED for backend ", args.b.backend,
+                ", not sm90");
+  }
+  if (!prepared && args.b.format != MXMOE_WEIGHT_FORMAT_LINEAR &&
+      args.b.format != MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": unknown b.format ", args.b.format);
+  }
+  if (args.b.packed == nullptr || (!prepared && args.b.scales == nullptr) ||
+      args.expert_offsets == nullptr || args.blockscale_offsets == nullptr) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op,
+                ": b.packed, b.scales (unless PREPARED), expert_offsets and blockscale_offsets "
+                "must be set");
+  }
+  if (args.rows == 0) return MXMOE_STATUS_OK;  // nothing to write
+  if (args.a == nullptr || args.a_scales == nullptr || args.c == nullptr) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": a, a_scales and c must be set");
+  }
+  if (!Aligned(args.a, 16) || !Aligned(args.b.packed, 16) || !Aligned(args.c, 2)) {
+    return Fail(MXMOE_STATUS_MISALIGNED, op,
+                ": a and b.packed must be 16-byte aligned and c 2-byte aligned");
+  }
+  const WorkspaceLayout layout = Layout(args);
+  if (workspace_bytes < layout.total || workspace == nullptr) {
+    return Fail(MXMOE_STATUS_WORKSPACE_TOO_SMALL, op, ": workspace_bytes ", workspace_bytes, " < ",
+                layout.total);
+  }
+  uint8_t* ws = reinterpret_cast<uint8_t*>(
+      AlignUp(reinterpret_cast<uintptr_t>(workspace), kSliceAlign));
+  uint8_t* a8 = ws + layout.a8_offset;
+  float* factor = reinterpret_cast<float*>(ws + layout.factor_offset);
+  const uint8_t* weights = args.b.packed;
+  if (!prepared) {
+    uint8_t* out = ws + layout.prepared_offset;
+    MXMOE_RETURN_IF_ERROR(LaunchPrepare(args.b.packed, args.b.scales,
+                                        args.b.format == MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4,
+                                        args.num_experts, args.n, args.k, out, stream));
+    weights = out;
+  }
+
+  int device = 0, num_sms = 0;
+  MXMOE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  MXMOE_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+
+  const int num_chunks = static_cast<int>(sm90::NumChunks(args.k));
+  const int64_t factor_stride = FactorStride(args.rows);
+  {
+    const int threads = 256;
+    const int64_t work = args.rows * num_chunks;
+    const int64_t blocks64 = (work + threads - 1) / threads;
+    const int blocks = static_cast<int>(blocks64 < 65535 * 8 ? blocks64 : 65535 * 8);
+    ConvertActivationsKernel<<<blocks, threads, 0, stream>>>(
+        args.a, args.a_scales, args.expert_offsets, args.blockscale_offsets, args.num_experts,
+        args.rows, static_cast<int>(args.k), num_chunks, factor_stride, a8, factor);
+    MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  }
+
+  sm90::GemmProblem problem{args.rows, args.n, args.k, args.num_experts, num_sms};
+  const sm90::GemmConfig config = sm90::ChooseGemmConfigWithOverride(problem);
+
+  sm90::GemmKernelLaunch launch;
+  MXMOE_RETURN_IF_ERROR(Encode2d(&launch.act_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, a8,
+                                 static_cast<uint64_t>(num_chunks) * kChunkK,
+                                 static_cast<uint64_t>(args.rows),
+                                 static_cast<uint64_t>(num_chunks) * kChunkK, kChunkK,
+                                 static_cast<uint32_t>(config.block_n),
+                                 CU_TENSOR_MAP_SWIZZLE_128B, "activations"));
+  launch.params.prepared = weights;
+  launch.params.expert_offsets = args.expert_offsets;
+  launch.params.factors = factor;
+  launch.params.factor_stride = factor_stride;
+  launch.params.c = args.c;
+  launch.params.rows = args.rows;
+  launch.params.num_experts = args.num_experts;
+  launch.params.n = static_cast<int32_t>(args.n);
+  launch.params.num_panels = static_cast<int32_t>(sm90::NumPanels(args.n));
+  launch.params.num_chunks = num_chunks;
+  launch.params.c_is_fp16 = args.c_dtype == MXMOE_DTYPE_FP16 ? 1 : 0;
+  launch.grid = config.grid;
+  if (sm90::GemmKernelSmemBytes(config.block_n, args.num_experts) > 227 * 1024) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": too many experts for shared memory (",
+                args.num_experts, ")");
+  }
+  return sm90::LaunchGemmKernel(config.block_n, launch, stream);
+}
+
+namespace sm90 {
+
+mxmoe_status LaunchGemmKernel(int block_n, const GemmKernelLaunch& launch, cudaStream_t stream) {
+  switch (block_n) {
+    case 16: return LaunchGemmKernelN<16>(launch, stream);
+    case 32: return LaunchGemmKernelN<32>(launch, stream);
+    case 64: return LaunchGemmKernelN<64>(launch, stream);
+    case 128: return LaunchGemmKernelN<128>(launch, stream);
+    default:
+      return Fail(MXMOE_STATUS_UNSUPPORTED, "grouped_gemm (sm90): no kernel for block_n ", block_n);
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace mxmoe

@@ -1,0 +1,47 @@
+// Tile configuration choice for the SM90 grouped GEMM, kept apart from the kernels.
+//
+// The host cannot see the per-expert row counts (they live on the device), so the choice uses
+// what it knows: total rows, experts, N, K. The token tile (WGMMA N, swap-AB) follows the
+// average rows per expert: decode (a few tokens per expert) wants a narrow token tile so that
+// no tensor work and no activation bytes are wasted, prefill wants the widest tile the
+// accumulators allow (128: two fp32 accumulator sets of 64 registers per thread).
+// MXMOE_PRINT_CONFIG=1 prints each distinct (problem, choice) once to stderr.
+#ifndef MXMOE_CUDA_GROUPED_GEMM_SM90_HEURISTICS_H_
+#define MXMOE_CUDA_GROUPED_GEMM_SM90_HEURISTICS_H_
+
+#include <stdint.h>
+
+#include <string>
+
+namespace mxmoe {
+namespace cuda {
+namespace sm90 {
+
+struct GemmProblem {
+  int64_t rows;  // total activation rows (sum of m_e, or an upper bound)
+  int64_t n;
+  int64_t k;
+  int32_t num_experts;
+  int32_t num_sms;
+  std::string ToString() const;
+};
+
+struct GemmConfig {
+  int block_n;  // token tile: 16, 32, 64 or 128
+  int grid;     // persistent CTAs
+  std::string ToString() const;
+};
+
+// Token tiles the kernels are instantiated for (every one is tested).
+constexpr int kBlockNChoices[] = {16, 32, 64, 128};
+
+GemmConfig ChooseGemmConfig(const GemmProblem& problem);
+
+// Test hook: MXMOE_SM90_BLOCK_N=16|32|64|128 forces the token tile (the heuristic otherwise).
+GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem);
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace mxmoe
+
+#endif  // MXMOE_CUDA_GROUPED_GEMM_SM90_HEURISTICS_H_

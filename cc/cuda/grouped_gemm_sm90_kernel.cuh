@@ -1,0 +1,379 @@
+// Device code of the SM90 W4A4 grouped GEMM (sm_90a only): a persistent, warp-specialised kernel.
+//
+//   warpgroup 0 (producer, one thread): per (expert, tile) and 128-wide K chunk, one TMA copy of
+//     the converted activations [kBlockN rows x 128 bytes, 128B swizzle], one 1-D bulk copy of
+//     their chunk factors, and one 1-D bulk copy per 64-row weight panel (4352 bytes: 4-bit codes +
+//     E8M0 scales) into a kStages-deep shared-memory ring, completing on an mbarrier.
+//   warpgroups 1 and 2 (math, 64 weight rows each): load the 4-bit codes (16 bytes per thread and
+//     k64), decode them in registers into E4M3 WGMMA A fragments with prmt over a per-block
+//     8-entry table (the block's exponent shift picks the table), run 4 x m64nNk32 FP8 WGMMAs
+//     into a chunk accumulator, then promote it into the fp32 accumulator times the weight row's
+//     and the token's chunk factors (DESIGN.md section 3).
+//   Tiles: (expert, weight tile of 128 rows, token tile of kBlockN rows); every CTA walks the
+//   same tile list (prefix sums of per-expert tile counts from expert_offsets, built in shared
+//   memory at start), CTA b taking tiles b, b + grid, ... No host synchronisation anywhere.
+// Limits: N % 32 == 0 (a half panel is zero-padded), K padded to 128 by the converters.
+#ifndef MXMOE_CUDA_GROUPED_GEMM_SM90_KERNEL_CUH_
+#define MXMOE_CUDA_GROUPED_GEMM_SM90_KERNEL_CUH_
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "cc/cuda/cuda_check.h"
+#include "cc/cuda/grouped_gemm_sm90_kernel.h"
+#include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "cc/cuda/grouped_gemm_sm90_wgmma.h"
+#include "mxmoe/format.h"
+
+namespace mxmoe {
+namespace cuda {
+namespace sm90 {
+
+constexpr int kThreads = 384;        // 3 warpgroups
+constexpr int kTileRows = 128;       // weight rows per tile (2 math warpgroups x 64)
+constexpr int kEmptyArrivals = 8;    // one per math warp
+
+template <int kBlockN>
+struct Traits {
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 16 && kBlockN <= 128,
+                "token tile must be 16, 32, 64 or 128 (accumulators: 2 x kBlockN/2 registers)");
+  static constexpr int kActBytes = kBlockN * kChunkK;  // E4M3, multiple of 1024 (128B swizzle)
+  static constexpr int kWeightBytes = 2 * kRecordBytes;
+  static constexpr int kStageBytes = GemmStageBytes(kBlockN);
+  static constexpr int kStages = GemmStages(kBlockN);
+  static constexpr int kWeightOffset = kActBytes;
+  static constexpr int kFactorOffset = kActBytes + kWeightBytes;  // 128-byte aligned
+  static constexpr int kFactorBytes = GemmFactorBytes(kBlockN);
+  static_assert(kRecordBytes == kGemmRecordBytes, "record size mismatch");
+  static_assert(kFactorOffset % 128 == 0, "TMA destination must be 128-byte aligned");
+  static_assert(kFactorOffset + kFactorBytes <= kStageBytes, "stage overflow");
+  static constexpr int kBarrierOffset = GemmBarrierOffset(kBlockN);
+  static constexpr int kTableOffsetBytes = GemmTableOffset(kBlockN);
+  static constexpr int kExpertOffsetBytes = GemmExpertOffset(kBlockN);
+  static_assert(kNumTables == 20, "table count mismatch");
+};
+
+// ---- PTX wrappers ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "MXMOE_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra MXMOE_WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void BulkCopyG2S(uint32_t dst, const void* src, uint32_t bytes,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void TmaLoad2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaWaitAll() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+// Keeps the compiler from moving accumulator accesses across the asynchronous WGMMA.
+__device__ __forceinline__ void FenceOperand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// K-major operand, 128-byte swizzle: 8-row atoms of 1024 bytes (stride byte offset 1024).
+__device__ __forceinline__ uint64_t SwizzledKMajorDesc(uint32_t smem_addr) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (1ull << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// 8 prepared codes (see CodeByteOffset) -> two words of 4 E4M3 bytes.
+__device__ __forceinline__ void DecodeWord(uint32_t x, uint2 table, uint32_t* first,
+                                           uint32_t* second) {
+  const uint32_t m = x & 0x77777777u;
+  *first = __byte_perm(table.x, table.y, m) | (x & 0x80808080u);
+  *second = __byte_perm(table.x, table.y, m >> 16) | ((x << 4) & 0x80808080u);
+}
+
+__device__ __forceinline__ int MaxByte(uint32_t w) {
+  const uint32_t m = __vmaxu4(w, w >> 16);
+  return static_cast<int>(max(m & 0xFFu, (m >> 8) & 0xFFu));
+}
+
+// ---- tile scheduler -------------------------------------------------------------------------
+
+struct Tile {
+  int expert;
+  int weight_tile;  // 128-row tile index along N
+  int row_base;     // first token row of this tile
+  int rows_valid;   // token rows of this tile that belong to the expert (1..kBlockN)
+};
+
+template <int kBlockN>
+__device__ __forceinline__ Tile DecodeTile(int t, const int32_t* eo, const int32_t* prefix,
+                                           int num_experts) {
+  // Largest e with prefix[e] <= t; experts with no tiles have prefix[e] == prefix[e+1].
+  int lo = 0, hi = num_experts;  // prefix[lo] <= t < prefix[hi]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (prefix[mid] <= t) lo = mid; else hi = mid;
+  }
+  const int e = lo;
+  const int m = max(0, eo[e + 1] - eo[e]);
+  const int token_tiles = (m + kBlockN - 1) / kBlockN;
+  const int local = t - prefix[e];
+  Tile tile;
+  tile.expert = e;
+  tile.weight_tile = local / token_tiles;
+  const int j = local - tile.weight_tile * token_tiles;
+  tile.row_base = eo[e] + j * kBlockN;
+  tile.rows_valid = min(kBlockN, m - j * kBlockN);
+  return tile;
+}
+
+// ---- the kernel -------------------------------------------------------------------------------
+
+template <int kBlockN>
+__global__ void __launch_bounds__(kThreads, 1)
+    GroupedGemmSm90Kernel(const __grid_constant__ CUtensorMap act_map,
+                          const GemmKernelParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using T = Traits<kBlockN>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kBarrierOffset);
+  uint64_t* empty = full + T::kStages;
+  uint2* tables = reinterpret_cast<uint2*>(smem + T::kTableOffsetBytes);
+  int32_t* eo = reinterpret_cast<int32_t*>(smem + T::kExpertOffsetBytes);
+  int32_t* prefix = eo + p.num_experts + 1;
+
+  const int tid = threadIdx.x;
+  const int num_experts = p.num_experts;
+  const int weight_tiles = (p.n + kTileRows - 1) / kTileRows;
+
+  if (tid == 0) {
+    for (int s = 0; s < T::kStages; ++s) {
+      MbarInit(SmemAddr(&full[s]), 1);
+      MbarInit(SmemAddr(&empty[s]), kEmptyArrivals);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (tid < kNumTables) {
+    uint32_t lo, hi;
+    E4m3Table(tid - kTableOffset, &lo, &hi);
+    tables[tid] = make_uint2(lo, hi);
+  }
+  for (int i = tid; i <= num_experts; i += kThreads) eo[i] = p.expert_offsets[i];
+  __syncthreads();
+  if (tid < 32) {
+    // Tile counts per expert, exclusive prefix over experts: each lane sums a contiguous range,
+    // then a warp scan of the lane totals.
+    const int per_lane = (num_experts + 31) / 32;
+    const int begin = min(num_experts, tid * per_lane);
+    const int end = min(num_experts, begin + per_lane);
+    int running = 0;
+    for (int e = begin; e < end; ++e) {
+      const int m = max(0, eo[e + 1] - eo[e]);
+      running += (m + kBlockN - 1) / kBlockN * weight_tiles;
+      prefix[e + 1] = running;
+    }
+    int offset = running;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int v = __shfl_up_sync(0xFFFFFFFFu, offset, d);
+      if (tid >= d) offset += v;
+    }
+    offset -= running;  // exclusive
+    for (int e = begin; e < end; ++e) prefix[e + 1] += offset;
+    if (tid == 0) prefix[0] = 0;
+  }
+  __syncthreads();
+  const int total_tiles = prefix[num_experts];
+  const int num_chunks = p.num_chunks;
+  const int64_t expert_bytes =
+      static_cast<int64_t>(p.num_panels) * num_chunks * kRecordBytes;
+
+  if (tid < 128) {
+    // ------------------------------------------------------------------ producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+        const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts);
+        const int panel0 = tile.weight_tile * 2;
+        const int panels = min(2, p.num_panels - panel0);
+        const uint32_t bytes = T::kActBytes + T::kFactorBytes + panels * kRecordBytes;
+        const uint8_t* wsrc = p.prepared + tile.expert * expert_bytes +
+                              static_cast<int64_t>(panel0) * num_chunks * kRecordBytes;
+        for (int c = 0; c < num_chunks; ++c) {
+          MbarWait(SmemAddr(&empty[stage]), phase ^ 1);
+          const uint32_t bar = SmemAddr(&full[stage]);
+          uint8_t* st = smem + stage * T::kStageBytes;
+          MbarArriveExpectTx(bar, bytes);
+          TmaLoad2d(SmemAddr(st), &act_map, c * kChunkK, tile.row_base, bar);
+          BulkCopyG2S(SmemAddr(st + T::kFactorOffset),
+                      p.factors + c * p.factor_stride + (tile.row_base & ~3), T::kFactorBytes, bar);
+          BulkCopyG2S(SmemAddr(st + T::kWeightOffset), wsrc + c * kRecordBytes, kRecordBytes,
+                      bar);
+          if (panels == 2) {
+            BulkCopyG2S(SmemAddr(st + T::kWeightOffset + kRecordBytes),
+                        wsrc + (static_cast<int64_t>(num_chunks) + c) * kRecordBytes,
+                        kRecordBytes, bar);
+          }
+          if (++stage == T::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+  } else {
+    // ------------------------------------------------------------------ math warpgroups
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int mwg = tid / 128 - 1;  // 0 or 1: which 64-row panel of the tile
+    const int warp = (tid / 32) % 4;
+    const int lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    int stage = 0;
+    uint32_t phase = 0;
+    float acc[kBlockN / 2];
+    float tmp[kBlockN / 2];
+    for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+      const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts);
+      const int panel = tile.weight_tile * 2 + mwg;
+      const bool active = panel < p.num_panels;
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
+      for (int c = 0; c < num_chunks; ++c) {
+        MbarWait(SmemAddr(&full[stage]), phase);
+        const uint8_t* st = smem + stage * T::kStageBytes;
+        if (active) {
+          const uint8_t* rec = st + T::kWeightOffset + mwg * kRecordBytes;
+          const uint32_t sc0 =
+              *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g));
+          const uint32_t sc1 =
+              *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g + 8));
+          const uint4 q0 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 0) * 32 + lane) * 16);
+          const uint4 q1 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 1) * 32 + lane) * 16);
+          const int mx0 = MaxByte(sc0), mx1 = MaxByte(sc1);
+          uint32_t a[4][4];
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            const uint32_t x0 = s == 0 ? q0.x : s == 1 ? q0.z : s == 2 ? q1.x : q1.z;
+            const uint32_t x1 = s == 0 ? q0.y : s == 1 ? q0.w : s == 2 ? q1.y : q1.w;
+            const uint2 tb0 = tables[TableIndex((sc0 >> (8 * s)) & 0xFF, mx0)];
+            const uint2 tb1 = tables[TableIndex((sc1 >> (8 * s)) & 0xFF, mx1)];
+            DecodeWord(x0, tb0, &a[s][0], &a[s][2]);
+            DecodeWord(x1, tb1, &a[s][1], &a[s][3]);
+          }
+          const uint64_t desc = SwizzledKMajorDesc(SmemAddr(st));
+#pragma unroll
+          for (int i = 0; i < kBlockN / 2; ++i) FenceOperand(tmp[i]);
+          WgmmaFence();
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            // +32 bytes of K per k32 step inside the 128-byte swizzled row (>> 4 in the desc).
+            WgmmaE4m3Rs<kBlockN>::Run(tmp, a[s], desc + 2 * s, s);
+          }
+          WgmmaCommit();
+          WgmmaWaitAll();
+#pragma unroll
+          for (int i = 0; i < kBlockN / 2; ++i) FenceOperand(tmp[i]);
+          const float fb0 = ChunkFactor(mx0), fb1 = ChunkFactor(mx1);
+          const float* fa =
+              reinterpret_cast<const float*>(st + T::kFactorOffset) + (tile.row_base & 3);
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const float2 f = make_float2(fa[8 * j + 2 * t4], fa[8 * j + 2 * t4 + 1]);
+            acc[4 * j + 0] = fmaf(tmp[4 * j + 0] * fb0, f.x, acc[4 * j + 0]);
+            acc[4 * j + 1] = fmaf(tmp[4 * j + 1] * fb0, f.y, acc[4 * j + 1]);
+            acc[4 * j + 2] = fmaf(tmp[4 * j + 2] * fb1, f.x, acc[4 * j + 2]);
+            acc[4 * j + 3] = fmaf(tmp[4 * j + 3] * fb1, f.y, acc[4 * j + 3]);
+          }
+        }
+        __syncwarp();
+        if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+        if (++stage == T::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      if (active) {
+        // Epilogue: acc(weight row, token) -> C[token, weight row], masked to the expert's
+        // tokens, the rows of C and N.
+        const int n0 = panel * kPanelRows + 16 * warp + g;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+          for (int v = 0; v < 2; ++v) {
+            const int col = 8 * j + 2 * t4 + v;
+            const int64_t row = static_cast<int64_t>(tile.row_base) + col;
+            if (col < tile.rows_valid && row < p.rows) {
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int n = n0 + 8 * r;
+                if (n < p.n) {
+                  const float x = acc[4 * j + 2 * r + v];
+                  const uint16_t bits =
+                      p.c_is_fp16 ? format::FloatToFp16(x) : format::FloatToBf16(x);
+                  static_cast<uint16_t*>(p.c)[row * p.n + n] = bits;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+template <int kBlockN>
+mxmoe_status LaunchGemmKernelN(const GemmKernelLaunch& launch, cudaStream_t stream) {
+  const size_t smem = GemmKernelSmemBytes(kBlockN, launch.params.num_experts);
+  MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      GroupedGemmSm90Kernel<kBlockN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(smem)));
+  GroupedGemmSm90Kernel<kBlockN><<<launch.grid, kThreads, smem, stream>>>(
+      launch.act_map, launch.params);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace mxmoe
+
+#endif  // MXMOE_CUDA_GROUPED_GEMM_SM90_KERNEL_CUH_

@@ -1,0 +1,74 @@
+// Launch interface of the SM90 W4A4 grouped GEMM kernel (one explicit instantiation per token
+// tile width in grouped_gemm_sm90_n*.cu). Host-only declarations: no CUDA device code here.
+//
+// The kernel computes, for every expert e and its rows [expert_offsets[e], expert_offsets[e+1]):
+//   C[row, n] = sum over 128-wide K chunks of FP8(B chunk) . FP8(A chunk) * 2^(refB-127) *
+//   2^(refA-127), with B = prepared weights (grouped_gemm_sm90_layout.h) and A = converted
+//   activations. Weights are on WGMMA's M side (64 rows per math warpgroup, 128 per tile), tokens
+//   on its N side (kBlockN per tile): the swap-AB arrangement, good for small m.
+#ifndef MXMOE_CUDA_GROUPED_GEMM_SM90_KERNEL_H_
+#define MXMOE_CUDA_GROUPED_GEMM_SM90_KERNEL_H_
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "mxmoe/mxmoe.h"
+
+namespace mxmoe {
+namespace cuda {
+namespace sm90 {
+
+struct GemmKernelParams {
+  const uint8_t* prepared;         // [E][P][C][kRecordBytes]
+  const int32_t* expert_offsets;   // [E+1], device
+  const float* factors;            // [C][factor_stride] fp32 activation chunk factors
+  int64_t factor_stride;           // >= round_up(rows, 4) + kFactorSlack floats
+  void* c;                         // [rows, n] bf16/fp16
+  int64_t rows;                    // rows of a8 and c (writes past it are dropped)
+  int32_t num_experts;
+  int32_t n;
+  int32_t num_panels;  // ceil(n / 64)
+  int32_t num_chunks;  // ceil(k / 128)
+  int32_t c_is_fp16;
+};
+
+struct GemmKernelLaunch {
+  CUtensorMap act_map;     // a8 [rows, Kp] uint8, box {128, block_n}, 128B swizzle
+  GemmKernelParams params;
+  int grid;
+};
+
+// Shared-memory plan (bytes), shared by the kernel and the host: a ring of stages, each holding
+// the activation tile (block_n x 128 E4M3, 128B-swizzled, 1024-aligned), two weight records
+// (2 x 4352) and block_n activation factors; then the barriers, the E4M3 tables and the
+// scheduler's expert_offsets / tile prefix arrays.
+constexpr int kGemmRecordBytes = 4352;
+// The factors of a token tile are fetched by one 1-D bulk copy of block_n + 4 floats starting at
+// the 16-byte aligned row below row_base; rows of the factor array past `rows` are slack.
+constexpr int kFactorSlack = 128 + 4;
+constexpr int GemmFactorBytes(int block_n) { return (block_n + 4) * 4; }
+constexpr int GemmStageBytes(int block_n) {
+  return (block_n * 128 + 2 * kGemmRecordBytes + GemmFactorBytes(block_n) + 1023) / 1024 * 1024;
+}
+constexpr int GemmStages(int block_n) { return block_n >= 128 ? 7 : 8; }
+constexpr int GemmBarrierOffset(int block_n) { return GemmStages(block_n) * GemmStageBytes(block_n); }
+constexpr int GemmTableOffset(int block_n) {
+  return GemmBarrierOffset(block_n) + 2 * GemmStages(block_n) * 8;
+}
+constexpr int GemmExpertOffset(int block_n) { return GemmTableOffset(block_n) + 20 * 8; }
+inline size_t GemmKernelSmemBytes(int block_n, int num_experts) {
+  return 1024 /* alignment slack */ + GemmExpertOffset(block_n) + 2 * 4 * (num_experts + 1);
+}
+
+// Launches on `stream`; block_n in {16, 32, 64, 128}. Returns UNSUPPORTED for other values.
+mxmoe_status LaunchGemmKernel(int block_n, const GemmKernelLaunch& launch, cudaStream_t stream);
+
+template <int kBlockN>
+mxmoe_status LaunchGemmKernelN(const GemmKernelLaunch& launch, cudaStream_t stream);
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace mxmoe
+
+#endif  // MXMOE_CUDA_GROUPED_GEMM_SM90_KERNEL_H_

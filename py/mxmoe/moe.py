@@ -1,0 +1,161 @@
+"""MoELayer: a torch.nn.Module holding MXFP4 expert weights and running the mxmoe MoE forward.
+
+The weights are buffers (they move with ``.to()`` and are saved in ``state_dict``) in the public
+LINEAR interchange format: w13 [E, 2I, H/2] + scales [E, 2I, H/32] (rows [0, I) gate, [I, 2I)
+up) and w2 [E, H, I/2] + scales [E, H, I/32]. On a GPU backend the layer converts them once into
+the backend's prepared layout and caches the result per device (dropped when the module moves).
+
+Limits: inference only (no autograd through the quantized path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxmoe import ops
+
+__all__ = ["MoELayer"]
+
+
+class MoELayer(torch.nn.Module):
+    """A Mixture-of-Experts layer with MXFP4 (W4A4) experts.
+
+    Parameters
+    ----------
+    w13_packed : torch.Tensor
+        [E, 2I, H/2] uint8 E2M1 codes of the gate|up projections.
+    w13_scales : torch.Tensor
+        [E, 2I, H/32] uint8 E8M0 scales.
+    w2_packed : torch.Tensor
+        [E, H, I/2] uint8 codes of the down projection.
+    w2_scales : torch.Tensor
+        [E, H, I/32] uint8 scales.
+    expert_map : torch.Tensor, optional
+        [E_global] int32, global -> local expert id (-1 = not on this device), for
+        expert-parallel deployments; router logits and topk ids then use global ids.
+    """
+
+    def __init__(self, w13_packed: torch.Tensor, w13_scales: torch.Tensor,
+                 w2_packed: torch.Tensor, w2_scales: torch.Tensor,
+                 expert_map: torch.Tensor | None = None):
+        super().__init__()
+        w13_packed, w13_scales = ops._check_linear_weights(w13_packed, w13_scales, "w13_packed",
+                                                           "w13_scales")
+        w2_packed, w2_scales = ops._check_linear_weights(w2_packed, w2_scales, "w2_packed",
+                                                         "w2_scales")
+        e, two_i, half_h = w13_packed.shape
+        e2, h, half_i = w2_packed.shape
+        if e2 != e or h != half_h * 2 or two_i != half_i * 4:
+            raise ops._invalid(
+                f"w13_packed [E, 2I, H/2] and w2_packed [E, H, I/2] disagree: w13 "
+                f"{list(w13_packed.shape)} gives E={e} H={half_h * 2} I={two_i // 2}, w2 "
+                f"{list(w2_packed.shape)} gives E={e2} H={h} I={half_i * 2}")
+        self.register_buffer("w13_packed", w13_packed)
+        self.register_buffer("w13_scales", w13_scales)
+        self.register_buffer("w2_packed", w2_packed)
+        self.register_buffer("w2_scales", w2_scales)
+        if expert_map is not None:
+            expert_map = ops._tensor(expert_map, "expert_map")
+            ops._check(expert_map, "expert_map", "[E_global]", (None,), (torch.int32,))
+        self.register_buffer("expert_map", expert_map)
+        self._prepared: dict[torch.device, tuple] = {}
+
+    @classmethod
+    def from_float(cls, w13: torch.Tensor, w2: torch.Tensor,
+                   expert_map: torch.Tensor | None = None) -> MoELayer:
+        """Quantizes bf16/fp16 expert weights: w13 [E, 2I, H], w2 [E, H, I]."""
+        w13_packed, w13_scales = ops.quantize_weights(w13)
+        w2_packed, w2_scales = ops.quantize_weights(w2)
+        return cls(w13_packed, w13_scales, w2_packed, w2_scales, expert_map)
+
+    @property
+    def num_experts(self) -> int:
+        """Local experts held by this layer."""
+        return self.w13_packed.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w2_packed.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w2_packed.shape[2] * 2
+
+    @property
+    def backend(self) -> str:
+        """The backend serving this layer's device: "cpu", "sm90" or "sm100"."""
+        return ops.backend_for(self.w13_packed)
+
+    def extra_repr(self) -> str:
+        mapped = "" if self.expert_map is None else f", expert_map={self.expert_map.shape[0]}"
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, device={self.w13_packed.device}"
+                f"{mapped}")
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prepared = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _weights(self) -> tuple:
+        """(w13, w13_scales, w2, w2_scales) in the fastest format the backend reads."""
+        device = self.w13_packed.device
+        linear = (self.w13_packed, self.w13_scales, self.w2_packed, self.w2_scales)
+        if device.type != "cuda":
+            return linear
+        if device not in self._prepared:
+            try:
+                w13 = ops.prepare_weights(self.w13_packed, self.w13_scales)
+                w2 = ops.prepare_weights(self.w2_packed, self.w2_scales)
+                self._prepared[device] = (w13, None, w2, None)
+            except ops.UnsupportedError:
+                # The backend reads the interchange format directly.
+                self._prepared[device] = linear
+        return self._prepared[device]
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, top_k: int,
+                renormalize: bool = True) -> torch.Tensor:
+        """Routes with softmax + top-k and runs the experts.
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            [..., H] bfloat16/float16.
+        router_logits : torch.Tensor
+            [..., E_global] float32/bfloat16/float16, same leading dimensions.
+        top_k : int
+            Experts per token.
+        renormalize : bool
+            Renormalise the top-k weights to sum 1.
+
+        Returns
+        -------
+        torch.Tensor
+            [..., H] in hidden_states' dtype.
+        """
+        lead = hidden_states.shape[:-1]
+        out = ops.moe_forward(hidden_states.reshape(-1, hidden_states.shape[-1]),
+                              *self._weights(),
+                              router_logits=router_logits.reshape(-1, router_logits.shape[-1]),
+                              top_k=top_k, renormalize=renormalize, expert_map=self.expert_map)
+        return out.reshape(*lead, out.shape[-1])
+
+    def forward_topk(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_weights: torch.Tensor) -> torch.Tensor:
+        """Runs the experts with precomputed routing.
+
+        Parameters
+        ----------
+        hidden_states : torch.Tensor
+            [..., H] bfloat16/float16.
+        topk_ids : torch.Tensor
+            [..., top_k] int32 global expert ids.
+        topk_weights : torch.Tensor
+            [..., top_k] float32.
+        """
+        lead = hidden_states.shape[:-1]
+        out = ops.moe_forward(hidden_states.reshape(-1, hidden_states.shape[-1]),
+                              *self._weights(),
+                              topk_ids=topk_ids.reshape(-1, topk_ids.shape[-1]),
+                              topk_weights=topk_weights.reshape(-1, topk_weights.shape[-1]),
+                              expert_map=self.expert_map)
+        return out.reshape(*lead, out.shape[-1])

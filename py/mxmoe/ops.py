@@ -1,0 +1,790 @@
+"""Torch functions for every mxmoe entry point.
+
+Each function checks its arguments (messages name the argument and the offending value),
+allocates the outputs on the inputs' device, queries and caches the workspace per device, passes ``torch.cuda.current_stream().cuda_stream`` for CUDA tensors and calls the C API
+through the thin ``mxmoe._mxmoe`` module. The backend is chosen by the C library from the
+tensors' device (and the ``MXMOE_BACKEND`` environment variable); ``backend_for`` says which.
+
+numpy arrays are accepted wherever a tensor is (they become CPU tensors via
+``torch.from_numpy``); results are always torch tensors.
+
+Limits:
+- Offsets and expert ids in CUDA tensors cannot be checked here without a host synchronisation;
+  the C API documents what each CUDA entry point checks on the device.
+- Outputs are allocated with ``torch.empty`` where the C API writes every byte; rows the C API
+  leaves untouched (past ``expert_offsets[E]``) are uninitialised, except in scale outputs, which
+  are zero-filled.
+- The CUDA workspace is cached per device (one stream at a time per device, as in inference):
+  warm an operation up before capturing it in a CUDA graph so that the capture does not allocate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mxmoe import _mxmoe
+
+__all__ = [
+    "Error",
+    "InvalidArgumentError",
+    "UnsupportedError",
+    "PreparedWeights",
+    "backend_for",
+    "quantize",
+    "dequantize",
+    "experts_quantize",
+    "silu_mul_experts_quantize",
+    "swizzle_scales",
+    "unswizzle_scales",
+    "quantize_weights",
+    "prepare_weights",
+    "grouped_gemm",
+    "moe_forward",
+    "expert_offsets_from_counts",
+]
+
+Error = _mxmoe.Error
+InvalidArgumentError = _mxmoe.InvalidArgumentError
+UnsupportedError = _mxmoe.UnsupportedError
+
+BLOCK_SIZE = 32
+_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+_SCALE_LAYOUTS = {
+    "linear": _mxmoe.SCALE_LAYOUT_LINEAR,
+    "swizzled": _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4,
+}
+_WEIGHT_FORMATS = {
+    "linear": _mxmoe.WEIGHT_FORMAT_LINEAR,
+    "swizzled": _mxmoe.WEIGHT_FORMAT_SWIZZLED_128X4,
+}
+_BACKENDS = {
+    "auto": _mxmoe.BACKEND_AUTO,
+    "cpu": _mxmoe.BACKEND_CPU,
+    "sm90": _mxmoe.BACKEND_SM90,
+    "sm100": _mxmoe.BACKEND_SM100,
+}
+
+
+# ---- Errors and argument checks -----------------------------------------------------------------
+
+
+def _error(cls, status: str, message: str) -> Exception:
+    exc = cls(f"{status}: {message}")
+    exc.status = status
+    exc.message = message
+    return exc
+
+
+def _invalid(message: str) -> Exception:
+    return _error(InvalidArgumentError, "INVALID_ARGUMENT", message)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join("*" if d is None else str(int(d)) for d in shape) + "]"
+
+
+def _dtype_names(dtypes) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _tensor(x, name: str) -> torch.Tensor:
+    """A tensor view of x (torch.Tensor or numpy.ndarray), detached from autograd."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise _invalid(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _optional_tensor(x, name: str) -> torch.Tensor | None:
+    return None if x is None else _tensor(x, name)
+
+
+def _check(t: torch.Tensor, name: str, layout: str, shape: Sequence[int | None],
+           dtypes: Sequence[torch.dtype]) -> None:
+    """Rank, shape (None = any extent), dtype and contiguity, in that order."""
+    if t.dim() != len(shape):
+        raise _invalid(f"{name} must be {len(shape)}-D {layout}, got shape "
+                       f"{_shape_str(t.shape)}")
+    for want, got in zip(shape, t.shape):
+        if want is not None and want != got:
+            raise _invalid(f"{name} must have shape {_shape_str(shape)} {layout}, got "
+                           f"{_shape_str(t.shape)}")
+    if t.dtype not in dtypes:
+        raise _invalid(f"{name} must have dtype {_dtype_names(dtypes)}, got "
+                       f"{str(t.dtype).replace('torch.', '')}")
+    if not t.is_contiguous():
+        raise _invalid(f"{name} must be contiguous (row-major), got shape {_shape_str(t.shape)} "
+                       f"strides {_shape_str(t.stride())}")
+
+
+def _check_served(t: torch.Tensor, name: str) -> None:
+    if t.device.type not in ("cpu", "cuda"):
+        raise _error(UnsupportedError, "UNSUPPORTED",
+                     f"{name} is on {t.device}; mxmoe serves cpu and cuda tensors")
+
+
+def _check_same_device(t: torch.Tensor | None, name: str, reference: torch.Tensor,
+                       reference_name: str) -> None:
+    if t is not None and t.device != reference.device:
+        raise _invalid(f"{name} is on {t.device} but {reference_name} is on {reference.device}")
+
+
+def _check_k(k: int, name: str, symbol: str, shape, note: str = "") -> None:
+    """K-like dimensions must be whole MXFP4 blocks: "x must have K % 32 == 0, got K=48"."""
+    if k % BLOCK_SIZE:
+        raise _invalid(f"{name} must have {symbol} % 32 == 0{note}, got {symbol}={k} (shape "
+                       f"{_shape_str(shape)})")
+
+
+def _scale_layout(scale_layout: str) -> int:
+    if scale_layout not in _SCALE_LAYOUTS:
+        raise _invalid(f"scale_layout must be 'linear' or 'swizzled', got {scale_layout!r}")
+    return _SCALE_LAYOUTS[scale_layout]
+
+
+def _stream(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return 0
+
+
+# ---- Workspaces ------------------------------------------------------------------------------
+
+_workspace_lock = threading.Lock()
+_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, nbytes: int) -> torch.Tensor | None:
+    """A uint8 buffer of at least nbytes on device.
+
+    CUDA: one cached buffer per device, grown on demand, so steady-state calls (and CUDA-graph
+    captures after a warm-up, whatever stream they capture on) allocate nothing. Kernels on one
+    device are assumed to run on one stream at a time, as in inference; a buffer replaced by a
+    larger one is released stream-ordered by torch's allocator. CPU: a fresh buffer per call
+    (cheap, and safe when several Python threads run the CPU backend at once).
+    """
+    if nbytes == 0:
+        return None
+    if device.type != "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    with _workspace_lock:
+        buffer = _workspaces.get(device)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            _workspaces[device] = buffer
+        return buffer
+
+
+def clear_workspace_cache() -> None:
+    """Frees the cached workspaces (for example before measuring memory)."""
+    with _workspace_lock:
+        _workspaces.clear()
+
+
+# ---- Backends --------------------------------------------------------------------------------
+
+
+def backend_for(tensor) -> str:
+    """The backend that serves ``tensor``'s device: "cpu", "sm90" or "sm100".
+
+    Raises UnsupportedError when none can (a CUDA device of another architecture, or
+    MXMOE_BACKEND naming a backend that cannot serve the device).
+    """
+    t = _tensor(tensor, "tensor")
+    _check_served(t, "tensor")
+    if t.device.type == "cpu":
+        return _mxmoe.backend_for_device(_mxmoe.DEVICE_CPU, 0)
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _mxmoe.backend_for_device(_mxmoe.DEVICE_CUDA, index)
+
+
+# ---- Quantize / dequantize -----------------------------------------------------------------------
+
+
+def quantize(x, scale_layout: str = "linear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes rows to MXFP4 (E2M1 codes, one E8M0 scale per 32 elements along the last dim).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        [..., K] bfloat16 or float16, contiguous, K % 32 == 0. "swizzled" needs [rows, K].
+    scale_layout : str
+        "linear": scales [..., K/32]; "swizzled": [round_up(rows,128), round_up(K/32,4)]
+        (the 128x4 tensor-core layout, padding 0).
+
+    Returns
+    -------
+    packed : torch.Tensor
+        [..., K/2] uint8, element 2i in the low nibble.
+    scales : torch.Tensor
+        uint8 E8M0 scales in ``scale_layout``.
+    """
+    layout = _scale_layout(scale_layout)
+    x = _tensor(x, "x")
+    if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
+        _check(x, "x", "[rows, K]", (None, None), _ACTIVATION_DTYPES)
+    elif x.dim() == 0:
+        raise _invalid("x must be at least 1-D [..., K], got a scalar")
+    else:
+        _check(x, "x", "[..., K]", (None,) * x.dim(), _ACTIVATION_DTYPES)
+    _check_served(x, "x")
+    k = x.shape[-1]
+    _check_k(k, "x", "K", x.shape)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    packed = torch.empty(rows, k // 2, dtype=torch.uint8, device=x.device)
+    if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
+        scales = torch.empty(_round_up(rows, 128), _round_up(k // 32, 4), dtype=torch.uint8,
+                             device=x.device)
+    else:
+        scales = torch.empty(rows, k // 32, dtype=torch.uint8, device=x.device)
+    _mxmoe.quantize(x2, packed, scales, layout, _stream(x.device))
+    if layout == _mxmoe.SCALE_LAYOUT_LINEAR:
+        return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // 32)
+    return packed, scales
+
+
+def dequantize(packed, scales, scale_layout: str = "linear",
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """MXFP4 -> values: code value * 2^(scale-127) in float32, rounded to ``dtype``.
+
+    Parameters
+    ----------
+    packed : torch.Tensor
+        [..., K/2] uint8 ("swizzled" needs [rows, K/2]).
+    scales : torch.Tensor
+        "linear": [..., K/32]; "swizzled": [round_up(rows,128), round_up(K/32,4)] uint8.
+    dtype : torch.dtype
+        bfloat16, float16 or float32.
+
+    Returns
+    -------
+    torch.Tensor
+        [..., K] in ``dtype``. Scale 0xFF gives NaN.
+    """
+    layout = _scale_layout(scale_layout)
+    packed = _tensor(packed, "packed")
+    scales = _tensor(scales, "scales")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise _invalid(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
+        _check(packed, "packed", "[rows, K/2]", (None, None), (torch.uint8,))
+    elif packed.dim() == 0:
+        raise _invalid("packed must be at least 1-D [..., K/2], got a scalar")
+    else:
+        _check(packed, "packed", "[..., K/2]", (None,) * packed.dim(), (torch.uint8,))
+    _check_served(packed, "packed")
+    k = packed.shape[-1] * 2
+    _check_k(k, "packed", "K", packed.shape, " (K = 2 * last dim)")
+    lead = packed.shape[:-1]
+    rows = int(np.prod(lead)) if lead else 1
+    if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
+        _check(scales, "scales", "[round_up(rows,128), round_up(K/32,4)]",
+               (_round_up(rows, 128), _round_up(k // 32, 4)), (torch.uint8,))
+    else:
+        _check(scales, "scales", "[..., K/32]", (*lead, k // 32), (torch.uint8,))
+    _check_same_device(scales, "scales", packed, "packed")
+    out = torch.empty(rows, k, dtype=dtype, device=packed.device)
+    scales2 = scales if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4 else scales.reshape(
+        rows, k // 32)
+    _mxmoe.dequantize(packed.reshape(rows, k // 2), scales2, layout, out,
+                      _stream(packed.device))
+    return out.reshape(*lead, k)
+
+
+# ---- Grouped (per-expert) activations ----------------------------------------------------------
+
+
+def expert_offsets_from_counts(counts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert row counts -> grouped-layout offsets.
+
+    Parameters
+    ----------
+    counts : torch.Tensor or sequence of int
+        [E] non-negative row counts.
+
+    Returns
+    -------
+    expert_offsets : torch.Tensor
+        [E+1] int32 cumulative counts (first 0), on ``counts``' device.
+    blockscale_offsets : torch.Tensor
+        [E+1] int32 cumulative round_up(count, 128).
+    """
+    if isinstance(counts, (torch.Tensor, np.ndarray)):
+        counts = _tensor(counts, "counts")
+    else:
+        counts = torch.as_tensor(list(counts), dtype=torch.int64)
+    if counts.dim() != 1:
+        raise _invalid(f"counts must be 1-D [E], got shape {_shape_str(counts.shape)}")
+    if counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        raise _invalid(f"counts must have an integer dtype, got {counts.dtype}")
+    c = counts.to(torch.int64)
+    zero = torch.zeros(1, dtype=torch.int64, device=c.device)
+    expert_offsets = torch.cat([zero, torch.cumsum(c, 0)]).to(torch.int32)
+    blockscale_offsets = torch.cat([zero, torch.cumsum((c + 127) // 128 * 128, 0)]).to(
+        torch.int32)
+    return expert_offsets, blockscale_offsets
+
+
+def _check_offsets(x: torch.Tensor, expert_offsets, blockscale_offsets):
+    expert_offsets = _tensor(expert_offsets, "expert_offsets")
+    blockscale_offsets = _tensor(blockscale_offsets, "blockscale_offsets")
+    _check(expert_offsets, "expert_offsets", "[E+1]", (None,), (torch.int32,))
+    if expert_offsets.shape[0] < 1:
+        raise _invalid("expert_offsets must have E+1 >= 1 entries, got shape [0]")
+    _check(blockscale_offsets, "blockscale_offsets", "[E+1] (same length as expert_offsets)",
+           (expert_offsets.shape[0],), (torch.int32,))
+    _check_same_device(expert_offsets, "expert_offsets", x, "x")
+    _check_same_device(blockscale_offsets, "blockscale_offsets", x, "x")
+    return expert_offsets, blockscale_offsets
+
+
+def _default_scale_rows(rows: int, num_experts: int, blockscale_offsets: torch.Tensor) -> int:
+    # On the CPU the exact count is free; on a GPU reading it would synchronise, so take the
+    # bound sum(round_up(m_e, 128)) <= rows + 127 * E, rounded down to a multiple of 128.
+    if blockscale_offsets.device.type == "cpu":
+        return max(0, int(blockscale_offsets[-1]))
+    return (rows + 127 * num_experts) // 128 * 128
+
+
+def _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mul: bool):
+    x = _tensor(x, "x")
+    layout = "[rows, 2*N] (gate | up)" if silu_mul else "[rows, K]"
+    _check(x, "x", layout, (None, None), _ACTIVATION_DTYPES)
+    _check_served(x, "x")
+    rows, cols = x.shape
+    if silu_mul:
+        if cols % 2:
+            raise _invalid(f"x must have an even number of columns {layout}, got shape "
+                           f"{_shape_str(x.shape)}")
+        width = cols // 2
+        _check_k(width, "x", "N", x.shape, " (N = half the columns)")
+    else:
+        width = cols
+        _check_k(width, "x", "K", x.shape)
+    expert_offsets, blockscale_offsets = _check_offsets(x, expert_offsets, blockscale_offsets)
+    num_experts = expert_offsets.shape[0] - 1
+    if scale_rows is None:
+        scale_rows = _default_scale_rows(rows, num_experts, blockscale_offsets)
+    elif int(scale_rows) < 0:
+        raise _invalid(f"scale_rows must be >= 0, got {scale_rows}")
+    packed = torch.empty(rows, width // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.zeros(int(scale_rows), _round_up(width // 32, 4), dtype=torch.uint8,
+                         device=x.device)
+    op = _mxmoe.silu_mul_experts_quantize if silu_mul else _mxmoe.experts_quantize
+    op(x, expert_offsets, blockscale_offsets, packed, scales, _stream(x.device))
+    return packed, scales
+
+
+def experts_quantize(x, expert_offsets, blockscale_offsets,
+                     scale_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes rows grouped by expert (vLLM ``mxfp4_experts_quant`` semantics).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        [rows, K] bfloat16/float16; expert e owns rows [expert_offsets[e], expert_offsets[e+1]).
+    expert_offsets : torch.Tensor
+        [E+1] int32, 0 first, monotone, last <= rows.
+    blockscale_offsets : torch.Tensor
+        [E+1] int32, cumulative round_up(m_e, 128) (see ``expert_offsets_from_counts``).
+    scale_rows : int, optional
+        Rows of the scale output; default blockscale_offsets[E] on the CPU, and the bound
+        round_down(rows + 127*E, 128) on a GPU (no synchronisation).
+
+    Returns
+    -------
+    packed : torch.Tensor
+        [rows, K/2] uint8 (rows past expert_offsets[E] are uninitialised).
+    scales : torch.Tensor
+        [scale_rows, round_up(K/32, 4)] uint8; expert e's scales swizzled 128x4 from row
+        blockscale_offsets[e]; every other byte 0.
+    """
+    return _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mul=False)
+
+
+def silu_mul_experts_quantize(x, expert_offsets, blockscale_offsets,
+                              scale_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU-and-mul then per-expert quantization (vLLM ``silu_and_mul_mxfp4_experts_quant``).
+
+    x [rows, 2N] is gate | up; y = silu(gate) * up in float32, rounded to x's dtype, then
+    quantized as ``experts_quantize`` does: packed [rows, N/2], scales
+    [scale_rows, round_up(N/32, 4)]. N % 32 == 0.
+    """
+    return _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mul=True)
+
+
+# ---- Scale layouts -------------------------------------------------------------------------------
+
+
+def swizzle_scales(s) -> torch.Tensor:
+    """LINEAR scales -> SWIZZLED_128X4.
+
+    Parameters
+    ----------
+    s : torch.Tensor
+        [rows, cols] or [batch, rows, cols] uint8 (cols = K/32).
+
+    Returns
+    -------
+    torch.Tensor
+        [round_up(rows,128), round_up(cols,4)] (or batched) uint8, padding 0.
+    """
+    s = _tensor(s, "s")
+    if s.dim() not in (2, 3):
+        raise _invalid(f"s must be 2-D [rows, cols] or 3-D [batch, rows, cols], got shape "
+                       f"{_shape_str(s.shape)}")
+    _check(s, "s", "[batch, rows, cols]" if s.dim() == 3 else "[rows, cols]", (None,) * s.dim(),
+           (torch.uint8,))
+    _check_served(s, "s")
+    s3 = s if s.dim() == 3 else s.unsqueeze(0)
+    batch, rows, cols = s3.shape
+    out = torch.empty(batch, _round_up(rows, 128), _round_up(cols, 4), dtype=torch.uint8,
+                      device=s.device)
+    _mxmoe.swizzle_scales(s3, out, _stream(s.device))
+    return out if s.dim() == 3 else out[0]
+
+
+def unswizzle_scales(s, rows: int, cols: int) -> torch.Tensor:
+    """SWIZZLED_128X4 scales -> LINEAR.
+
+    Parameters
+    ----------
+    s : torch.Tensor
+        [round_up(rows,128), round_up(cols,4)] or [batch, ...] uint8.
+    rows, cols : int
+        The logical scale matrix (cols = K/32).
+
+    Returns
+    -------
+    torch.Tensor
+        [rows, cols] (or [batch, rows, cols]) uint8.
+    """
+    s = _tensor(s, "s")
+    rows, cols = int(rows), int(cols)
+    if rows < 0 or cols < 0:
+        raise _invalid(f"rows and cols must be >= 0, got rows={rows} cols={cols}")
+    padded = (_round_up(rows, 128), _round_up(cols, 4))
+    if s.dim() == 3:
+        _check(s, "s", "[batch, round_up(rows,128), round_up(cols,4)]", (None, *padded),
+               (torch.uint8,))
+    else:
+        _check(s, "s", "[round_up(rows,128), round_up(cols,4)]", padded, (torch.uint8,))
+    _check_served(s, "s")
+    s3 = s if s.dim() == 3 else s.unsqueeze(0)
+    out = torch.empty(s3.shape[0], rows, cols, dtype=torch.uint8, device=s.device)
+    _mxmoe.unswizzle_scales(s3, out, _stream(s.device))
+    return out if s.dim() == 3 else out[0]
+
+
+# ---- Expert weights ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedWeights:
+    """Expert weights in the layout one backend reads fastest (``prepare_weights``).
+
+    ``buffer`` is opaque (uint8 [bytes]); only ``backend`` reads it. Pass it where packed weights
+    go, with scales None.
+    """
+
+    buffer: torch.Tensor
+    num_experts: int
+    n: int
+    k: int
+    backend: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+
+def quantize_weights(w, scale_layout: str = "linear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes expert weights along K.
+
+    Parameters
+    ----------
+    w : torch.Tensor
+        [E, N, K] bfloat16/float16, K % 32 == 0.
+    scale_layout : str
+        "linear": scales [E, N, K/32]; "swizzled": [E, round_up(N,128), round_up(K/32,4)].
+
+    Returns
+    -------
+    packed : torch.Tensor
+        [E, N, K/2] uint8.
+    scales : torch.Tensor
+        uint8 E8M0 scales in ``scale_layout``.
+    """
+    layout = _scale_layout(scale_layout)
+    w = _tensor(w, "w")
+    _check(w, "w", "[E, N, K]", (None, None, None), _ACTIVATION_DTYPES)
+    _check_served(w, "w")
+    e, n, k = w.shape
+    _check_k(k, "w", "K", w.shape)
+    packed = torch.empty(e, n, k // 2, dtype=torch.uint8, device=w.device)
+    if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
+        scales = torch.empty(e, _round_up(n, 128), _round_up(k // 32, 4), dtype=torch.uint8,
+                             device=w.device)
+    else:
+        scales = torch.empty(e, n, k // 32, dtype=torch.uint8, device=w.device)
+    _mxmoe.quantize_weights(w, packed, scales, layout, _stream(w.device))
+    return packed, scales
+
+
+def _check_linear_weights(packed, scales, name: str, scales_name: str):
+    packed = _tensor(packed, name)
+    _check(packed, name, "[E, N, K/2]", (None, None, None), (torch.uint8,))
+    _check_served(packed, name)
+    e, n, half_k = packed.shape
+    _check_k(half_k * 2, name, "K", packed.shape, " (K = 2 * last dim)")
+    if scales is None:
+        raise _invalid(f"{scales_name} must not be None for packed (non-prepared) weights")
+    scales = _tensor(scales, scales_name)
+    _check(scales, scales_name, "[E, N, K/32]", (e, n, half_k * 2 // 32), (torch.uint8,))
+    _check_same_device(scales, scales_name, packed, name)
+    return packed, scales
+
+
+def prepare_weights(packed, scales, backend: str | None = None) -> PreparedWeights:
+    """Converts LINEAR expert weights into the layout ``backend`` reads fastest, once.
+
+    Parameters
+    ----------
+    packed : torch.Tensor
+        [E, N, K/2] uint8.
+    scales : torch.Tensor
+        [E, N, K/32] uint8 (LINEAR).
+    backend : str, optional
+        "cpu", "sm90" or "sm100"; default: the backend serving ``packed``'s device.
+
+    Returns
+    -------
+    PreparedWeights
+    """
+    packed, scales = _check_linear_weights(packed, scales, "packed", "scales")
+    if backend is None or backend == "auto":
+        backend = backend_for(packed)
+    if backend not in _BACKENDS:
+        raise _invalid(f"backend must be one of 'cpu', 'sm90', 'sm100' or None, got {backend!r}")
+    e, n, half_k = packed.shape
+    code = _BACKENDS[backend]
+    nbytes = _mxmoe.prepare_weights_size(packed, scales, e, n, half_k * 2, code)
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=packed.device)
+    _mxmoe.prepare_weights(packed, scales, e, n, half_k * 2, code, buffer,
+                           _stream(packed.device))
+    return PreparedWeights(buffer, e, n, half_k * 2, backend)
+
+
+def _weights(packed, scales, name: str, scales_name: str, b_format: str):
+    """-> (packed or buffer, scales or None, format code, backend code, E, N, K)."""
+    if isinstance(packed, PreparedWeights):
+        if scales is not None:
+            raise _invalid(f"{scales_name} must be None when {name} is PreparedWeights")
+        return (packed.buffer, None, _mxmoe.WEIGHT_FORMAT_PREPARED, _BACKENDS[packed.backend],
+                packed.num_experts, packed.n, packed.k)
+    if b_format not in _WEIGHT_FORMATS:
+        raise _invalid(f"b_format must be 'linear' or 'swizzled', got {b_format!r}")
+    if b_format == "linear":
+        packed, scales = _check_linear_weights(packed, scales, name, scales_name)
+    else:
+        packed = _tensor(packed, name)
+        _check(packed, name, "[E, N, K/2]", (None, None, None), (torch.uint8,))
+        _check_served(packed, name)
+        e, n, half_k = packed.shape
+        _check_k(half_k * 2, name, "K", packed.shape, " (K = 2 * last dim)")
+        if scales is None:
+            raise _invalid(f"{scales_name} must not be None for packed weights")
+        scales = _tensor(scales, scales_name)
+        _check(scales, scales_name, "[E, round_up(N,128), round_up(K/32,4)]",
+               (e, _round_up(n, 128), _round_up(half_k * 2 // 32, 4)), (torch.uint8,))
+        _check_same_device(scales, scales_name, packed, name)
+    e, n, half_k = packed.shape
+    return packed, scales, _WEIGHT_FORMATS[b_format], _mxmoe.BACKEND_AUTO, e, n, half_k * 2
+
+
+# ---- Grouped GEMM --------------------------------------------------------------------------------
+
+
+def grouped_gemm(a, a_scales, b_packed, b_scales, expert_offsets, blockscale_offsets,
+                 problem_sizes=None, out_dtype: torch.dtype = torch.bfloat16,
+                 b_format: str = "linear") -> torch.Tensor:
+    """Per-expert C = A x B^T on MXFP4 operands (vLLM ``cutlass_mxfp4_moe_mm`` semantics).
+
+    Parameters
+    ----------
+    a : torch.Tensor
+        [rows, K/2] uint8, rows grouped by expert (``experts_quantize`` output).
+    a_scales : torch.Tensor
+        [a_scale_rows, round_up(K/32, 4)] uint8, expert e's swizzled from blockscale_offsets[e].
+    b_packed : torch.Tensor or PreparedWeights
+        [E, N, K/2] uint8, or the result of ``prepare_weights`` (then b_scales is None).
+    b_scales : torch.Tensor or None
+        "linear": [E, N, K/32]; "swizzled": [E, round_up(N,128), round_up(K/32,4)].
+    expert_offsets, blockscale_offsets : torch.Tensor
+        [E+1] int32 each (see ``experts_quantize``).
+    problem_sizes : torch.Tensor, optional
+        [E, 3] int32 (m_e, N, K); derived from expert_offsets when None.
+    out_dtype : torch.dtype
+        bfloat16 or float16.
+    b_format : str
+        "linear" or "swizzled" (ignored for PreparedWeights).
+
+    Returns
+    -------
+    torch.Tensor
+        [rows, N] ``out_dtype``; rows past expert_offsets[E] are uninitialised.
+    """
+    a = _tensor(a, "a")
+    _check(a, "a", "[rows, K/2]", (None, None), (torch.uint8,))
+    _check_served(a, "a")
+    if out_dtype not in _ACTIVATION_DTYPES:
+        raise _invalid(f"out_dtype must be bfloat16 or float16, got {out_dtype}")
+    b, b_s, fmt, backend, e, n, k = _weights(b_packed, b_scales, "b_packed", "b_scales",
+                                             b_format)
+    rows = a.shape[0]
+    _check(a, "a", f"[rows, K/2] (K = {k} from b_packed)", (None, k // 2), (torch.uint8,))
+    a_scales = _tensor(a_scales, "a_scales")
+    _check(a_scales, "a_scales", "[a_scale_rows, round_up(K/32,4)]",
+           (None, _round_up(k // 32, 4)), (torch.uint8,))
+    _check_same_device(b, "b_packed", a, "a")
+    _check_same_device(a_scales, "a_scales", a, "a")
+    expert_offsets = _tensor(expert_offsets, "expert_offsets")
+    blockscale_offsets = _tensor(blockscale_offsets, "blockscale_offsets")
+    _check(expert_offsets, "expert_offsets", f"[E+1] (E = {e} experts in b_packed)", (e + 1,),
+           (torch.int32,))
+    _check(blockscale_offsets, "blockscale_offsets", f"[E+1] (E = {e} experts in b_packed)",
+           (e + 1,), (torch.int32,))
+    _check_same_device(expert_offsets, "expert_offsets", a, "a")
+    _check_same_device(blockscale_offsets, "blockscale_offsets", a, "a")
+    problem_sizes = _optional_tensor(problem_sizes, "problem_sizes")
+    if problem_sizes is not None:
+        _check(problem_sizes, "problem_sizes", "[E, 3] (m_e, N, K)", (e, 3), (torch.int32,))
+        _check_same_device(problem_sizes, "problem_sizes", a, "a")
+    c = torch.empty(rows, n, dtype=out_dtype, device=a.device)
+    stream = _stream(a.device)
+    nbytes = _mxmoe.grouped_gemm_workspace_size(a, a_scales, b, b_s, fmt, backend, e, n, k,
+                                                expert_offsets, blockscale_offsets,
+                                                problem_sizes, c)
+    _mxmoe.grouped_gemm(a, a_scales, b, b_s, fmt, backend, e, n, k, expert_offsets,
+                        blockscale_offsets, problem_sizes, c, _workspace(a.device, nbytes),
+                        stream)
+    return c
+
+
+# ---- MoE forward ---------------------------------------------------------------------------------
+
+
+def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_logits=None,
+                top_k: int | None = None, renormalize: bool = True, topk_ids=None,
+                topk_weights=None, expert_map=None) -> torch.Tensor:
+    """The whole MoE layer: route, quantize, GEMM1, SiLU-and-mul, GEMM2, weighted sum.
+
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        [T, H] bfloat16/float16, H % 32 == 0.
+    w13_packed, w13_scales : torch.Tensor
+        [E, 2I, H/2] uint8 and [E, 2I, H/32] uint8 (rows [0, I) gate, [I, 2I) up), or
+        PreparedWeights and None.
+    w2_packed, w2_scales : torch.Tensor
+        [E, H, I/2] and [E, H, I/32] uint8, or PreparedWeights and None. I % 32 == 0.
+    router_logits : torch.Tensor, optional
+        [T, E_global] float32/bfloat16/float16: softmax, top-k (ties to the lower id),
+        optional renormalisation. Exclusive with topk_ids/topk_weights.
+    top_k : int, optional
+        Experts per token (router_logits path).
+    renormalize : bool
+        Renormalise the top-k weights to sum 1 (router_logits path).
+    topk_ids, topk_weights : torch.Tensor, optional
+        [T, top_k] int32 global expert ids and [T, top_k] float32 weights.
+    expert_map : torch.Tensor, optional
+        [E_global] int32, global -> local expert id, -1 = not on this device (contributes 0).
+
+    Returns
+    -------
+    torch.Tensor
+        [T, H] in hidden's dtype.
+    """
+    hidden = _tensor(hidden, "hidden")
+    _check(hidden, "hidden", "[T, H]", (None, None), _ACTIVATION_DTYPES)
+    _check_served(hidden, "hidden")
+    t, h = hidden.shape
+    _check_k(h, "hidden", "H", hidden.shape)
+    prepared = isinstance(w13_packed, PreparedWeights)
+    if prepared != isinstance(w2_packed, PreparedWeights):
+        raise _invalid("w13_packed and w2_packed must both be PreparedWeights or both tensors")
+    w13, w13_s, fmt, backend, e, two_i, h13 = _weights(w13_packed, w13_scales, "w13_packed",
+                                                       "w13_scales", "linear")
+    w2, w2_s, _, backend2, e2, h2, i = _weights(w2_packed, w2_scales, "w2_packed", "w2_scales",
+                                                "linear")
+    if prepared and backend != backend2:
+        raise _invalid(f"w13_packed and w2_packed were prepared for different backends "
+                       f"({w13_packed.backend} vs {w2_packed.backend})")
+    if h13 != h:
+        raise _invalid(f"w13_packed must have K = H = {h} (hidden [T, H]); got K={h13} "
+                       f"(w13 [E, 2I, H/2])")
+    if two_i != 2 * i:
+        raise _invalid(f"w13_packed must have 2*I = {2 * i} rows (I = {i} from w2_packed "
+                       f"[E, H, I/2]), got {two_i}")
+    if e2 != e or h2 != h:
+        raise _invalid(f"w2_packed must be [E, H, I/2] with E = {e} (from w13_packed) and "
+                       f"H = {h}, got E={e2} H={h2}")
+    _check_same_device(w13, "w13_packed", hidden, "hidden")
+    _check_same_device(w2, "w2_packed", hidden, "hidden")
+
+    router_logits = _optional_tensor(router_logits, "router_logits")
+    topk_ids = _optional_tensor(topk_ids, "topk_ids")
+    topk_weights = _optional_tensor(topk_weights, "topk_weights")
+    expert_map = _optional_tensor(expert_map, "expert_map")
+    if expert_map is not None:
+        _check(expert_map, "expert_map", "[E_global]", (None,), (torch.int32,))
+        _check_same_device(expert_map, "expert_map", hidden, "hidden")
+    if router_logits is not None:
+        if topk_ids is not None or topk_weights is not None:
+            raise _invalid("pass either router_logits or topk_ids/topk_weights, not both")
+        global_experts = expert_map.shape[0] if expert_map is not None else e
+        _check(router_logits, "router_logits",
+               "[T, E_global]" + (" (E_global = len(expert_map))" if expert_map is not None
+                                  else " (E_global = E of w13_packed without expert_map)"),
+               (t, global_experts), (torch.float32, torch.bfloat16, torch.float16))
+        _check_same_device(router_logits, "router_logits", hidden, "hidden")
+        if top_k is None:
+            raise _invalid("top_k must be given with router_logits")
+        top_k = int(top_k)
+        if not 1 <= top_k <= global_experts:
+            raise _invalid(f"top_k must be in [1, {global_experts}] (E_global), got {top_k}")
+    else:
+        if topk_ids is None or topk_weights is None:
+            raise _invalid("pass router_logits (with top_k) or both topk_ids and topk_weights")
+        _check(topk_ids, "topk_ids", "[T, top_k]", (t, None), (torch.int32,))
+        if top_k is not None and int(top_k) != topk_ids.shape[1]:
+            raise _invalid(f"top_k={top_k} disagrees with topk_ids [T, top_k] of shape "
+                           f"{_shape_str(topk_ids.shape)}")
+        top_k = topk_ids.shape[1]
+        _check(topk_weights, "topk_weights", "[T, top_k]", (t, top_k), (torch.float32,))
+        _check_same_device(topk_ids, "topk_ids", hidden, "hidden")
+        _check_same_device(topk_weights, "topk_weights", hidden, "hidden")
+        global_experts = expert_map.shape[0] if expert_map is not None else e
+    if expert_map is None and global_experts != e:
+        raise _invalid(f"router width E_global = {global_experts} differs from the {e} local "
+                       f"experts; pass expert_map [E_global]")
+
+    out = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
+    stream = _stream(hidden.device)
+    args = (hidden, w13, w13_s, w2, w2_s, fmt, backend, e, i, global_experts, top_k,
+            bool(renormalize), router_logits, topk_ids, topk_weights, expert_map, out)
+    nbytes = _mxmoe.moe_forward_workspace_size(*args)
+    _mxmoe.moe_forward(*args, _workspace(hidden.device, nbytes), stream)
+    return out

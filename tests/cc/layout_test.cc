@@ -1,0 +1,375 @@
+// Scale layouts and the grouped quantizers on the CPU backend:
+//   - format::SwizzledOffset against a direct evaluation of the layout (tile, 32-row group,
+//     4-column group), and that it is a bijection onto the padded matrix;
+//   - mxmoe_swizzle_scales / mxmoe_unswizzle_scales: every byte where the formula says, padding
+//     written 0, round trip, unswizzle ignoring padding (batched, K = 2880, rows = 130);
+//   - mxmoe_quantize SWIZZLED == LINEAR + swizzle;
+//   - mxmoe_experts_quantize and mxmoe_silu_mul_experts_quantize against per-expert
+//     mxmoe_quantize calls (experts with 0, 1, 129 rows), untouched rows past the offsets;
+//   - mxmoe_quantize_weights (LINEAR and per-expert SWIZZLED) and mxmoe_prepare_weights' CPU
+//     format (LINEAR codes then LINEAR scales).
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <random>
+#include <vector>
+
+#include "mxmoe/format.h"
+#include "mxmoe/mxmoe.h"
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond, ...)                                                 \
+  do {                                                                    \
+    if (!(cond)) {                                                        \
+      ++failures;                                                         \
+      if (failures < 50) {                                                \
+        fprintf(stderr, "%s:%d: FAILED (%s): ", __FILE__, __LINE__, #cond); \
+        fprintf(stderr, __VA_ARGS__);                                     \
+        fprintf(stderr, "\n");                                            \
+      }                                                                   \
+    }                                                                     \
+  } while (0)
+
+#define EXPECT_OK(call, ...)                                                               \
+  do {                                                                                     \
+    const mxmoe_status status_ = (call);                                                   \
+    EXPECT(status_ == MXMOE_STATUS_OK, "%s -> %s: %s", #call, mxmoe_status_string(status_), \
+           mxmoe_last_error());                                                            \
+  } while (0)
+
+constexpr mxmoe_device kCpu = {MXMOE_DEVICE_CPU, 0};
+constexpr uint8_t kPoison = 0xAB;
+
+int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The layout described in words: 128x4 tiles of 512 bytes, row-major over tiles; inside a tile,
+// row m = 32 * group + lane sits at lane * 16 + group * 4, column c at + c.
+int64_t DirectOffset(int64_t m, int64_t k, int64_t cols) {
+  const int64_t tiles_per_row = RoundUp(cols, 4) / 4;
+  const int64_t tile = (m / 128) * tiles_per_row + (k / 4);
+  const int64_t lane = m % 32;
+  const int64_t group = (m % 128) / 32;
+  return tile * 512 + lane * 16 + group * 4 + (k % 4);
+}
+
+std::vector<uint16_t> RandomBf16(size_t count, std::mt19937& rng, float stddev = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<uint16_t> v(count);
+  for (auto& x : v) x = mxmoe::format::FloatToBf16(normal(rng));
+  return v;
+}
+
+void TestSwizzledOffset() {
+  for (int64_t cols : {1, 3, 4, 5, 90, 224}) {
+    for (int64_t rows : {1, 31, 128, 130, 300}) {
+      const int64_t padded_rows = RoundUp(rows, 128);
+      const int64_t padded_cols = RoundUp(cols, 4);
+      std::vector<int> hits(padded_rows * padded_cols, 0);
+      for (int64_t m = 0; m < padded_rows; ++m) {
+        for (int64_t k = 0; k < padded_cols; ++k) {
+          const int64_t got = mxmoe::format::SwizzledOffset(m, k, cols);
+          const int64_t want = DirectOffset(m, k, cols);
+          EXPECT(got == want, "rows=%lld cols=%lld (m=%lld, k=%lld): offset %lld, direct %lld",
+                 (long long)rows, (long long)cols, (long long)m, (long long)k, (long long)got,
+                 (long long)want);
+          if (got >= 0 && got < (int64_t)hits.size()) ++hits[got];
+        }
+      }
+      for (size_t i = 0; i < hits.size(); ++i) {
+        EXPECT(hits[i] == 1, "rows=%lld cols=%lld: byte %zu hit %d times", (long long)rows,
+               (long long)cols, i, hits[i]);
+      }
+      EXPECT(mxmoe::format::SwizzledBytes(rows, cols) == padded_rows * padded_cols,
+             "SwizzledBytes(%lld, %lld)", (long long)rows, (long long)cols);
+    }
+  }
+}
+
+void TestSwizzleApi() {
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<int> byte(0, 255);
+  const int64_t batch = 3;
+  for (int64_t rows : {1, 130, 256}) {
+    for (int64_t cols : {1, 90, 4}) {
+      const int64_t bytes = RoundUp(rows, 128) * RoundUp(cols, 4);
+      std::vector<uint8_t> linear(batch * rows * cols);
+      for (auto& b : linear) b = static_cast<uint8_t>(byte(rng));
+      std::vector<uint8_t> swizzled(batch * bytes, kPoison);
+      mxmoe_swizzle_scales_args args = {batch, rows, cols, linear.data(), swizzled.data(), kCpu};
+      EXPECT_OK(mxmoe_swizzle_scales(&args, nullptr));
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t m = 0; m < RoundUp(rows, 128); ++m) {
+          for (int64_t k = 0; k < RoundUp(cols, 4); ++k) {
+            const uint8_t want = (m < rows && k < cols) ? linear[(b * rows + m) * cols + k] : 0;
+            const uint8_t got = swizzled[b * bytes + DirectOffset(m, k, cols)];
+            EXPECT(got == want, "swizzle batch=%lld rows=%lld cols=%lld [%lld][%lld][%lld]: %d, "
+                   "expected %d", (long long)batch, (long long)rows, (long long)cols, (long long)b,
+                   (long long)m, (long long)k, got, want);
+          }
+        }
+      }
+      // Unswizzle ignores padding: fill it with garbage first.
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t m = 0; m < RoundUp(rows, 128); ++m) {
+          for (int64_t k = 0; k < RoundUp(cols, 4); ++k) {
+            if (m >= rows || k >= cols) swizzled[b * bytes + DirectOffset(m, k, cols)] = 0x77;
+          }
+        }
+      }
+      std::vector<uint8_t> back(batch * rows * cols + 16, kPoison);
+      mxmoe_swizzle_scales_args un = {batch, rows, cols, swizzled.data(), back.data(), kCpu};
+      EXPECT_OK(mxmoe_unswizzle_scales(&un, nullptr));
+      EXPECT(memcmp(back.data(), linear.data(), linear.size()) == 0,
+             "unswizzle round trip differs (batch=%lld rows=%lld cols=%lld)", (long long)batch,
+             (long long)rows, (long long)cols);
+      for (int i = 0; i < 16; ++i) {
+        EXPECT(back[linear.size() + i] == kPoison, "unswizzle wrote past its output");
+      }
+    }
+  }
+}
+
+struct QuantizedRows {
+  std::vector<uint8_t> packed;
+  std::vector<uint8_t> scales;
+};
+
+QuantizedRows Quantize(const uint16_t* input, int64_t rows, int64_t k, int32_t layout) {
+  QuantizedRows q;
+  q.packed.assign(rows * k / 2, kPoison);
+  q.scales.assign(layout == MXMOE_SCALE_LAYOUT_LINEAR ? rows * (k / 32)
+                                                      : RoundUp(rows, 128) * RoundUp(k / 32, 4),
+                  kPoison);
+  mxmoe_quantize_args args = {};
+  args.rows = rows;
+  args.k = k;
+  args.input = input;
+  args.input_dtype = MXMOE_DTYPE_BF16;
+  args.packed = q.packed.data();
+  args.scales = q.scales.data();
+  args.scale_layout = layout;
+  args.device = kCpu;
+  EXPECT_OK(mxmoe_quantize(&args, nullptr));
+  return q;
+}
+
+void TestQuantizeSwizzledEqualsLinearPlusSwizzle() {
+  std::mt19937 rng(5);
+  const int64_t rows = 130;
+  const int64_t k = 2880;
+  const std::vector<uint16_t> input = RandomBf16(rows * k, rng);
+  const QuantizedRows linear = Quantize(input.data(), rows, k, MXMOE_SCALE_LAYOUT_LINEAR);
+  const QuantizedRows swizzled = Quantize(input.data(), rows, k, MXMOE_SCALE_LAYOUT_SWIZZLED_128X4);
+  EXPECT(linear.packed == swizzled.packed, "codes depend on the scale layout (rows=%lld k=%lld)",
+         (long long)rows, (long long)k);
+  std::vector<uint8_t> reswizzled(swizzled.scales.size(), kPoison);
+  mxmoe_swizzle_scales_args args = {1, rows, k / 32, linear.scales.data(), reswizzled.data(), kCpu};
+  EXPECT_OK(mxmoe_swizzle_scales(&args, nullptr));
+  EXPECT(reswizzled == swizzled.scales, "quantize SWIZZLED != LINEAR + swizzle (rows=%lld k=%lld)",
+         (long long)rows, (long long)k);
+}
+
+struct Grouping {
+  std::vector<int32_t> expert_offsets;
+  std::vector<int32_t> blockscale_offsets;
+};
+
+Grouping MakeGrouping(const std::vector<int32_t>& counts) {
+  Grouping g;
+  g.expert_offsets = {0};
+  g.blockscale_offsets = {0};
+  for (int32_t m : counts) {
+    g.expert_offsets.push_back(g.expert_offsets.back() + m);
+    g.blockscale_offsets.push_back(g.blockscale_offsets.back() + RoundUp(m, 128));
+  }
+  return g;
+}
+
+// Compares grouped quantizer output with per-expert mxmoe_quantize(SWIZZLED) of `values`.
+void CheckGrouped(const char* what, const std::vector<uint16_t>& values, int64_t k,
+                  const Grouping& g, const std::vector<uint8_t>& packed,
+                  const std::vector<uint8_t>& scales, int64_t extra_rows, int64_t extra_scale_rows) {
+  const int32_t num_experts = static_cast<int32_t>(g.expert_offsets.size()) - 1;
+  const int64_t padded_cols = RoundUp(k / 32, 4);
+  for (int32_t e = 0; e < num_experts; ++e) {
+    const int64_t m = g.expert_offsets[e + 1] - g.expert_offsets[e];
+    if (m == 0) continue;
+    const QuantizedRows want = Quantize(values.data() + g.expert_offsets[e] * k, m, k,
+                                        MXMOE_SCALE_LAYOUT_SWIZZLED_128X4);
+    EXPECT(memcmp(packed.data() + g.expert_offsets[e] * k / 2, want.packed.data(),
+                  want.packed.size()) == 0,
+           "%s: expert %d (m=%lld, k=%lld) codes differ", what, e, (long long)m, (long long)k);
+    EXPECT(memcmp(scales.data() + g.blockscale_offsets[e] * padded_cols, want.scales.data(),
+                  want.scales.size()) == 0,
+           "%s: expert %d (m=%lld, k=%lld) swizzled scales differ", what, e, (long long)m,
+           (long long)k);
+  }
+  const int64_t rows = g.expert_offsets.back();
+  for (int64_t i = rows * k / 2; i < (rows + extra_rows) * k / 2; ++i) {
+    EXPECT(packed[i] == kPoison, "%s: packed byte %lld past expert_offsets[E] was written", what,
+           (long long)i);
+  }
+  const int64_t scale_rows = g.blockscale_offsets.back();
+  for (int64_t i = scale_rows * padded_cols; i < (scale_rows + extra_scale_rows) * padded_cols; ++i) {
+    EXPECT(scales[i] == kPoison, "%s: scale byte %lld past blockscale_offsets[E] was written",
+           what, (long long)i);
+  }
+}
+
+void TestExpertsQuantize() {
+  std::mt19937 rng(11);
+  for (int64_t k : {64, 2880}) {
+    const std::vector<int32_t> counts = {3, 0, 1, 129, 0, 40};
+    const Grouping g = MakeGrouping(counts);
+    const int64_t extra_rows = 5;
+    const int64_t extra_scale_rows = 7;
+    const int64_t rows = g.expert_offsets.back() + extra_rows;
+    const int64_t scale_rows = g.blockscale_offsets.back() + extra_scale_rows;
+    const int64_t padded_cols = RoundUp(k / 32, 4);
+    const std::vector<uint16_t> input = RandomBf16(rows * k, rng, 2.0f);
+    std::vector<uint8_t> packed(rows * k / 2, kPoison);
+    std::vector<uint8_t> scales(scale_rows * padded_cols, kPoison);
+    mxmoe_experts_quantize_args args = {};
+    args.rows = rows;
+    args.k = k;
+    args.num_experts = static_cast<int32_t>(counts.size());
+    args.input = input.data();
+    args.input_dtype = MXMOE_DTYPE_BF16;
+    args.expert_offsets = g.expert_offsets.data();
+    args.blockscale_offsets = g.blockscale_offsets.data();
+    args.packed = packed.data();
+    args.scales = scales.data();
+    args.scale_rows = scale_rows;
+    args.device = kCpu;
+    EXPECT_OK(mxmoe_experts_quantize(&args, nullptr));
+    CheckGrouped("experts_quantize", input, k, g, packed, scales, extra_rows, extra_scale_rows);
+
+    // SiLU-and-mul: the same layout, of y = silu(gate) * up rounded to bf16.
+    const std::vector<uint16_t> gate_up = RandomBf16(rows * 2 * k, rng, 3.0f);
+    std::vector<uint16_t> y(rows * k);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < k; ++j) {
+        const float gate = mxmoe::format::Bf16ToFloat(gate_up[r * 2 * k + j]);
+        const float up = mxmoe::format::Bf16ToFloat(gate_up[r * 2 * k + k + j]);
+        y[r * k + j] = mxmoe::format::FloatToBf16(mxmoe::format::SiluF32(gate) * up);
+      }
+    }
+    std::fill(packed.begin(), packed.end(), kPoison);
+    std::fill(scales.begin(), scales.end(), kPoison);
+    mxmoe_silu_mul_experts_quantize_args silu = {};
+    silu.rows = rows;
+    silu.n = k;
+    silu.num_experts = args.num_experts;
+    silu.input = gate_up.data();
+    silu.input_dtype = MXMOE_DTYPE_BF16;
+    silu.expert_offsets = g.expert_offsets.data();
+    silu.blockscale_offsets = g.blockscale_offsets.data();
+    silu.packed = packed.data();
+    silu.scales = scales.data();
+    silu.scale_rows = scale_rows;
+    silu.device = kCpu;
+    EXPECT_OK(mxmoe_silu_mul_experts_quantize(&silu, nullptr));
+    CheckGrouped("silu_mul_experts_quantize", y, k, g, packed, scales, extra_rows,
+                 extra_scale_rows);
+  }
+}
+
+void TestSiluMulFp16() {
+  // fp16 path: y rounded to fp16 (not bf16) before quantization.
+  std::mt19937 rng(13);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  const int64_t n = 32;
+  std::vector<uint16_t> gate_up(2 * n);
+  for (auto& v : gate_up) v = mxmoe::format::FloatToFp16(normal(rng));
+  std::vector<uint16_t> y(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const float gate = mxmoe::format::Fp16ToFloat(gate_up[j]);
+    const float up = mxmoe::format::Fp16ToFloat(gate_up[n + j]);
+    y[j] = mxmoe::format::FloatToFp16(mxmoe::format::SiluF32(gate) * up);
+  }
+  mxmoe_quantize_args q = {};
+  std::vector<uint8_t> want_packed(n / 2), want_scales(512);
+  q.rows = 1;
+  q.k = n;
+  q.input = y.data();
+  q.input_dtype = MXMOE_DTYPE_FP16;
+  q.packed = want_packed.data();
+  q.scales = want_scales.data();
+  q.scale_layout = MXMOE_SCALE_LAYOUT_SWIZZLED_128X4;
+  q.device = kCpu;
+  EXPECT_OK(mxmoe_quantize(&q, nullptr));
+  const Grouping g = MakeGrouping({1});
+  std::vector<uint8_t> packed(n / 2, kPoison), scales(512, kPoison);
+  mxmoe_silu_mul_experts_quantize_args silu = {1, n, 1, gate_up.data(), MXMOE_DTYPE_FP16,
+                                               g.expert_offsets.data(), g.blockscale_offsets.data(),
+                                               packed.data(), scales.data(), 128, kCpu};
+  EXPECT_OK(mxmoe_silu_mul_experts_quantize(&silu, nullptr));
+  EXPECT(packed == want_packed && scales == want_scales, "fp16 silu_mul differs from reference");
+}
+
+void TestQuantizeWeightsAndPrepare() {
+  std::mt19937 rng(17);
+  const int32_t experts = 3;
+  const int64_t n = 130;
+  const int64_t k = 96;
+  const std::vector<uint16_t> weights = RandomBf16(experts * n * k, rng, 0.05f);
+  const QuantizedRows want = Quantize(weights.data(), experts * n, k, MXMOE_SCALE_LAYOUT_LINEAR);
+  for (int32_t layout : {MXMOE_SCALE_LAYOUT_LINEAR, MXMOE_SCALE_LAYOUT_SWIZZLED_128X4}) {
+    const int64_t expert_scale_bytes =
+        layout == MXMOE_SCALE_LAYOUT_LINEAR ? n * (k / 32) : RoundUp(n, 128) * RoundUp(k / 32, 4);
+    std::vector<uint8_t> packed(experts * n * k / 2, kPoison);
+    std::vector<uint8_t> scales(experts * expert_scale_bytes, kPoison);
+    mxmoe_quantize_weights_args args = {experts, n, k, weights.data(), MXMOE_DTYPE_BF16,
+                                        packed.data(), scales.data(), layout, kCpu};
+    EXPECT_OK(mxmoe_quantize_weights(&args, nullptr));
+    EXPECT(packed == want.packed, "quantize_weights layout %d: codes differ (E=%d n=%lld k=%lld)",
+           layout, experts, (long long)n, (long long)k);
+    for (int32_t e = 0; e < experts; ++e) {
+      const QuantizedRows expert = Quantize(weights.data() + e * n * k, n, k, layout);
+      EXPECT(memcmp(scales.data() + e * expert_scale_bytes, expert.scales.data(),
+                    expert_scale_bytes) == 0,
+             "quantize_weights layout %d: expert %d scales differ", layout, e);
+    }
+  }
+  // CPU prepared format: LINEAR codes then LINEAR scales.
+  mxmoe_prepare_weights_args prep = {};
+  prep.weights = {experts, n, k, MXMOE_WEIGHT_FORMAT_LINEAR, 0, want.packed.data(),
+                  want.scales.data()};
+  prep.backend = MXMOE_BACKEND_AUTO;
+  prep.device = kCpu;
+  size_t bytes = 0;
+  EXPECT_OK(mxmoe_prepare_weights_size(&prep, &bytes));
+  EXPECT(bytes == want.packed.size() + want.scales.size(), "prepared size %zu, expected %zu",
+         bytes, want.packed.size() + want.scales.size());
+  std::vector<uint8_t> prepared(bytes + 8, kPoison);
+  prep.prepared = prepared.data();
+  prep.prepared_bytes = bytes;
+  EXPECT_OK(mxmoe_prepare_weights(&prep, nullptr));
+  EXPECT(memcmp(prepared.data(), want.packed.data(), want.packed.size()) == 0 &&
+             memcmp(prepared.data() + want.packed.size(), want.scales.data(),
+                    want.scales.size()) == 0,
+         "prepared buffer is not codes followed by scales");
+  EXPECT(prepared[bytes] == kPoison, "prepare_weights wrote past prepared_bytes");
+}
+
+}  // namespace
+
+int main() {
+  TestSwizzledOffset();
+  TestSwizzleApi();
+  TestQuantizeSwizzledEqualsLinearPlusSwizzle();
+  TestExpertsQuantize();
+  TestSiluMulFp16();
+  TestQuantizeWeightsAndPrepare();
+  if (failures != 0) {
+    fprintf(stderr, "layout_test: %d failure(s)\n", failures);
+    return 1;
+  }
+  printf("layout_test: all passed\n");
+  return 0;
+}

@@ -9,7 +9,8 @@ bytes_moved = input read + packed codes written + scales written (swizzled, padd
 + the two offset arrays. Time: median of CUDA-event timings of CUDA-graph replays (each graph
 runs 20 launches), the launches cycling over enough input sets that a cycle touches 4x the L2
 size, so inputs come from device memory. Reported: ms, GB/s (bytes_moved / time), the ratio to
-the copy bandwidth, and floor_bytes_ms = bytes_moved / copy bandwidth.
+the copy bandwidth, and floor_bytes_ms = bytes_moved / copy bandwidth. From T = 4096 on, rows
+also time a variant for diagnosis (silu_reference_ms, linear_quantize_ms; see DIAGNOSTIC_TOKENS).
 
 Goals (issue 3, H100): >= 85% of the copy bandwidth where >= 64 MB move; < 5 us per launch for
 the smallest cases.
@@ -21,18 +22,21 @@ Writes DIR/<gpu>-quantize.json (keys gpu, commit, date, copy_GBps, rows) and pri
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-import torch
-
 import common
+import torch
 from mxmoe import _mxmoe, ops
 
 KERNELS = ("experts_quantize", "silu_mul_experts_quantize")
 GOAL_BYTES = 64 << 20
 GOAL_RATIO = 0.85
 GOAL_SMALL_US = 5.0
+# From this T on, rows also carry a diagnostic timing: silu_reference_ms (the fused kernel with
+# format::SiluF32 instead of its branch-free copy) or linear_quantize_ms (plain row quantize).
+DIAGNOSTIC_TOKENS = 4096
 
 
 def round_up(x: int, m: int) -> int:
@@ -53,15 +57,33 @@ def bench_case(shape: str, kernel: str, tokens: int, copy_gbps: float) -> dict:
     eo, bo = eo.cuda(), bo.cuda()
     sets = common.rotation_sets(bytes_moved)
     fn = _mxmoe.silu_mul_experts_quantize if silu else _mxmoe.experts_quantize
+    inputs = [torch.randn(rows, in_cols, device="cuda").to(torch.bfloat16) for _ in range(sets)]
     calls = []
-    for _ in range(sets):
-        x = torch.randn(rows, in_cols, device="cuda").to(torch.bfloat16)
+    for x in inputs:
         packed = torch.empty(rows, width // 2, dtype=torch.uint8, device="cuda")
         scales = torch.empty(scale_rows, scale_cols, dtype=torch.uint8, device="cuda")
         calls.append(lambda x=x, p=packed, s=scales: fn(
             x, eo, bo, p, s, torch.cuda.current_stream().cuda_stream))
     ms = common.time_graph(calls)
     gbps = bytes_moved / (ms * 1e-3) / 1e9
+    extra = {}
+    if tokens >= DIAGNOSTIC_TOKENS:
+        if silu:
+            # The same launches with format::SiluF32 itself instead of its branch-free copy.
+            os.environ["MXMOE_QUANTIZE_SILU"] = "reference"
+            try:
+                extra["silu_reference_ms"] = common.time_graph(calls)
+            finally:
+                del os.environ["MXMOE_QUANTIZE_SILU"]
+        else:
+            # The plain row quantizer (linear scales, no expert mapping) on the same inputs.
+            linear = []
+            for x in inputs:
+                p = torch.empty(rows, width // 2, dtype=torch.uint8, device="cuda")
+                s = torch.empty(rows, width // 32, dtype=torch.uint8, device="cuda")
+                linear.append(lambda x=x, p=p, s=s: _mxmoe.quantize(
+                    x, p, s, _mxmoe.SCALE_LAYOUT_LINEAR, torch.cuda.current_stream().cuda_stream))
+            extra["linear_quantize_ms"] = common.time_graph(linear)
     return {
         "shape": shape,
         "kernel": kernel,
@@ -76,6 +98,7 @@ def bench_case(shape: str, kernel: str, tokens: int, copy_gbps: float) -> dict:
         "GBps": gbps,
         "copy_ratio": gbps / copy_gbps,
         "floor_bytes_ms": bytes_moved / (copy_gbps * 1e9) * 1e3,
+        **extra,
     }
 
 

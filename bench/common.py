@@ -61,7 +61,7 @@ def commit() -> str:
 
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def measure_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:

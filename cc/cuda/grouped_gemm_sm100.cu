@@ -17,6 +17,8 @@
 //                             (one extra kernel over E*n*k/32 bytes); prepare them once instead.
 // Activations' scales must be SWIZZLED_128X4 with blockscale_offsets (the public contract); they
 // are consumed in place, never converted (the CUTLASS layout is the same, see the setup header).
+// The contract's zero padding matters here: when k % 128 != 0 the kernel multiplies the padding
+// scale columns by the zero-filled K tail, so a padding byte of 0xFF (NaN) would poison the row.
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -98,9 +100,11 @@ class ScopedDevice {
   int previous_ = -1;
 };
 
-// The device must be compute capability 10.x and able to run this build's sm_100a code (arch-
-// specific "a" code runs on 10.0 only; a 10.3 part would need an sm_100f or sm_103a build).
-mxmoe_status CheckDeviceSm100(const mxmoe_device& device, const char* op) {
+// Makes `device` current (for this scope) after checking that it is compute capability 10.x and
+// can run this build's sm_100a code: arch-specific "a" code runs on 10.0 only, so a 10.3 part
+// (B300) would need an sm_100f or sm_103a build. The probe asks the runtime for a kernel of this
+// file, which fails when the current device has no compatible image.
+mxmoe_status EnterDeviceSm100(const mxmoe_device& device, const char* op, ScopedDevice* scoped) {
   if (device.type != MXMOE_DEVICE_CUDA) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, " (sm100): device.type must be CUDA (",
                 static_cast<int>(MXMOE_DEVICE_CUDA), "), got ", device.type);
@@ -113,6 +117,7 @@ mxmoe_status CheckDeviceSm100(const mxmoe_device& device, const char* op) {
                 " has compute capability ", major, ".", minor,
                 "; the sm100 backend needs 10.x (B200/GB200)");
   }
+  MXMOE_RETURN_IF_ERROR(scoped->Enter(device.id));
   cudaFuncAttributes attributes;
   const cudaError_t err = cudaFuncGetAttributes(&attributes, SwizzleWeightScalesKernel);
   if (err != cudaSuccess) {
@@ -238,9 +243,9 @@ mxmoe_status PrepareWeightsSm100(const mxmoe_prepare_weights_args& args, void* s
   MXMOE_RETURN_IF_ERROR(PrepareWeightsSm100Size(args, &needed));
   const mxmoe_expert_weights& w = args.weights;
   if (args.prepared_bytes < needed) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "prepare_weights (sm100): prepared_bytes must be >= ",
-                needed, " for weights [", w.num_experts, ", ", w.n, ", ", w.k, "], got ",
-                args.prepared_bytes);
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                "prepare_weights (sm100): prepared_bytes must be >= ", needed, " for weights [",
+                w.num_experts, ", ", w.n, ", ", w.k, "], got ", args.prepared_bytes);
   }
   if (needed == 0) return MXMOE_STATUS_OK;
   if (args.prepared == nullptr || w.packed == nullptr || w.scales == nullptr) {
@@ -249,9 +254,8 @@ mxmoe_status PrepareWeightsSm100(const mxmoe_prepare_weights_args& args, void* s
                 "non-null");
   }
   MXMOE_RETURN_IF_ERROR(CheckAligned(args.prepared, "prepared"));
-  MXMOE_RETURN_IF_ERROR(CheckDeviceSm100(args.device, "prepare_weights"));
   ScopedDevice scoped_device;
-  MXMOE_RETURN_IF_ERROR(scoped_device.Enter(args.device.id));
+  MXMOE_RETURN_IF_ERROR(EnterDeviceSm100(args.device, "prepare_weights", &scoped_device));
 
   const PreparedWeightsLayoutSm100 layout =
       MakePreparedWeightsLayoutSm100(w.num_experts, w.n, w.k);
@@ -303,9 +307,8 @@ mxmoe_status GroupedGemmSm100(const mxmoe_grouped_gemm_args& args, void* workspa
   if (b.format != MXMOE_WEIGHT_FORMAT_LINEAR) {
     MXMOE_RETURN_IF_ERROR(CheckAligned(b_scales, "b.scales"));
   }
-  MXMOE_RETURN_IF_ERROR(CheckDeviceSm100(args.device, "grouped_gemm"));
   ScopedDevice scoped_device;
-  MXMOE_RETURN_IF_ERROR(scoped_device.Enter(args.device.id));
+  MXMOE_RETURN_IF_ERROR(EnterDeviceSm100(args.device, "grouped_gemm", &scoped_device));
   int sm_count = 0;
   MXMOE_RETURN_IF_ERROR(SmCount(args.device.id, &sm_count));
 

@@ -22,9 +22,14 @@
 //     the weight-preparation kernel to write the swizzled scales in coalesced order.
 //
 // Limits: tiles are 128x128x128 (kTile*); n and k need only be multiples of 32 (k: 16-byte TMA
-// row pitch of packed e2m1; n: 16-byte row pitch of the bf16/fp16 output). Problem tails in m, n
-// and k are handled by TMA bounds (loads past m_e/n/k read zeros, stores past them are dropped)
-// and by the 128-row / 4-column padding of the swizzled scales, never by the caller.
+// row pitch of packed e2m1; n: 16-byte row pitch of the bf16/fp16 output). CUTLASS loads e2m1
+// with TMA type CU_TENSOR_MAP_DATA_TYPE_16U4_ALIGN8B, whose rules (cuda.h) are: base address
+// 16-byte aligned, innermost extent (k) a multiple of 2, row pitch a multiple of 16 bytes; a
+// k of 2880 (pitch 1440 bytes) meets them, so no padding copy of A or B is ever made. Problem
+// tails in m, n and k are handled by TMA bounds (loads past m_e/n/k read zeros, stores past them
+// are dropped) and by the 128-row / 4-column padding of the swizzled scales, never by the caller.
+// The padding scale bytes must be finite (the contract writes 0): the tensor cores apply the
+// padding columns to the zero-filled K tail of real rows; a NaN scale (0xFF) would make them NaN.
 #ifndef MXMOE_CUDA_GROUPED_GEMM_SM100_SETUP_H_
 #define MXMOE_CUDA_GROUPED_GEMM_SM100_SETUP_H_
 
@@ -118,8 +123,8 @@ struct PreparedWeightsLayoutSm100 {
   int64_t total_bytes;
 };
 
-MXMOE_HD constexpr PreparedWeightsLayoutSm100 MakePreparedWeightsLayoutSm100(int64_t num_experts, int64_t n,
-                                                                   int64_t k) {
+MXMOE_HD constexpr PreparedWeightsLayoutSm100 MakePreparedWeightsLayoutSm100(
+    int64_t num_experts, int64_t n, int64_t k) {
   PreparedWeightsLayoutSm100 layout{};
   layout.expert_packed_bytes = n * (k / 2);
   layout.expert_scale_bytes = RoundUpTo(n, format::kSwizzleRows) * SwizzledScaleRowBytes(k);
@@ -140,7 +145,7 @@ struct GroupedGemmSm100Problem {
   int64_t k;
   int64_t a_scale_rows;  // rows of the swizzled activation-scale buffer
   uint64_t a;            // [rows, k/2] e2m1
-  uint64_t a_scales;     // [a_scale_rows, round_up(k/32,4)], expert e's at row blockscale_offsets[e]
+  uint64_t a_scales;     // [a_scale_rows, round_up(k/32,4)]; expert e's from blockscale_offsets[e]
   uint64_t b;            // [E, n, k/2] e2m1
   uint64_t b_scales;     // [E, round_up(n,128), round_up(k/32,4)], swizzled per expert
   uint64_t c;            // [rows, n] bf16/fp16

@@ -141,6 +141,9 @@ __global__ void ConvertActivationsKernel(const uint8_t* __restrict__ a,
                                          int num_experts, int64_t rows, int k, int num_chunks,
                                          int64_t factor_stride, uint8_t* __restrict__ a8,
                                          float* __restrict__ factor) {
+  // Let the GEMM kernel (launched with programmatic stream serialization) start its prologue;
+  // it waits (griddepcontrol.wait) for this grid's completion before reading its outputs.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   __shared__ uint2 tables[kNumTables];
   if (threadIdx.x < kNumTables) {
     uint32_t lo, hi;
@@ -357,9 +360,8 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
   if (args.a == nullptr || args.a_scales == nullptr || args.c == nullptr) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": a, a_scales and c must be set");
   }
-  if (!Aligned(args.a, 16) || !Aligned(args.b.packed, 16) || !Aligned(args.c, 2)) {
-    return Fail(MXMOE_STATUS_MISALIGNED, op,
-                ": a and b.packed must be 16-byte aligned and c 2-byte aligned");
+  if (!Aligned(args.a, 16) || !Aligned(args.b.packed, 16) || !Aligned(args.c, 16)) {
+    return Fail(MXMOE_STATUS_MISALIGNED, op, ": a, b.packed and c must be 16-byte aligned");
   }
   const WorkspaceLayout layout = Layout(args);
   if (workspace_bytes < layout.total || workspace == nullptr) {

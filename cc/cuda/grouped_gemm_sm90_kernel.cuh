@@ -17,6 +17,8 @@
 #define MXMOE_CUDA_GROUPED_GEMM_SM90_KERNEL_CUH_
 
 #include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -48,6 +50,7 @@ struct Traits {
   static_assert(kRecordBytes == kGemmRecordBytes, "record size mismatch");
   static_assert(kFactorOffset % 128 == 0, "TMA destination must be 128-byte aligned");
   static_assert(kFactorOffset + kFactorBytes <= kStageBytes, "stage overflow");
+  static constexpr int kEpilogueOffset = GemmEpilogueOffset(kBlockN);
   static constexpr int kBarrierOffset = GemmBarrierOffset(kBlockN);
   static constexpr int kTableOffsetBytes = GemmTableOffset(kBlockN);
   static constexpr int kExpertOffsetBytes = GemmExpertOffset(kBlockN);
@@ -105,8 +108,9 @@ __device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.al
 __device__ __forceinline__ void WgmmaCommit() {
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 }
-__device__ __forceinline__ void WgmmaWaitAll() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+template <int kPending>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
 }
 
 // Keeps the compiler from moving accumulator accesses across the asynchronous WGMMA.
@@ -140,9 +144,12 @@ struct Tile {
   int rows_valid;   // token rows of this tile that belong to the expert (1..kBlockN)
 };
 
+// Within an expert, tiles go token-tile-major: the CTAs running at one time share a few token
+// tiles and sweep the expert's weight tiles, so both stay in L2 (weight-tile-major order made
+// every weight tile re-read the expert's activations from DRAM).
 template <int kBlockN>
 __device__ __forceinline__ Tile DecodeTile(int t, const int32_t* eo, const int32_t* prefix,
-                                           int num_experts) {
+                                           int num_experts, int weight_tiles) {
   // Largest e with prefix[e] <= t; experts with no tiles have prefix[e] == prefix[e+1].
   int lo = 0, hi = num_experts;  // prefix[lo] <= t < prefix[hi]
   while (hi - lo > 1) {
@@ -151,15 +158,75 @@ __device__ __forceinline__ Tile DecodeTile(int t, const int32_t* eo, const int32
   }
   const int e = lo;
   const int m = max(0, eo[e + 1] - eo[e]);
-  const int token_tiles = (m + kBlockN - 1) / kBlockN;
   const int local = t - prefix[e];
+  const int j = local / weight_tiles;
   Tile tile;
   tile.expert = e;
-  tile.weight_tile = local / token_tiles;
-  const int j = local - tile.weight_tile * token_tiles;
+  tile.weight_tile = local - j * weight_tiles;
   tile.row_base = eo[e] + j * kBlockN;
   tile.rows_valid = min(kBlockN, m - j * kBlockN);
   return tile;
+}
+
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Decodes one chunk's weight fragments from stage `st` into `a` and issues its 4 WGMMAs into
+// `t` (asynchronous; committed as one group). Returns the weight rows' chunk factors.
+// `a` must stay untouched until the group completes (the WGMMA reads it asynchronously).
+template <int kBlockN>
+__device__ __forceinline__ void IssueChunk(const uint8_t* st, int mwg, int warp, int lane, int g,
+                                           const uint2* tables, uint32_t (&a)[4][4],
+                                           float (&t)[kBlockN / 2], float* fb0, float* fb1) {
+  using T = Traits<kBlockN>;
+  const uint8_t* rec = st + T::kWeightOffset + mwg * kRecordBytes;
+  const uint32_t sc0 = *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g));
+  const uint32_t sc1 =
+      *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g + 8));
+  const uint4 q0 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 0) * 32 + lane) * 16);
+  const uint4 q1 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 1) * 32 + lane) * 16);
+  const int mx0 = MaxByte(sc0), mx1 = MaxByte(sc1);
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const uint32_t x0 = s == 0 ? q0.x : s == 1 ? q0.z : s == 2 ? q1.x : q1.z;
+    const uint32_t x1 = s == 0 ? q0.y : s == 1 ? q0.w : s == 2 ? q1.y : q1.w;
+    const uint2 tb0 = tables[TableIndex((sc0 >> (8 * s)) & 0xFF, mx0)];
+    const uint2 tb1 = tables[TableIndex((sc1 >> (8 * s)) & 0xFF, mx1)];
+    DecodeWord(x0, tb0, &a[s][0], &a[s][2]);
+    DecodeWord(x1, tb1, &a[s][1], &a[s][3]);
+  }
+  const uint64_t desc = SwizzledKMajorDesc(SmemAddr(st));
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) FenceOperand(t[i]);
+  WgmmaFence();
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    // +32 bytes of K per k32 step inside the 128-byte swizzled row (>> 4 in the descriptor).
+    WgmmaE4m3Rs<kBlockN>::Run(t, a[s], desc + 2 * s, s);
+  }
+  WgmmaCommit();
+  *fb0 = ChunkFactor(mx0);
+  *fb1 = ChunkFactor(mx1);
+}
+
+// acc += t * weight-row factor * token factor (the fp32 promotion of one chunk's FP8 product).
+template <int kBlockN>
+__device__ __forceinline__ void PromoteChunk(const uint8_t* st, int row_shift, int t4,
+                                             float (&t)[kBlockN / 2], float (&acc)[kBlockN / 2],
+                                             float fb0, float fb1) {
+  using T = Traits<kBlockN>;
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) FenceOperand(t[i]);
+  const float* fa = reinterpret_cast<const float*>(st + T::kFactorOffset) + row_shift;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    const float f0 = fa[8 * j + 2 * t4], f1 = fa[8 * j + 2 * t4 + 1];
+    acc[4 * j + 0] = fmaf(t[4 * j + 0] * fb0, f0, acc[4 * j + 0]);
+    acc[4 * j + 1] = fmaf(t[4 * j + 1] * fb0, f1, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(t[4 * j + 2] * fb1, f0, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(t[4 * j + 3] * fb1, f1, acc[4 * j + 3]);
+  }
 }
 
 // ---- the kernel -------------------------------------------------------------------------------
@@ -228,10 +295,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ------------------------------------------------------------------ producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {
+      // Programmatic dependent launch: everything above overlapped the activation conversion;
+      // its outputs are read only from here on (a no-op when launched without the attribute).
+      asm volatile("griddepcontrol.wait;" ::: "memory");
       int stage = 0;
       uint32_t phase = 0;
       for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-        const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts);
+        const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
         const int panel0 = tile.weight_tile * 2;
         const int panels = min(2, p.num_panels - panel0);
         const uint32_t bytes = T::kActBytes + T::kFactorBytes + panels * kRecordBytes;
@@ -268,90 +338,143 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int g = lane / 4, t4 = lane % 4;
     int stage = 0;
     uint32_t phase = 0;
+    // Chunk accumulators (two for token tiles <= 64, where the registers allow overlapping one
+    // chunk's WGMMAs with the previous chunk's promotion) and their A fragments.
+    constexpr bool kDoubleBuffer = kBlockN <= 64;
     float acc[kBlockN / 2];
     float tmp[kBlockN / 2];
+    float tmp_odd[kDoubleBuffer ? kBlockN / 2 : 1];
+    uint32_t a_even[4][4];
+    uint32_t a_odd[kDoubleBuffer ? 4 : 1][4];
     for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-      const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts);
+      const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
       const int panel = tile.weight_tile * 2 + mwg;
       const bool active = panel < p.num_panels;
 #pragma unroll
       for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
-      for (int c = 0; c < num_chunks; ++c) {
-        MbarWait(SmemAddr(&full[stage]), phase);
-        const uint8_t* st = smem + stage * T::kStageBytes;
-        if (active) {
-          const uint8_t* rec = st + T::kWeightOffset + mwg * kRecordBytes;
-          const uint32_t sc0 =
-              *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g));
-          const uint32_t sc1 =
-              *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g + 8));
-          const uint4 q0 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 0) * 32 + lane) * 16);
-          const uint4 q1 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 1) * 32 + lane) * 16);
-          const int mx0 = MaxByte(sc0), mx1 = MaxByte(sc1);
-          uint32_t a[4][4];
-#pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            const uint32_t x0 = s == 0 ? q0.x : s == 1 ? q0.z : s == 2 ? q1.x : q1.z;
-            const uint32_t x1 = s == 0 ? q0.y : s == 1 ? q0.w : s == 2 ? q1.y : q1.w;
-            const uint2 tb0 = tables[TableIndex((sc0 >> (8 * s)) & 0xFF, mx0)];
-            const uint2 tb1 = tables[TableIndex((sc1 >> (8 * s)) & 0xFF, mx1)];
-            DecodeWord(x0, tb0, &a[s][0], &a[s][2]);
-            DecodeWord(x1, tb1, &a[s][1], &a[s][3]);
-          }
-          const uint64_t desc = SwizzledKMajorDesc(SmemAddr(st));
-#pragma unroll
-          for (int i = 0; i < kBlockN / 2; ++i) FenceOperand(tmp[i]);
-          WgmmaFence();
-#pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            // +32 bytes of K per k32 step inside the 128-byte swizzled row (>> 4 in the desc).
-            WgmmaE4m3Rs<kBlockN>::Run(tmp, a[s], desc + 2 * s, s);
-          }
-          WgmmaCommit();
-          WgmmaWaitAll();
-#pragma unroll
-          for (int i = 0; i < kBlockN / 2; ++i) FenceOperand(tmp[i]);
-          const float fb0 = ChunkFactor(mx0), fb1 = ChunkFactor(mx1);
-          const float* fa =
-              reinterpret_cast<const float*>(st + T::kFactorOffset) + (tile.row_base & 3);
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const float2 f = make_float2(fa[8 * j + 2 * t4], fa[8 * j + 2 * t4 + 1]);
-            acc[4 * j + 0] = fmaf(tmp[4 * j + 0] * fb0, f.x, acc[4 * j + 0]);
-            acc[4 * j + 1] = fmaf(tmp[4 * j + 1] * fb0, f.y, acc[4 * j + 1]);
-            acc[4 * j + 2] = fmaf(tmp[4 * j + 2] * fb1, f.x, acc[4 * j + 2]);
-            acc[4 * j + 3] = fmaf(tmp[4 * j + 3] * fb1, f.y, acc[4 * j + 3]);
+      const int row_shift = tile.row_base & 3;
+      if (!active) {
+        // Half-empty last weight tile: keep the ring's phases in step with the producer.
+        for (int c = 0; c < num_chunks; ++c) {
+          MbarWait(SmemAddr(&full[stage]), phase);
+          __syncwarp();
+          if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+          if (++stage == T::kStages) {
+            stage = 0;
+            phase ^= 1;
           }
         }
-        __syncwarp();
-        if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+      } else if constexpr (kDoubleBuffer) {
+        // Two chunk accumulators: chunk c's WGMMAs run while chunk c-1 is promoted. Written as
+        // two straight-line halves (even chunks -> tmp, odd chunks -> tmp_odd) so that ptxas sees
+        // which accumulator is in flight and keeps the WGMMAs asynchronous.
+        float fb0, fb1, pfb0, pfb1;
+        MbarWait(SmemAddr(&full[stage]), phase);
+        IssueChunk<kBlockN>(smem + stage * T::kStageBytes, mwg, warp, lane, g, tables, a_even, tmp,
+                            &pfb0, &pfb1);
+        int prev_stage = stage;
         if (++stage == T::kStages) {
           stage = 0;
           phase ^= 1;
         }
+        int c = 1;
+        while (true) {
+          if (c >= num_chunks) {
+            WgmmaWait<0>();
+            PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp, acc,
+                                  pfb0, pfb1);
+            __syncwarp();
+            if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+            break;
+          }
+          MbarWait(SmemAddr(&full[stage]), phase);
+          IssueChunk<kBlockN>(smem + stage * T::kStageBytes, mwg, warp, lane, g, tables, a_odd,
+                              tmp_odd, &fb0, &fb1);
+          WgmmaWait<1>();
+          PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp, acc, pfb0,
+                                pfb1);
+          __syncwarp();
+          if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+          prev_stage = stage;
+          pfb0 = fb0;
+          pfb1 = fb1;
+          if (++stage == T::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+          ++c;
+          if (c >= num_chunks) {
+            WgmmaWait<0>();
+            PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp_odd, acc,
+                                  pfb0, pfb1);
+            __syncwarp();
+            if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+            break;
+          }
+          MbarWait(SmemAddr(&full[stage]), phase);
+          IssueChunk<kBlockN>(smem + stage * T::kStageBytes, mwg, warp, lane, g, tables, a_even,
+                              tmp, &fb0, &fb1);
+          WgmmaWait<1>();
+          PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp_odd, acc,
+                                pfb0, pfb1);
+          __syncwarp();
+          if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+          prev_stage = stage;
+          pfb0 = fb0;
+          pfb1 = fb1;
+          if (++stage == T::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+          ++c;
+        }
+      } else {
+        for (int c = 0; c < num_chunks; ++c) {
+          MbarWait(SmemAddr(&full[stage]), phase);
+          const uint8_t* st = smem + stage * T::kStageBytes;
+          float fb0, fb1;
+          IssueChunk<kBlockN>(st, mwg, warp, lane, g, tables, a_even, tmp, &fb0, &fb1);
+          WgmmaWait<0>();
+          PromoteChunk<kBlockN>(st, row_shift, t4, tmp, acc, fb0, fb1);
+          __syncwarp();
+          if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+          if (++stage == T::kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
       }
       if (active) {
-        // Epilogue: acc(weight row, token) -> C[token, weight row], masked to the expert's
-        // tokens, the rows of C and N.
-        const int n0 = panel * kPanelRows + 16 * warp + g;
+        // Epilogue: acc(weight row, token) -> bf16/fp16 -> shared [token][row] -> 16-byte
+        // coalesced stores of C[token, 64 rows of the panel], masked to the expert's tokens, the
+        // rows of C and N (N % 32 == 0, so an 8-column piece is all in or all out).
+        uint8_t* epi = smem + T::kEpilogueOffset + mwg * kBlockN * kEpilogueRowBytes;
+        NamedBarrierSync(1 + mwg, 128);  // the previous tile's reads of `epi` are done
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
           for (int v = 0; v < 2; ++v) {
-            const int col = 8 * j + 2 * t4 + v;
-            const int64_t row = static_cast<int64_t>(tile.row_base) + col;
-            if (col < tile.rows_valid && row < p.rows) {
 #pragma unroll
-              for (int r = 0; r < 2; ++r) {
-                const int n = n0 + 8 * r;
-                if (n < p.n) {
-                  const float x = acc[4 * j + 2 * r + v];
-                  const uint16_t bits =
-                      p.c_is_fp16 ? format::FloatToFp16(x) : format::FloatToBf16(x);
-                  static_cast<uint16_t*>(p.c)[row * p.n + n] = bits;
-                }
-              }
+            for (int r = 0; r < 2; ++r) {
+              const float x = acc[4 * j + 2 * r + v];
+              const uint16_t bits = p.c_is_fp16 ? __half_as_ushort(__float2half_rn(x))
+                                                : __bfloat16_as_ushort(__float2bfloat16_rn(x));
+              const int token = 8 * j + 2 * t4 + v;
+              const int row = 16 * warp + g + 8 * r;
+              *reinterpret_cast<uint16_t*>(epi + token * kEpilogueRowBytes + row * 2) = bits;
             }
+          }
+        }
+        NamedBarrierSync(1 + mwg, 128);
+        const int wtid = tid % 128;
+        const int n0 = panel * kPanelRows;
+#pragma unroll
+        for (int id = wtid; id < kBlockN * 8; id += 128) {
+          const int token = id >> 3, part = id & 7;
+          const int64_t row = static_cast<int64_t>(tile.row_base) + token;
+          if (token < tile.rows_valid && row < p.rows && n0 + part * 8 < p.n) {
+            const uint4 v = *reinterpret_cast<const uint4*>(epi + token * kEpilogueRowBytes + part * 16);
+            *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.c) + row * p.n + n0 + part * 8) = v;
           }
         }
       }
@@ -366,9 +489,20 @@ mxmoe_status LaunchGemmKernelN(const GemmKernelLaunch& launch, cudaStream_t stre
   MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       GroupedGemmSm90Kernel<kBlockN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
       static_cast<int>(smem)));
-  GroupedGemmSm90Kernel<kBlockN><<<launch.grid, kThreads, smem, stream>>>(
-      launch.act_map, launch.params);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  // Programmatic dependent launch: the prologue (barriers, tables, tile prefix sums) overlaps
+  // the activation conversion kernel before it in the stream (also inside CUDA graphs).
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(launch.grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  MXMOE_CUDA_RETURN_IF_ERROR(
+      cudaLaunchKernelEx(&config, GroupedGemmSm90Kernel<kBlockN>, launch.act_map, launch.params));
   return MXMOE_STATUS_OK;
 }
 

@@ -51,8 +51,19 @@ constexpr int GemmFactorBytes(int block_n) { return (block_n + 4) * 4; }
 constexpr int GemmStageBytes(int block_n) {
   return (block_n * 128 + 2 * kGemmRecordBytes + GemmFactorBytes(block_n) + 1023) / 1024 * 1024;
 }
-constexpr int GemmStages(int block_n) { return block_n >= 128 ? 7 : 8; }
-constexpr int GemmBarrierOffset(int block_n) { return GemmStages(block_n) * GemmStageBytes(block_n); }
+// Deep rings for narrow token tiles: decode streams weights, so more bytes in flight per SM.
+constexpr int GemmStages(int block_n) {
+  return block_n >= 128 ? 7 : block_n >= 64 ? 10 : block_n >= 32 ? 14 : 16;
+}
+// Epilogue staging, one [block_n tokens][64 rows] bf16/fp16 tile per math warpgroup, rows padded
+// to 144 bytes so that the fragment stores are conflict-free and the 16-byte reads aligned.
+constexpr int kEpilogueRowBytes = 144;
+constexpr int GemmEpilogueOffset(int block_n) {
+  return GemmStages(block_n) * GemmStageBytes(block_n);
+}
+constexpr int GemmBarrierOffset(int block_n) {
+  return GemmEpilogueOffset(block_n) + 2 * block_n * kEpilogueRowBytes;
+}
 constexpr int GemmTableOffset(int block_n) {
   return GemmBarrierOffset(block_n) + 2 * GemmStages(block_n) * 8;
 }

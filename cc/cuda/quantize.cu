@@ -31,6 +31,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include <algorithm>
 
@@ -48,6 +49,7 @@ using quant::FastDivmod;
 using quant::Fp16;
 using quant::kElemsPerLane;
 using quant::kLanesPerBlock;
+using quant::SiluImpl;
 
 constexpr int kThreads = 256;
 constexpr int kUnitsPerThread = 4;  // 4 independent 16-byte loads in flight per thread
@@ -163,7 +165,7 @@ __device__ void ZeroScalePaddingRows(const RowsParams& p, const int32_t* s_offse
   }
 }
 
-template <typename T, bool kSilu, ScaleMap kMap>
+template <typename T, SiluImpl kSilu, ScaleMap kMap>
 __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams p) {
   extern __shared__ int32_t s_expert_offsets[];  // kExperts: [num_experts + 1]
   // Swizzled maps: scale byte offset of (row first_row + i, column 0), -1 = skip the row.
@@ -198,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
     const uint16_t* row_ptr = static_cast<const uint16_t*>(p.input) +
                               (p.row_begin + row_in_launch[i]) * p.input_row_elems;
     gate_or_x[i] = quant::LoadStreaming16(row_ptr + lane_in_row[i] * kElemsPerLane);
-    if constexpr (kSilu) {
+    if constexpr (kSilu != SiluImpl::kNone) {
       up[i] = quant::LoadStreaming16(row_ptr + p.up_offset_elems + lane_in_row[i] * kElemsPerLane);
     }
   }
@@ -225,8 +227,8 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
 #pragma unroll
   for (int i = 0; i < kUnitsPerThread; ++i) {
     quant::Lane8 x;
-    if constexpr (kSilu) {
-      x = quant::SiluMul<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
+    if constexpr (kSilu != SiluImpl::kNone) {
+      x = quant::SiluMul<T, kSilu>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
     } else {
       x = quant::AsLane8(gate_or_x[i]);
     }
@@ -421,7 +423,7 @@ int32_t CtasFor(int64_t units) {
   return static_cast<int32_t>((units + kUnitsPerCta - 1) / kUnitsPerCta);
 }
 
-template <typename T, bool kSilu, ScaleMap kMap>
+template <typename T, SiluImpl kSilu, ScaleMap kMap>
 mxmoe_status LaunchRows(const RowsParams& p, int32_t padding_ctas, size_t smem,
                         cudaStream_t stream) {
   QuantizeRowsKernel<T, kSilu, kMap><<<p.data_ctas + padding_ctas, kThreads, smem, stream>>>(p);
@@ -431,7 +433,7 @@ mxmoe_status LaunchRows(const RowsParams& p, int32_t padding_ctas, size_t smem,
 
 // Quantizes `rows` rows of `base` (k = 8 * lanes per row) in launches of at most
 // kMaxUnitsPerLaunch lanes; the padding CTAs go with the first launch.
-template <bool kSilu, ScaleMap kMap>
+template <SiluImpl kSilu, ScaleMap kMap>
 mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtype,
                           int32_t padding_ctas, cudaStream_t stream) {
   const int64_t lanes_per_row = k / kElemsPerLane;
@@ -495,7 +497,7 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
   p.scales = scales;
   p.input_row_elems = k;
   const auto s = static_cast<cudaStream_t>(stream);
-  if (!swizzled) return QuantizeRows<false, ScaleMap::kLinear>(p, rows, k, dtype, 0, s);
+  if (!swizzled) return QuantizeRows<SiluImpl::kNone, ScaleMap::kLinear>(p, rows, k, dtype, 0, s);
   p.group_rows = group_rows;
   p.group_bytes = format::SwizzledBytes(group_rows, k / format::kBlockSize);
   p.num_groups = static_cast<int32_t>(groups);
@@ -503,7 +505,16 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
       group_rows % format::kSwizzleRows == 0
           ? 0
           : static_cast<int32_t>(std::min<int64_t>(groups, kMaxPaddingCtas));
-  return QuantizeRows<false, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas, s);
+  return QuantizeRows<SiluImpl::kNone, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas, s);
+}
+
+// The fused SiLU's implementation: the branch-free copy of format::SiluF32 (quantize_device.cuh),
+// or, with MXMOE_QUANTIZE_SILU=reference, format::SiluF32 itself (same bits; a benchmark and
+// debugging knob, read per call).
+SiluImpl ChosenSilu() {
+  const char* env = getenv("MXMOE_QUANTIZE_SILU");
+  return env != nullptr && strcmp(env, "reference") == 0 ? SiluImpl::kReference
+                                                          : SiluImpl::kBranchless;
 }
 
 template <bool kSilu>
@@ -538,8 +549,16 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
   // At most min(E, rows) experts are non-empty (with valid metadata), each needing one CTA.
   const int32_t padding_ctas = static_cast<int32_t>(
       std::min<int64_t>(std::min<int64_t>(num_experts, rows), kMaxPaddingCtas));
-  return QuantizeRows<kSilu, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
-                                                 static_cast<cudaStream_t>(stream));
+  const auto s = static_cast<cudaStream_t>(stream);
+  if constexpr (!kSilu) {
+    return QuantizeRows<SiluImpl::kNone, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas, s);
+  } else if (ChosenSilu() == SiluImpl::kReference) {
+    return QuantizeRows<SiluImpl::kReference, ScaleMap::kExperts>(p, rows, k, dtype,
+                                                                  padding_ctas, s);
+  } else {
+    return QuantizeRows<SiluImpl::kBranchless, ScaleMap::kExperts>(p, rows, k, dtype,
+                                                                   padding_ctas, s);
+  }
 }
 
 template <mxmoe_dtype kOut>

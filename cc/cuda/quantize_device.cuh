@@ -95,16 +95,64 @@ __device__ __forceinline__ float Element(const Lane8& x, int i) {
   return T::ToFloat(i % 2 == 0 ? (x.w[i / 2] & 0xFFFFu) : (x.w[i / 2] >> 16));
 }
 
-// y = silu(gate) * up in fp32 (format::SiluF32, one rounding for the product), rounded to T.
-template <typename T>
+// format::ExpF32 without branches: the same operations on the same values wherever format.h
+// takes its polynomial path (x is clamped first only so that the exponent arithmetic stays in
+// range elsewhere), and its three special cases (NaN, overflow, underflow) selected at the end.
+// The kernels' SiLU runs once per element, and format.h's early returns cost a branch each.
+// tests/gpu/quantize_lane_test.cu checks SiluF32Branchless == format::SiluF32 bit for bit on every
+// fp32 input, so a change to format.h that this copy misses fails there.
+__device__ __forceinline__ float ExpF32Branchless(float x) {
+  const float xc = fminf(fmaxf(x, -103.98f), 88.72f);
+  const float n = rintf(MXMOE_MUL(xc, 1.44269504088896341f));
+  float r = fmaf(n, -0.693145751953125f, xc);
+  r = fmaf(n, -1.428606765330187045e-06f, r);
+  float p = 1.3888889e-3f;
+  p = fmaf(p, r, 8.3333333e-3f);
+  p = fmaf(p, r, 4.1666667e-2f);
+  p = fmaf(p, r, 1.6666667e-1f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
+  const int ni = static_cast<int>(n);
+  const int n1 = ni / 2;
+  const int n2 = ni - n1;
+  const float s1 = __uint_as_float(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = __uint_as_float(static_cast<uint32_t>(n2 + 127) << 23);
+  float e = MXMOE_MUL(MXMOE_MUL(p, s1), s2);
+  e = x > 88.72f ? __uint_as_float(0x7F800000u) : e;
+  e = x < -103.98f ? 0.0f : e;
+  return format::IsNaN(x) ? x : e;
+}
+
+// format::SiluF32 on top of ExpF32Branchless: g / (1 + exp(-g)), the signed zero where exp(-g)
+// overflows.
+__device__ __forceinline__ float SiluF32Branchless(float g) {
+  const float e = ExpF32Branchless(-g);
+  const float q = g / MXMOE_ADD(1.0f, e);
+  return __float_as_uint(e) == 0x7F800000u ? __uint_as_float(__float_as_uint(g) & 0x80000000u)
+                                           : q;
+}
+
+// Which SiLU the fused kernel computes: format::SiluF32 itself, or the branch-free copy above
+// (same bits, fewer instructions; the default).
+enum class SiluImpl { kNone, kReference, kBranchless };
+
+// y = silu(gate) * up in fp32 (one rounding for the product), rounded to T.
+template <typename T, SiluImpl kImpl>
 __device__ __forceinline__ Lane8 SiluMul(const Lane8& gate, const Lane8& up) {
+  static_assert(kImpl != SiluImpl::kNone, "SiluMul needs a SiLU");
   Lane8 y;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float y0 = MXMOE_MUL(format::SiluF32(Element<T>(gate, 2 * i)), Element<T>(up, 2 * i));
-    const float y1 =
-        MXMOE_MUL(format::SiluF32(Element<T>(gate, 2 * i + 1)), Element<T>(up, 2 * i + 1));
-    y.w[i] = T::FromFloat2(y0, y1);
+    float v[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float g = Element<T>(gate, 2 * i + j);
+      const float silu =
+          kImpl == SiluImpl::kReference ? format::SiluF32(g) : SiluF32Branchless(g);
+      v[j] = MXMOE_MUL(silu, Element<T>(up, 2 * i + j));
+    }
+    y.w[i] = T::FromFloat2(v[0], v[1]);
   }
   return y;
 }

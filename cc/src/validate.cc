@@ -118,7 +118,8 @@ std::string ShapeString(const Buffer& buffer) {
   std::string s = "[";
   for (size_t i = 0; i < buffer.dims.size(); ++i) {
     if (i > 0) s += ", ";
-    s += std::to_string(buffer.dims[i]);
+    // A negative dim is a padded size that overflowed (RoundUpOrOverflow).
+    s += buffer.dims[i] < 0 ? std::string("<overflow>") : std::to_string(buffer.dims[i]);
   }
   return s + "]";
 }

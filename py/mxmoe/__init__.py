@@ -9,7 +9,7 @@
 reference of the data contract.
 """
 
-from mxmoe import ops
+from mxmoe import ops, reference
 from mxmoe._mxmoe import (
     CudaError,
     Error,
@@ -54,5 +54,6 @@ __all__ = [
     "ops",
     "prepare_weights",
     "quantize_weights",
+    "reference",
     "version",
 ]

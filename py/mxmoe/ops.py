@@ -1,9 +1,10 @@
 """Torch functions for every mxmoe entry point.
 
 Each function checks its arguments (messages name the argument and the offending value),
-allocates the outputs on the inputs' device, queries and caches the workspace per device, passes ``torch.cuda.current_stream().cuda_stream`` for CUDA tensors and calls the C API
-through the thin ``mxmoe._mxmoe`` module. The backend is chosen by the C library from the
-tensors' device (and the ``MXMOE_BACKEND`` environment variable); ``backend_for`` says which.
+allocates the outputs on the inputs' device, queries and caches the workspace per device,
+passes ``torch.cuda.current_stream().cuda_stream`` for CUDA tensors and calls the C API through
+the thin ``mxmoe._mxmoe`` module. The backend is chosen by the C library from the tensors'
+device (and the ``MXMOE_BACKEND`` environment variable); ``backend_for`` says which.
 
 numpy arrays are accepted wherever a tensor is (they become CPU tensors via
 ``torch.from_numpy``); results are always torch tensors.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,20 +33,20 @@ from mxmoe import _mxmoe
 __all__ = [
     "Error",
     "InvalidArgumentError",
-    "UnsupportedError",
     "PreparedWeights",
+    "UnsupportedError",
     "backend_for",
-    "quantize",
     "dequantize",
+    "expert_offsets_from_counts",
     "experts_quantize",
+    "grouped_gemm",
+    "moe_forward",
+    "prepare_weights",
+    "quantize",
+    "quantize_weights",
     "silu_mul_experts_quantize",
     "swizzle_scales",
     "unswizzle_scales",
-    "quantize_weights",
-    "prepare_weights",
-    "grouped_gemm",
-    "moe_forward",
-    "expert_offsets_from_counts",
 ]
 
 Error = _mxmoe.Error
@@ -115,7 +116,7 @@ def _check(t: torch.Tensor, name: str, layout: str, shape: Sequence[int | None],
     if t.dim() != len(shape):
         raise _invalid(f"{name} must be {len(shape)}-D {layout}, got shape "
                        f"{_shape_str(t.shape)}")
-    for want, got in zip(shape, t.shape):
+    for want, got in zip(shape, t.shape, strict=True):
         if want is not None and want != got:
             raise _invalid(f"{name} must have shape {_shape_str(shape)} {layout}, got "
                            f"{_shape_str(t.shape)}")
@@ -185,10 +186,38 @@ def _workspace(device: torch.device, nbytes: int) -> torch.Tensor | None:
         return buffer
 
 
+# Workspace sizes depend only on dims, dtypes, formats and the serving backend, never on data:
+# remember them per argument signature so steady-state calls make one C API call, not two.
+_workspace_sizes: dict[tuple, int] = {}
+
+
+def _signature(*args) -> tuple:
+    parts = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            parts.append((tuple(arg.shape), arg.dtype, arg.device))
+        else:
+            parts.append(arg)
+    return tuple(parts)
+
+
+def _workspace_size(query, *args) -> int:
+    key = (query.__name__, _signature(*args))
+    size = _workspace_sizes.get(key)
+    if size is None:
+        size = query(*args)
+        if len(_workspace_sizes) > 4096:  # unbounded shapes (e.g. varying T): stay small
+            _workspace_sizes.clear()
+        _workspace_sizes[key] = size
+    return size
+
+
 def clear_workspace_cache() -> None:
-    """Frees the cached workspaces (for example before measuring memory)."""
+    """Frees the cached workspaces and forgets their sizes (for example after changing
+    MXMOE_BACKEND, or before measuring memory)."""
     with _workspace_lock:
         _workspaces.clear()
+        _workspace_sizes.clear()
 
 
 # ---- Backends --------------------------------------------------------------------------------
@@ -544,9 +573,9 @@ def quantize_weights(w, scale_layout: str = "linear") -> tuple[torch.Tensor, tor
 
 
 def _check_linear_weights(packed, scales, name: str, scales_name: str):
+    """Shape, dtype and contiguity of LINEAR weights (the caller checks their device)."""
     packed = _tensor(packed, name)
     _check(packed, name, "[E, N, K/2]", (None, None, None), (torch.uint8,))
-    _check_served(packed, name)
     e, n, half_k = packed.shape
     _check_k(half_k * 2, name, "K", packed.shape, " (K = 2 * last dim)")
     if scales is None:
@@ -574,6 +603,7 @@ def prepare_weights(packed, scales, backend: str | None = None) -> PreparedWeigh
     PreparedWeights
     """
     packed, scales = _check_linear_weights(packed, scales, "packed", "scales")
+    _check_served(packed, "packed")
     if backend is None or backend == "auto":
         backend = backend_for(packed)
     if backend not in _BACKENDS:
@@ -601,7 +631,6 @@ def _weights(packed, scales, name: str, scales_name: str, b_format: str):
     else:
         packed = _tensor(packed, name)
         _check(packed, name, "[E, N, K/2]", (None, None, None), (torch.uint8,))
-        _check_served(packed, name)
         e, n, half_k = packed.shape
         _check_k(half_k * 2, name, "K", packed.shape, " (K = 2 * last dim)")
         if scales is None:
@@ -674,9 +703,9 @@ def grouped_gemm(a, a_scales, b_packed, b_scales, expert_offsets, blockscale_off
         _check_same_device(problem_sizes, "problem_sizes", a, "a")
     c = torch.empty(rows, n, dtype=out_dtype, device=a.device)
     stream = _stream(a.device)
-    nbytes = _mxmoe.grouped_gemm_workspace_size(a, a_scales, b, b_s, fmt, backend, e, n, k,
-                                                expert_offsets, blockscale_offsets,
-                                                problem_sizes, c)
+    nbytes = _workspace_size(_mxmoe.grouped_gemm_workspace_size, a, a_scales, b, b_s, fmt,
+                             backend, e, n, k, expert_offsets, blockscale_offsets, problem_sizes,
+                             c)
     _mxmoe.grouped_gemm(a, a_scales, b, b_s, fmt, backend, e, n, k, expert_offsets,
                         blockscale_offsets, problem_sizes, c, _workspace(a.device, nbytes),
                         stream)
@@ -785,6 +814,6 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
     stream = _stream(hidden.device)
     args = (hidden, w13, w13_s, w2, w2_s, fmt, backend, e, i, global_experts, top_k,
             bool(renormalize), router_logits, topk_ids, topk_weights, expert_map, out)
-    nbytes = _mxmoe.moe_forward_workspace_size(*args)
+    nbytes = _workspace_size(_mxmoe.moe_forward_workspace_size, *args)
     _mxmoe.moe_forward(*args, _workspace(hidden.device, nbytes), stream)
     return out

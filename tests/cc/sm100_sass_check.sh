@@ -6,16 +6,19 @@
 # Passes when, across the given files:
 #   1. `cuobjdump --list-elf` lists an sm_100a ELF;
 #   2. that sm_100a code holds the CUTLASS block-scaled ptr-array grouped GEMM kernel with MXF4
-#      operands for both outputs (bf16 and fp16), each at least 16 KiB of machine code, which a
-#      kernel compiled without the sm_100a features (CUTLASS then emits an empty stub) is not;
-#   3. it holds the per-expert setup kernel of both instantiations.
+#      operands for both outputs (bf16 and fp16), each at least 16 KiB of machine code, and the
+#      per-expert setup kernel of both;
+#   3. when nvdisasm is available: the GEMM kernels' SASS holds tensor-core MMA (UTC*MMA) and TMA
+#      load (UTMALDG) instructions. Code built for plain sm_100 (no "a") has neither: the
+#      tcgen05/TMA paths compile to traps there, yet the kernel is as large, so only the
+#      instructions prove it. Without nvdisasm this check is reported as skipped.
 # This proves the code is built for Blackwell, not that it runs: nothing here runs on a GPU, and
 # no Blackwell GPU was available to run it.
 #
-# cuobjdump is looked up in $CUOBJDUMP, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, then in the
-# pip package nvidia-cuda-cuobjdump (nvidia/cu*/bin) of python3; the CUDA 13 toolkit on the build
-# host ships without it, so CI must `pip install nvidia-cuda-cuobjdump` (it does not need
-# nvdisasm). Exit status 0 on success, 1 on a failed check, 2 on a usage or tool error.
+# Tools are looked up in $CUOBJDUMP / $NVDISASM, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, then
+# in the pip packages nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm (nvidia/cu*/bin) of python3;
+# the CUDA 13 toolkit on the build host ships neither, so CI must pip-install them.
+# Exit status 0 on success, 1 on a failed check, 2 on a usage or tool error.
 set -euo pipefail
 
 readonly kMinKernelBytes=16384
@@ -25,10 +28,10 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 
-find_cuobjdump() {
-  local candidate
-  for candidate in "${CUOBJDUMP:-}" "$(command -v cuobjdump 2>/dev/null || true)" \
-      "${CUDA_HOME:+${CUDA_HOME}/bin/cuobjdump}" /usr/local/cuda/bin/cuobjdump; do
+find_tool() {  # find_tool <name> <override path or "">
+  local name="$1" candidate
+  for candidate in "$2" "$(command -v "${name}" 2>/dev/null || true)" \
+      "${CUDA_HOME:+${CUDA_HOME}/bin/${name}}" "/usr/local/cuda/bin/${name}"; do
     if [[ -n "${candidate}" && -x "${candidate}" ]]; then
       echo "${candidate}"
       return 0
@@ -37,10 +40,10 @@ find_cuobjdump() {
   local python
   for python in "${PYTHON:-}" python3; do
     [[ -n "${python}" ]] && command -v "${python}" >/dev/null 2>&1 || continue
-    candidate="$("${python}" - <<'EOF' 2>/dev/null || true
+    candidate="$("${python}" - "${name}" <<'EOF' 2>/dev/null || true
 import glob, os, sys
 for entry in sys.path:
-    for path in sorted(glob.glob(os.path.join(entry, "nvidia", "cu*", "bin", "cuobjdump"))):
+    for path in sorted(glob.glob(os.path.join(entry or ".", "nvidia", "cu*", "bin", sys.argv[1]))):
         if os.access(path, os.X_OK):
             print(path)
             raise SystemExit
@@ -54,11 +57,12 @@ EOF
   return 1
 }
 
-if ! cuobjdump="$(find_cuobjdump)"; then
+if ! cuobjdump="$(find_tool cuobjdump "${CUOBJDUMP:-}")"; then
   echo "sm100_sass_check: cuobjdump not found (set CUOBJDUMP, or pip install" \
        "nvidia-cuda-cuobjdump)" >&2
   exit 2
 fi
+nvdisasm="$(find_tool nvdisasm "${NVDISASM:-}" || true)"
 
 passed=0
 failed=0
@@ -114,6 +118,24 @@ for output in bfloat16_t half_t; do
   [[ -n "${size}" && "${size}" -gt 0 ]] && ok=1
   check "${ok}" "sm_100a per-expert setup kernel (${output}): ${size:-absent} bytes"
 done
+
+# SASS instructions of the GEMM kernels (cuobjdump -sass runs nvdisasm).
+if [[ -n "${nvdisasm}" ]]; then
+  sass=""
+  for file in "$@"; do
+    sass+="$(PATH="$(dirname "${nvdisasm}"):${PATH}" \
+      "${cuobjdump}" -sass -arch sm_100a "${file}" 2>/dev/null | awk -v pattern="${gemm}" '
+        /Function : / { in_gemm = ($0 ~ pattern) }
+        in_gemm' || true)"$'\n'
+  done
+  mma="$(grep -cE 'UTC[A-Z]*MMA' <<<"${sass}" || true)"
+  tma="$(grep -cE 'UTMALDG' <<<"${sass}" || true)"
+  ok=0
+  [[ "${mma}" -ge 2 && "${tma}" -ge 2 ]] && ok=1
+  check "${ok}" "GEMM SASS has tensor-core MMA (${mma} UTC*MMA lines), TMA loads (${tma} UTMALDG)"
+else
+  echo "skipped: SASS instruction check (nvdisasm not found; pip install nvidia-cuda-nvdisasm)"
+fi
 
 echo "${passed} passed, ${failed} failed"
 [[ "${failed}" == 0 ]]

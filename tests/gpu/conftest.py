@@ -22,8 +22,8 @@ def quick_mode() -> bool:
 def pytest_report_header(config):
     if not torch.cuda.is_available():
         return ["mxmoe GPU tests: no CUDA device, every test skips"]
-    lines = [f"GPU: {torch.cuda.get_device_name()} (torch {torch.__version__}, "
-             f"CUDA {torch.version.cuda})"]
+    name = torch.cuda.get_device_name()
+    lines = [f"GPU: {name} (torch {torch.__version__}, CUDA {torch.version.cuda})"]
     try:
         import mxmoe
 

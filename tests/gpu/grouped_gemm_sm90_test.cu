@@ -1,7 +1,8 @@
 // GPU test and benchmark of the SM90 W4A4 grouped GEMM (mxmoe::cuda::PrepareWeightsSm90 +
 // GroupedGemmSm90), a standalone program for an H100/H200 host (no Bazel there).
 //
-//   grouped_gemm_sm90_test [--no-bench] [--bench-only] [--quick] [--block-n N] [--json PATH]
+//   grouped_gemm_sm90_test [--no-bench] [--bench-only] [--quick] [--block-n N]
+//                          [--bench-filter model:gemm:T] [--json PATH]
 //
 // Correctness: random MXFP4 operands built on the host with format.h's rules, the kernel's
 // output compared with a float64 matmul of the dequantized operands (relative L2 <= 2e-3 for
@@ -56,6 +57,7 @@ bool FormatHeaderE2m1Ok() {
 }
 bool g_quick = false;
 int g_only_block_n = 0;  // --block-n N: test only this token tile
+const char* g_bench_filter = nullptr;  // --bench-filter model:gemm:T (e.g. deepseek-v3:w13:16384)
 
 #define CHECK_CUDA(expr)                                                                \
   do {                                                                                  \
@@ -94,7 +96,7 @@ struct DeviceBuffer {
     if (ptr) cudaFree(ptr);
   }
   void Upload(const std::vector<T>& v) {
-    Resize(v.size());
+    if (v.size() != count) Resize(v.size());  // keep the address: args structs hold it
     if (!v.empty()) CHECK_CUDA(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   std::vector<T> Download() const {
@@ -655,6 +657,10 @@ void RunBenchmark(const char* json_path) {
   CHECK_CUDA(cudaEventCreate(&e1));
   for (const Shape& s : shapes) {
     for (int gemm = 0; gemm < 2; ++gemm) {
+      if (g_bench_filter != nullptr &&
+          std::string(g_bench_filter).rfind(std::string(s.model) + (gemm == 0 ? ":w13:" : ":w2:"), 0) != 0) {
+        continue;
+      }
       const int64_t n = gemm == 0 ? 2 * s.inter : s.hidden;
       const int64_t k = gemm == 0 ? s.hidden : s.inter;
       const int E = s.experts;
@@ -675,6 +681,11 @@ void RunBenchmark(const char* json_path) {
         CHECK_OK(mxmoe::cuda::PrepareWeightsSm90(pa, nullptr));
         CHECK_CUDA(cudaDeviceSynchronize());
         for (int T : tokens) {
+          if (g_bench_filter != nullptr) {
+            const std::string key = std::string(s.model) + (gemm == 0 ? ":w13:" : ":w2:") +
+                                    std::to_string(T);
+            if (key != g_bench_filter) continue;
+          }
           // Random routing: each token picks top_k distinct experts.
           std::mt19937_64 rng(1000 + T);
           std::vector<int> m(E, 0);
@@ -757,7 +768,8 @@ void RunBenchmark(const char* json_path) {
           }
           for (auto& g : graphs) CHECK_CUDA(cudaGraphExecDestroy(g));
           const double ms = MedianMs(times);
-          const double floor_bytes_ms = active_bytes / (copy_gbps * 1e9 / 2.0) * 1e3;
+          // copy_gbps counts bytes read + written: the rate at which bytes move through DRAM.
+          const double floor_bytes_ms = active_bytes / (copy_gbps * 1e9) * 1e3;
           const double floor_fp8_ms = flops / 1979e12 * 1e3;
           const int bn = mxmoe::cuda::sm90::ChooseGemmConfig(
                              {rows, n, k, E, prop.multiProcessorCount})
@@ -796,6 +808,7 @@ int main(int argc, char** argv) {
     if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     if (!strcmp(argv[i], "--quick")) g_quick = true;
     if (!strcmp(argv[i], "--block-n") && i + 1 < argc) g_only_block_n = atoi(argv[++i]);
+    if (!strcmp(argv[i], "--bench-filter") && i + 1 < argc) g_bench_filter = argv[++i];
   }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {

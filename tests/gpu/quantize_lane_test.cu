@@ -6,6 +6,7 @@
 //      fp16, and fp32 -> bf16 / fp16 (round to nearest even) for every fp32 bit pattern
 //      (NaN excluded: a NaN block is zeroed whatever its bits);
 //   3. FastDivmod against '/' for the divisors the kernels meet and edge numerators;
+//   3b. SiluF32Branchless == format::SiluF32 bit for bit on every fp32 input (NaN: both NaN);
 //   4. QuantizeLane (4 lanes per 32-element block, warp shuffles) against a per-block reference
 //      built from format.h only (the CPU backend's QuantizeBlock), on random and hard blocks.
 // A standalone program for the GPU host (tools/gpu/run.sh runs it; built by
@@ -107,6 +108,19 @@ __global__ void FromFloatKernel(uint64_t stride, Mismatch* bf16, Mismatch* fp16)
     const uint32_t h = Fp16::FromFloat2(f, -f);
     const uint32_t want_h = fmt::FloatToFp16(f) | (uint32_t{fmt::FloatToFp16(-f)} << 16);
     if (h != want_h) Record(fp16, i, h, want_h);
+  }
+}
+
+__global__ void SiluKernel(uint64_t stride, Mismatch* m) {
+  const uint64_t total = 1ull << 32;
+  for (uint64_t i = (blockIdx.x * uint64_t{blockDim.x} + threadIdx.x) * stride; i < total;
+       i += uint64_t{gridDim.x} * blockDim.x * stride) {
+    const float g = __uint_as_float(static_cast<uint32_t>(i));
+    const float got = quant::SiluF32Branchless(g);
+    const float want = fmt::SiluF32(g);
+    const bool same = __float_as_uint(got) == __float_as_uint(want) ||
+                      (fmt::IsNaN(got) && fmt::IsNaN(want));
+    if (!same) Record(m, i, __float_as_uint(got), __float_as_uint(want));
   }
 }
 
@@ -298,6 +312,13 @@ int main() {
     CHECK_CUDA(cudaDeviceSynchronize());
     ReportDevice("Bf16::FromFloat2 == format::FloatToBf16, every fp32", b);
     ReportDevice("Fp16::FromFloat2 == format::FloatToFp16, every fp32", h);
+  }
+  {
+    Mismatch* m = NewMismatch();
+    SiluKernel<<<grid, 256>>>(quick ? 65537 : 1, m);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(cudaDeviceSynchronize());
+    ReportDevice("SiluF32Branchless == format::SiluF32, every fp32", m);
   }
   {
     std::vector<uint32_t> divisors;

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mxmoe
-from mxmoe import ops
+from mxmoe import ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run through tools/gpu/run.sh)")
@@ -60,8 +60,8 @@ def test_moe_forward_matches_cpu(name, e, h, i, top_k, tokens, renormalize):
     assert out.shape == (tokens, h) and out.dtype == torch.bfloat16
     err = rel_l2(out, ref)
     assert err <= 5e-3, f"{name=} {tokens=} {renormalize=}: rel L2 vs CPU {err:.3e}"
-    ids, topw = mxmoe.reference.route(logits, top_k, renormalize)
-    unq = mxmoe.reference.moe_forward_unquantized(hidden, w13, w2, ids, topw)
+    ids, topw = reference.route(logits, top_k, renormalize)
+    unq = reference.moe_forward_unquantized(hidden, w13, w2, ids, topw)
     print(f"{name} T={tokens}: vs CPU {err:.2e}, vs unquantized bf16 {rel_l2(out, unq):.3f}")
 
 

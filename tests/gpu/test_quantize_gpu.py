@@ -101,9 +101,10 @@ def _from_bits(bits: torch.Tensor, dtype) -> torch.Tensor:
 
 def random_input(shape, dtype, gen) -> torch.Tensor:
     """Normal values with a random magnitude per 32-element block (2^-20 .. 2^20)."""
+    dev = gen.device
     *lead, k = shape
-    blocks = torch.randn(*lead, k // 32, 32, generator=gen)
-    e = torch.randint(-20, 21, (*lead, k // 32, 1), generator=gen).float()
+    blocks = torch.randn(*lead, k // 32, 32, generator=gen, device=dev)
+    e = torch.randint(-20, 21, (*lead, k // 32, 1), generator=gen, device=dev).float()
     if dtype == torch.float16:
         e = e.clamp(-10, 10)
     return (blocks * torch.exp2(e)).reshape(shape).to(dtype)
@@ -111,77 +112,84 @@ def random_input(shape, dtype, gen) -> torch.Tensor:
 
 def adversarial_input(shape, dtype, gen) -> torch.Tensor:
     """Every block one of _KINDS hard cases (see the module docstring)."""
+    dev = gen.device
     *lead, k = shape
-    nblocks = int(torch.tensor(lead).prod()) * (k // 32) if lead else k // 32
+    nblocks = (k // 32) * int(torch.tensor(lead).prod()) if lead else k // 32
     fp16 = dtype == torch.float16
     emax = 10 if fp16 else 60
-    kinds = torch.randint(0, _KINDS, (nblocks, 1), generator=gen)
-    e = torch.randint(-emax, emax + 1, (nblocks, 1), generator=gen).float()
-    sign = torch.where(torch.rand(nblocks, 32, generator=gen) < 0.5, -1.0, 1.0)
-    base = torch.randn(nblocks, 32, generator=gen) * torch.exp2(e)
+
+    def randint(lo, hi, size):
+        return torch.randint(lo, hi, size, generator=gen, device=dev)
+
+    def rand(*size):
+        return torch.rand(*size, generator=gen, device=dev)
+
+    def const(values, **kw):
+        return torch.tensor(values, device=dev, **kw)
+
+    kinds = randint(0, _KINDS, (nblocks, 1))
+    e = randint(-emax, emax + 1, (nblocks, 1)).float()
+    sign = torch.where(rand(nblocks, 32) < 0.5, -1.0, 1.0)
+    base = torch.randn(nblocks, 32, generator=gen, device=dev) * torch.exp2(e)
 
     # 1: thresholds of the E2M1 grid times 2^e, each nudged by -1, 0 or +1 ulp of the dtype; the
     # block's amax is 6 * 2^e so the scaled values land on the thresholds.
-    t = torch.tensor(_THRESHOLDS)[torch.randint(0, len(_THRESHOLDS), (nblocks, 32), generator=gen)]
+    t = const(_THRESHOLDS)[randint(0, len(_THRESHOLDS), (nblocks, 32))]
     thr = (t * torch.exp2(e)).to(dtype)
-    nudge = torch.randint(-1, 2, (nblocks, 32), generator=gen)
-    thr_bits = (_bits(thr) + nudge).clamp(0, 0x7BFF if fp16 else 0x7F7F)
+    thr_bits = (_bits(thr) + randint(-1, 2, (nblocks, 32))).clamp(0, 0x7BFF if fp16 else 0x7F7F)
     thr = _from_bits(thr_bits, dtype).float()
     thr[:, 0] = 6.0 * torch.exp2(e[:, 0])
     thr = thr * sign
 
     # 2: amax on the scale rule's 1.75-mantissa boundary (1.75 - ulp, 1.75, 1.75 + ulp, 2 - ulp,
     # 1, 1 + ulp) times 2^e; the others random below it.
-    m = torch.tensor([1.75, 1.75, 1.75, 2.0, 1.0, 1.0])
-    mn = torch.tensor([-1, 0, 1, -1, 0, 1])
-    pick = torch.randint(0, 6, (nblocks,), generator=gen)
+    m = const([1.75, 1.75, 1.75, 2.0, 1.0, 1.0])
+    mn = const([-1, 0, 1, -1, 0, 1])
+    pick = randint(0, 6, (nblocks,))
     amax = (m[pick][:, None] * torch.exp2(e)).to(dtype)
     amax = _from_bits(_bits(amax) + mn[pick][:, None], dtype).float()
-    boundary = torch.rand(nblocks, 32, generator=gen) * amax * sign
-    boundary[torch.arange(nblocks), torch.randint(0, 32, (nblocks,), generator=gen)] = amax[:, 0]
+    boundary = rand(nblocks, 32) * amax * sign
+    boundary[torch.arange(nblocks, device=dev), randint(0, 32, (nblocks,))] = amax[:, 0]
 
     # 3: huge magnitudes near the dtype's largest finite value.
     lo, hi = (0x7800, 0x7BFF) if fp16 else (0x7F00, 0x7F7F)
-    huge = _from_bits(torch.randint(lo, hi + 1, (nblocks, 32), generator=gen), dtype).float()
-    huge = huge * sign
+    huge = _from_bits(randint(lo, hi + 1, (nblocks, 32)), dtype).float() * sign
 
-    # 4: subnormals of the dtype (and a few tiny normals).
+    # 4: subnormals of the dtype (and the smallest normals).
     sub_hi = 0x03FF if fp16 else 0x007F
-    tiny_bits = torch.randint(1, sub_hi + 1, (nblocks, 32), generator=gen)
-    tiny_bits[:, :4] += sub_hi  # smallest normals
+    tiny_bits = randint(1, sub_hi + 1, (nblocks, 32))
+    tiny_bits[:, :4] += sub_hi
     tiny = _from_bits(tiny_bits, dtype).float() * sign
 
     # 5: zeros of both signs.
-    zeros = torch.zeros(nblocks, 32) * sign
-
-    # 6: a NaN (some with payloads, some negative) among random values.
-    nan_bits = torch.tensor([0x7E00, 0x7C01, 0xFE00, 0x7FFF] if fp16
-                            else [0x7FC0, 0x7F81, 0xFFC0, 0x7FFF], dtype=torch.int32)
-    nan_pos = torch.randint(0, 32, (nblocks,), generator=gen)
-
-    # 7: +-Inf among random values; 8: +-Inf with tiny values (they quantize against 2^126).
-    inf_pos = torch.randint(0, 32, (nblocks,), generator=gen)
+    zeros = torch.zeros(nblocks, 32, device=dev) * sign
 
     x = base.clone()
     for kind, values in ((1, thr), (2, boundary), (3, huge), (4, tiny), (5, zeros)):
         x = torch.where(kinds == kind, values, x)
-    x = x.to(dtype)
-    bits = _bits(x)
-    rows = torch.arange(nblocks)
-    nan_choice = nan_bits[torch.randint(0, 4, (nblocks,), generator=gen)]
+    bits = _bits(x.to(dtype))
+    rows = torch.arange(nblocks, device=dev)
+    # 6: a NaN (some with payloads, some negative) among random values.
+    nan_bits = const([0x7E00, 0x7C01, 0xFE00, 0x7FFF] if fp16 else [0x7FC0, 0x7F81, 0xFFC0, 0x7FFF],
+                     dtype=torch.int32)
+    nan_pos = randint(0, 32, (nblocks,))
+    nan_choice = nan_bits[randint(0, 4, (nblocks,))]
     bits[rows, nan_pos] = torch.where(kinds[:, 0] == 6, nan_choice, bits[rows, nan_pos])
+    # 7: +-Inf among random values; 8: +-Inf among tiny values (they quantize against 2^126).
+    inf_pos = randint(0, 32, (nblocks,))
     inf = torch.where(sign[:, 0] > 0, 0x7C00 if fp16 else 0x7F80,
                       0xFC00 if fp16 else 0xFF80).to(torch.int32)
     is_inf = (kinds[:, 0] == 7) | (kinds[:, 0] == 8)
     bits[rows, inf_pos] = torch.where(is_inf, inf, bits[rows, inf_pos])
     tiny_rows = kinds[:, 0] == 8
-    bits[tiny_rows] = torch.where(torch.arange(32)[None, :] == inf_pos[tiny_rows, None],
-                                  bits[tiny_rows], _bits(tiny[tiny_rows].to(dtype)))
+    keep = torch.arange(32, device=dev)[None, :] == inf_pos[:, None]
+    bits = torch.where(tiny_rows[:, None] & ~keep, _bits(tiny.to(dtype)), bits)
     return _from_bits(bits, dtype).reshape(shape)
 
 
-def make_input(shape, dtype, kind: str, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+def make_input(shape, dtype, kind: str, seed: int, device: str = "cuda") -> torch.Tensor:
+    """A fresh input, generated on ``device`` (the GPU: fast), from ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     if kind == "random":
         return random_input(shape, dtype, gen)
     return adversarial_input(shape, dtype, gen)
@@ -208,8 +216,8 @@ def run_quantize(x: torch.Tensor, layout: int):
 def test_quantize_bit_exact(dtype, rows, k, layout, kind):
     seed = _seed("quantize", dtype, rows, k, layout, kind)
     x = make_input((rows, k), dtype, kind, seed)
-    want_packed, want_scales = run_quantize(x, layout)
-    got_packed, got_scales = run_quantize(x.cuda(), layout)
+    want_packed, want_scales = run_quantize(x.cpu(), layout)
+    got_packed, got_scales = run_quantize(x, layout)
     what = f"quantize {dtype} rows={rows} k={k} layout={layout} {kind} seed={seed}"
     assert_bytes_equal(got_packed, want_packed, what + " packed")
     assert_bytes_equal(got_scales, want_scales, what + " scales")
@@ -221,8 +229,8 @@ def test_quantize_million_rows(layout):
     rows, k = (1 << 20) + 3, 64
     seed = _seed("million", layout)
     x = make_input((rows, k), torch.bfloat16, "random", seed)
-    want = run_quantize(x, layout)
-    got = run_quantize(x.cuda(), layout)
+    want = run_quantize(x.cpu(), layout)
+    got = run_quantize(x, layout)
     for g, w, name in zip(got, want, ("packed", "scales")):
         assert_bytes_equal(g, w, f"quantize rows={rows} k={k} layout={layout} {name}")
 
@@ -233,15 +241,15 @@ def test_quantize_split_launches(monkeypatch):
     for layout in (LINEAR, SWIZZLED):
         rows, k = 301, 2880  # 360 lanes a row: 2 rows per launch, 151 launches
         x = make_input((rows, k), torch.float16, "adversarial", _seed("split", layout))
-        want = run_quantize(x, layout)
-        got = run_quantize(x.cuda(), layout)
+        want = run_quantize(x.cpu(), layout)
+        got = run_quantize(x, layout)
         for g, w, name in zip(got, want, ("packed", "scales")):
             assert_bytes_equal(g, w, f"split launches rows={rows} k={k} layout={layout} {name}")
         counts = [0, 250, 1, 50]
         eo, bo = ops.expert_offsets_from_counts(counts)
         xe = make_input((301, k), torch.bfloat16, "random", _seed("split-e"))
-        want = run_experts(xe, eo, bo, int(bo[-1]), silu=False)
-        got = run_experts(xe.cuda(), eo.cuda(), bo.cuda(), int(bo[-1]), silu=False)
+        want = run_experts(xe.cpu(), eo, bo, int(bo[-1]), silu=False)
+        got = run_experts(xe, eo.cuda(), bo.cuda(), int(bo[-1]), silu=False)
         for g, w, name in zip(got, want, ("packed", "scales")):
             assert_bytes_equal(g, w, f"split launches experts k={k} {name}")
 
@@ -272,8 +280,8 @@ def test_dequantize_matches_cpu(rows, k, out_dtype, layout):
 def test_ops_dispatch_cuda_tensors_to_the_kernels():
     x = make_input((37, 2880), torch.bfloat16, "adversarial", _seed("ops"))
     for layout in ("linear", "swizzled"):
-        wp, ws = ops.quantize(x, scale_layout=layout)
-        gp, gs = ops.quantize(x.cuda(), scale_layout=layout)
+        wp, ws = ops.quantize(x.cpu(), scale_layout=layout)
+        gp, gs = ops.quantize(x, scale_layout=layout)
         assert gp.is_cuda and gs.is_cuda
         assert_bytes_equal(gp, wp, f"ops.quantize {layout} packed")
         assert_bytes_equal(gs, ws, f"ops.quantize {layout} scales")
@@ -283,8 +291,8 @@ def test_ops_dispatch_cuda_tensors_to_the_kernels():
     eo, bo = ops.expert_offsets_from_counts(counts)
     xe = make_input((37, 2 * 768), torch.float16, "random", _seed("ops-e"))
     for fn in (ops.experts_quantize, ops.silu_mul_experts_quantize):
-        wp, ws = fn(xe, eo, bo)
-        gp, gs = fn(xe.cuda(), eo.cuda(), bo.cuda(), scale_rows=ws.shape[0])
+        wp, ws = fn(xe.cpu(), eo, bo)
+        gp, gs = fn(xe, eo.cuda(), bo.cuda(), scale_rows=ws.shape[0])
         assert_bytes_equal(gp, wp, f"ops.{fn.__name__} packed")
         assert_bytes_equal(gs, ws, f"ops.{fn.__name__} scales")
     s = torch.randint(0, 256, (2, 130, 90), dtype=torch.uint8)
@@ -293,7 +301,7 @@ def test_ops_dispatch_cuda_tensors_to_the_kernels():
     assert_bytes_equal(ops.unswizzle_scales(sw.cuda(), 130, 90), s, "ops.unswizzle_scales")
     w = make_input((3, 130, 64), torch.bfloat16, "random", _seed("ops-w"))
     for layout in ("linear", "swizzled"):
-        for g, wnt in zip(ops.quantize_weights(w.cuda(), layout), ops.quantize_weights(w, layout)):
+        for g, wnt in zip(ops.quantize_weights(w, layout), ops.quantize_weights(w.cpu(), layout)):
             assert_bytes_equal(g, wnt, f"ops.quantize_weights {layout}")
 
 
@@ -353,8 +361,8 @@ def test_experts_quantize_bit_exact(dtype, num_experts, pattern, k, silu, kind):
     rows = int(eo[-1]) + trailing
     scale_rows = int(bo[-1]) + 128  # scale rows past blockscale_offsets[E]: never written
     x = make_input((rows, 2 * k if silu else k), dtype, kind, seed)
-    want_p, want_s = run_experts(x, eo, bo, scale_rows, silu)
-    got_p, got_s = run_experts(x.cuda(), eo.cuda(), bo.cuda(), scale_rows, silu)
+    want_p, want_s = run_experts(x.cpu(), eo, bo, scale_rows, silu)
+    got_p, got_s = run_experts(x, eo.cuda(), bo.cuda(), scale_rows, silu)
     what = (f"{'silu_mul_' if silu else ''}experts_quantize {dtype} E={num_experts} {pattern} "
             f"k={k} {kind} rows={rows} seed={seed}")
     assert_bytes_equal(got_p, want_p, what + " packed")
@@ -382,7 +390,7 @@ def test_invalid_device_metadata_stays_in_bounds(case):
 
     The outputs are views into larger poisoned buffers; the bytes around them must stay poisoned.
     """
-    e, rows, k = 4, 300, 256
+    rows, k = 300, 256  # 4 experts
     eo = torch.tensor([0, 100, 200, 250, 300], dtype=torch.int32)
     bo = torch.tensor([0, 128, 256, 384, 512], dtype=torch.int32)
     if case == "decreasing":
@@ -452,7 +460,7 @@ def test_quantize_weights_bit_exact(dtype, e, n, k, layout):
         _mxmoe.quantize_weights(t, packed, scales, layout, _stream() if t.is_cuda else 0)
         return packed, scales
 
-    for g, wnt, name in zip(run(w.cuda()), run(w), ("packed", "scales")):
+    for g, wnt, name in zip(run(w), run(w.cpu()), ("packed", "scales")):
         assert_bytes_equal(g, wnt, f"quantize_weights {dtype} E={e} n={n} k={k} layout={layout} "
                                    f"seed={seed} {name}")
 

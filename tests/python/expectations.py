@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import mxmoe
 import pytest
 import torch
-
-import mxmoe
 
 POISON = 0xAB  # a byte no correct output is expected to be everywhere
 

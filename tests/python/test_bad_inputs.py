@@ -7,11 +7,10 @@ argument and the offending value, and a failed call must leave its outputs untou
 with poisoned outputs through the module, where the caller owns the outputs).
 """
 
+import mxmoe
 import pytest
 import torch
 from expectations import assert_untouched, expect_error, poisoned, random_activations
-
-import mxmoe
 from mxmoe import _mxmoe, ops
 
 BF16 = torch.bfloat16
@@ -31,7 +30,7 @@ def gemm():
     a, a_scales = ops.experts_quantize(x, eo, bo)
     w = random_activations((3, 32, 64), seed=2, scale=0.1)
     b, b_scales = ops.quantize_weights(w)
-    return dict(a=a, a_scales=a_scales, b=b, b_scales=b_scales, eo=eo, bo=bo)
+    return {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales, "eo": eo, "bo": bo}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,8 @@ def moe():
     w2_packed, w2_scales = ops.quantize_weights(w2)
     hidden = random_activations((t, h), seed=5)
     logits = random_activations((t, e), seed=6, dtype=torch.float32)
-    return dict(e=e, h=h, i=i, t=t, w=(w13_packed, w13_scales, w2_packed, w2_scales),
-                hidden=hidden, logits=logits)
+    return {"e": e, "h": h, "i": i, "t": t, "w": (w13_packed, w13_scales, w2_packed, w2_scales),
+            "hidden": hidden, "logits": logits}
 
 
 # ---- quantize / dequantize -----------------------------------------------------------------------
@@ -159,8 +158,8 @@ def test_experts_quantize_module_leaves_outputs_untouched(silu_mul):
     bo = torch.tensor([0, 128, 256], dtype=torch.int32)
     for eo, fragment in [([0, 4, 3], "non-decreasing"), ([0, 3, 6], "expert_offsets[2]=6"),
                          ([0, -1, 5], "expert_offsets[1]=-1")]:
-        expect_error(lambda: op(x, torch.tensor(eo, dtype=torch.int32), bo, packed, scales),
-                     fragment)
+        offsets = torch.tensor(eo, dtype=torch.int32)
+        expect_error(lambda offsets=offsets: op(x, offsets, bo, packed, scales), fragment)
     expect_error(lambda: op(x, torch.tensor([0, 3, 5], dtype=torch.int32), bo[:2], packed,
                             scales),
                  "blockscale_offsets must have shape [3]", "got [2]")
@@ -233,8 +232,8 @@ def test_grouped_gemm_bad_inputs(gemm):
                                                           "bo"))
 
     def call(**kw):
-        args = dict(a=a, a_scales=a_scales, b_packed=b, b_scales=b_scales, expert_offsets=eo,
-                    blockscale_offsets=bo)
+        args = {"a": a, "a_scales": a_scales, "b_packed": b, "b_scales": b_scales,
+                "expert_offsets": eo, "blockscale_offsets": bo}
         args.update(kw)
         return lambda: ops.grouped_gemm(**args)
 
@@ -273,9 +272,9 @@ def test_grouped_gemm_module_leaves_output_untouched(gemm):
     c = poisoned((5, 32), BF16)
     fmt = _mxmoe.WEIGHT_FORMAT_LINEAR
     for eo, fragment in [([0, 3, 2, 5], "non-decreasing"), ([0, 3, 3, 6], "expert_offsets[3]=6")]:
-        expect_error(lambda: _mxmoe.grouped_gemm(
-            a, a_scales, b, b_scales, fmt, 0, 3, 32, 64, torch.tensor(eo, dtype=torch.int32), bo,
-            None, c, None), fragment)
+        offsets = torch.tensor(eo, dtype=torch.int32)
+        expect_error(lambda offsets=offsets: _mxmoe.grouped_gemm(
+            a, a_scales, b, b_scales, fmt, 0, 3, 32, 64, offsets, bo, None, c, None), fragment)
     eo = gemm["eo"]
     expect_error(lambda: _mxmoe.grouped_gemm(a, a_scales, b, b_scales, fmt, 0, 3, 32, 64, eo, bo,
                                              None, poisoned((5, 31), BF16), None),
@@ -292,7 +291,7 @@ def test_grouped_gemm_module_leaves_output_untouched(gemm):
 
 
 def test_moe_forward_bad_inputs(moe):
-    w, hidden, logits, e = moe["w"], moe["hidden"], moe["logits"], moe["e"]
+    w, hidden, logits = moe["w"], moe["hidden"], moe["logits"]
     ids = torch.zeros(moe["t"], 2, dtype=torch.int32)
     weights = torch.full((moe["t"], 2), 0.5)
 
@@ -372,7 +371,8 @@ def test_moe_forward_module_null_routing_and_workspace(moe):
     expect_error(lambda: _mxmoe.moe_forward(*args, torch.empty(needed - 1, dtype=torch.uint8)),
                  "workspace_bytes must be at least", str(needed),
                  error=mxmoe.WorkspaceTooSmallError)
-    expect_error(lambda: _mxmoe.moe_forward(*args, None), "workspace", str(needed))
+    expect_error(lambda: _mxmoe.moe_forward(*args, None), "workspace", str(needed),
+                 error=mxmoe.WorkspaceTooSmallError)
     null_routing = moe_module_args(moe, out)
     expect_error(lambda: _mxmoe.moe_forward(*null_routing, torch.empty(needed, dtype=torch.uint8)),
                  "router_logits is NULL", "both are NULL")

@@ -4,9 +4,7 @@ bit: grouped rows, per-expert swizzled scales, empty and one-row experts, silu e
 import pytest
 import torch
 from expectations import random_activations, random_expert_counts
-
-from mxmoe import ops
-from mxmoe import reference as R
+from mxmoe import ops, reference
 
 CASES = [
     # (name, counts, k)
@@ -20,9 +18,9 @@ CASES = [
 def check_experts(x, counts, silu_mul, scale_rows=None):
     eo, bo = ops.expert_offsets_from_counts(counts)
     op = ops.silu_mul_experts_quantize if silu_mul else ops.experts_quantize
-    ref = R.silu_mul_experts_quantize if silu_mul else R.experts_quantize
+    ref_op = reference.silu_mul_experts_quantize if silu_mul else reference.experts_quantize
     packed, scales = op(x, eo, bo, scale_rows)
-    want_packed, want_scales = ref(x, eo, bo, scale_rows)
+    want_packed, want_scales = ref_op(x, eo, bo, scale_rows)
     used = int(eo[-1])
     assert packed.shape == want_packed.shape and scales.shape == want_scales.shape, f"{counts=}"
     assert torch.equal(scales, want_scales), f"{counts=} {silu_mul=}: scales differ"
@@ -49,7 +47,7 @@ def test_many_experts_with_spare_rows_and_scale_rows():
     eo, bo = ops.expert_offsets_from_counts(counts)
     scale_rows = int(bo[-1]) + 256  # extra scale rows stay zero
     packed, scales = ops.experts_quantize(x, eo, bo, scale_rows)
-    want_packed, want_scales = R.experts_quantize(x, eo, bo, scale_rows)
+    want_packed, want_scales = reference.experts_quantize(x, eo, bo, scale_rows)
     assert scales.shape == (scale_rows, 4)
     assert torch.equal(scales, want_scales)
     assert torch.equal(packed[: int(eo[-1])], want_packed[: int(eo[-1])])

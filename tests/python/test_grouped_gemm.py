@@ -8,9 +8,7 @@ Shapes: K = 2880, N = 2880, an empty expert, a one-row expert, E = 1, E = 256.
 import pytest
 import torch
 from expectations import random_activations, random_expert_counts, rel_l2
-
-from mxmoe import ops
-from mxmoe import reference as R
+from mxmoe import ops, reference
 
 
 def make_problem(counts, n, k, seed, dtype=torch.bfloat16, b_layout="linear"):
@@ -30,7 +28,7 @@ def check(counts, n, k, seed, out_dtype=torch.bfloat16, b_format="linear", probl
         ps = torch.tensor([[m, n, k] for m in counts], dtype=torch.int32).reshape(len(counts), 3)
     c = ops.grouped_gemm(a, a_scales, b, b_scales, eo, bo, ps, out_dtype=out_dtype,
                          b_format=b_format)
-    exact = R.grouped_gemm(a, a_scales, b, b_scales, eo, bo, torch.float64, b_format)
+    exact = reference.grouped_gemm(a, a_scales, b, b_scales, eo, bo, torch.float64, b_format)
     assert c.shape == (sum(counts), n) and c.dtype == out_dtype
     if sum(counts) == 0:
         return

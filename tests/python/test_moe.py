@@ -5,13 +5,11 @@ operands, the contract's rounding points). The error against the unquantized bf1
 printed as a report (MXFP4's own error), never asserted.
 """
 
+import mxmoe
 import pytest
 import torch
 from expectations import random_activations, rel_l2
-
-import mxmoe
-from mxmoe import ops
-from mxmoe import reference as R
+from mxmoe import ops, reference
 
 
 def make_weights(e, h, i, seed, dtype=torch.bfloat16):
@@ -28,12 +26,12 @@ def check_layer(e, h, i, top_k, tokens, seed, renormalize=True, dtype=torch.bflo
     logits = random_activations((tokens, e), seed=seed + 3, dtype=logits_dtype)
     out = layer(x, logits, top_k=top_k, renormalize=renormalize)
     assert out.shape == (tokens, h) and out.dtype == dtype
-    ref = R.moe_forward(x, layer.w13_packed, layer.w13_scales, layer.w2_packed,
+    want = reference.moe_forward(x, layer.w13_packed, layer.w13_scales, layer.w2_packed,
                         layer.w2_scales, router_logits=logits, top_k=top_k,
                         renormalize=renormalize)
-    err = rel_l2(out, ref)
-    ids, weights = R.route(logits, top_k, renormalize)
-    unquantized = R.moe_forward_unquantized(x, w13, w2, ids, weights)
+    err = rel_l2(out, want)
+    ids, weights = reference.route(logits, top_k, renormalize)
+    unquantized = reference.moe_forward_unquantized(x, w13, w2, ids, weights)
     print(f"E={e} H={h} I={i} top_k={top_k} T={tokens}: rel L2 vs reference {err:.2e}, "
           f"vs unquantized {dtype} layer {rel_l2(out, unquantized):.3f} (report)")
     assert err <= 5e-3, f"{e=} {h=} {i=} {top_k=} {tokens=} {renormalize=}: rel L2 {err:.3e}"
@@ -72,9 +70,9 @@ def test_precomputed_topk_with_duplicates():
     ids = torch.tensor([[1, 1], [0, 2], [3, 3], [2, 0], [1, 3]], dtype=torch.int32)
     weights = torch.tensor([[0.25, 0.5]] * tokens, dtype=torch.float32)
     out = layer.forward_topk(x, ids, weights)
-    ref = R.moe_forward(x, layer.w13_packed, layer.w13_scales, layer.w2_packed, layer.w2_scales,
-                        topk_ids=ids, topk_weights=weights)
-    err = rel_l2(out, ref)
+    want = reference.moe_forward(x, layer.w13_packed, layer.w13_scales, layer.w2_packed,
+                                 layer.w2_scales, topk_ids=ids, topk_weights=weights)
+    err = rel_l2(out, want)
     assert err <= 5e-3, f"duplicate experts in top-k: rel L2 {err:.3e}"
 
 
@@ -87,12 +85,13 @@ def test_expert_map_keeps_half_the_experts():
     x = random_activations((tokens, h), seed=41)
     logits = random_activations((tokens, e_global), seed=42, dtype=torch.float32)
     out = layer(x, logits, top_k=top_k)
-    ref = R.moe_forward(x, layer.w13_packed, layer.w13_scales, layer.w2_packed, layer.w2_scales,
-                        router_logits=logits, top_k=top_k, expert_map=expert_map)
-    err = rel_l2(out, ref)
+    want = reference.moe_forward(x, layer.w13_packed, layer.w13_scales, layer.w2_packed,
+                                 layer.w2_scales, router_logits=logits, top_k=top_k,
+                                 expert_map=expert_map)
+    err = rel_l2(out, want)
     assert err <= 5e-3, f"expert_map: rel L2 {err:.3e}"
     # Tokens whose experts are all remote get exactly zero.
-    ids, _ = R.route(logits, top_k)
+    ids, _ = reference.route(logits, top_k)
     remote = (expert_map[ids.long()] < 0).all(dim=1)
     if remote.any():
         assert bool((out[remote] == 0).all())
@@ -126,13 +125,13 @@ def test_moe_forward_op_directly():
     logits = random_activations((tokens, e), seed=62, dtype=torch.float32)
     out = ops.moe_forward(x, w13_packed, w13_scales, w2_packed, w2_scales,
                           router_logits=logits, top_k=2)
-    ids, weights = R.route(logits, 2)
+    ids, weights = reference.route(logits, 2)
     out_topk = ops.moe_forward(x, w13_packed, w13_scales, w2_packed, w2_scales, topk_ids=ids,
                                topk_weights=weights)
     assert rel_l2(out, out_topk) <= 1e-3
-    ref = R.moe_forward(x, w13_packed, w13_scales, w2_packed, w2_scales, router_logits=logits,
-                        top_k=2)
-    assert rel_l2(out, ref) <= 5e-3
+    want = reference.moe_forward(x, w13_packed, w13_scales, w2_packed, w2_scales,
+                                 router_logits=logits, top_k=2)
+    assert rel_l2(out, want) <= 5e-3
 
 
 def test_zero_tokens():

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-
-from mxmoe import ops
-from mxmoe import reference as R
+from mxmoe import ops, reference
 
 
 def random_scales(shape, seed):
@@ -17,7 +15,7 @@ def random_scales(shape, seed):
 def test_swizzle_2d(rows, cols):
     s = random_scales((rows, cols), seed=rows * 97 + cols)
     out = ops.swizzle_scales(s)
-    want = R.swizzle_scales(s)
+    want = reference.swizzle_scales(s)
     assert out.shape == want.shape, f"{rows=} {cols=}"
     assert torch.equal(out, want), f"{rows=} {cols=}"
     assert torch.equal(ops.unswizzle_scales(out, rows, cols), s), f"{rows=} {cols=}"
@@ -27,15 +25,15 @@ def test_swizzle_2d(rows, cols):
 def test_swizzle_batched(batch, rows, cols):
     s = random_scales((batch, rows, cols), seed=batch + rows + cols)
     out = ops.swizzle_scales(s)
-    assert out.shape == (batch, R._round_up(rows, 128), R._round_up(cols, 4))
-    assert torch.equal(out, R.swizzle_scales(s)), f"{batch=} {rows=} {cols=}"
+    assert out.shape == (batch, reference._round_up(rows, 128), reference._round_up(cols, 4))
+    assert torch.equal(out, reference.swizzle_scales(s)), f"{batch=} {rows=} {cols=}"
     assert torch.equal(ops.unswizzle_scales(out, rows, cols), s)
 
 
 def test_padding_is_zero_and_unswizzle_ignores_it():
     s = torch.full((3, 5), 0x7F, dtype=torch.uint8)
     out = ops.swizzle_scales(s)
-    offsets = R.swizzled_offsets(3, 5).reshape(-1)
+    offsets = reference.swizzled_offsets(3, 5).reshape(-1)
     mask = torch.zeros(out.numel(), dtype=torch.bool)
     mask[offsets] = True
     assert bool((out.reshape(-1)[~mask] == 0).all())
@@ -46,7 +44,7 @@ def test_padding_is_zero_and_unswizzle_ignores_it():
 
 def test_offset_formula_spot_values():
     # Hand-evaluated: (m/128 * numKTiles + k/4) * 512 + (m%32)*16 + ((m/32)%4)*4 + k%4.
-    off = R.swizzled_offsets(300, 90)  # numKTiles = 23
+    off = reference.swizzled_offsets(300, 90)  # numKTiles = 23
     assert off[0, 0] == 0
     assert off[1, 0] == 16
     assert off[32, 0] == 4

@@ -5,7 +5,9 @@
 #   tools/gpu/pack.sh [--no-bazel] [--tests GLOB] [PACK_DIR]
 #
 #   1. lib/libmxmoe.so: `bazel build --config=gpu_pack //cc:libmxmoe.so` (sm_90a + sm_100a code,
-#      cudart static). --no-bazel (or no bazel on PATH) takes the fallback: nvcc + g++ directly.
+#      cudart static). --no-bazel (or no bazel on PATH) takes the fallback: nvcc + g++ directly,
+#      over every cc/cuda/*.cu, or over MXMOE_PACK_CUDA_SOURCES (a space-separated list) when set,
+#      e.g. to pack a library with one kernel family's stub while its real code does not build.
 #   2. bin/: every tests/gpu/build_*.sh matching GLOB (default build_*.sh) builds its statically
 #      linked C++ GPU test into bin/ (each script takes the output folder as its argument).
 #   3. the Python package sources (mxmoe/*.py, mxmoe/_mxmoe_ext.cc: the nanobind module is
@@ -44,11 +46,13 @@ build_library_without_bazel() {
   local objects=()
   for src in cc/src/*.cc cc/cpu/*.cc; do
     local o="${obj}/$(echo "${src}" | tr / _).o"
-    nice g++ -std=c++17 -O2 -fPIC -pthread -I. -Icc/include -I/usr/local/cuda/include \
-      -c "${src}" -o "${o}"
+    if [[ ! -f "${o}" || "${src}" -nt "${o}" ]]; then
+      nice g++ -std=c++17 -O2 -fPIC -pthread -I. -Icc/include -I/usr/local/cuda/include \
+        -c "${src}" -o "${o}" || return 1
+    fi
     objects+=("${o}")
   done
-  for src in cc/cuda/*.cu; do
+  for src in ${MXMOE_PACK_CUDA_SOURCES:-cc/cuda/*.cu}; do
     local arch=(-gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_100a,code=sm_100a)
     case "$(basename "${src}")" in
       *_sm90*) arch=(-gencode=arch=compute_90a,code=sm_90a) ;;
@@ -56,12 +60,13 @@ build_library_without_bazel() {
     esac
     local o="${obj}/$(basename "${src}").o"
     nice nvcc -std=c++17 -O3 -I. -Icc/include ${cutlass:+-I"${cutlass}"} "${arch[@]}" \
-      -Xcompiler -fPIC -c "${src}" -o "${o}"
+      -Xcompiler -fPIC -c "${src}" -o "${o}" || return 1
     objects+=("${o}")
   done
+  rm -f "${obj}/libmxmoe.so"
   g++ -shared -o "${obj}/libmxmoe.so" "${objects[@]}" -L/usr/local/cuda/lib64 \
-    -Wl,-Bstatic -lcudart_static -Wl,-Bdynamic -lpthread -ldl -lrt
-  echo "${obj}/libmxmoe.so"
+    -Wl,-Bstatic -lcudart_static -Wl,-Bdynamic -lpthread -ldl -lrt || return 1
+  lib="${obj}/libmxmoe.so"
 }
 
 echo "== libmxmoe.so"
@@ -74,7 +79,7 @@ if [[ ${use_bazel} -eq 1 ]]; then
   fi
 else
   echo "(no bazel: building with nvcc + g++ directly)"
-  lib="$(build_library_without_bazel | tail -1)" || failures+=("libmxmoe.so (fallback build)")
+  build_library_without_bazel || failures+=("libmxmoe.so (fallback build)")
 fi
 
 rm -rf "${pack}"
@@ -96,7 +101,7 @@ cp tools/gpu/run.sh "${pack}/run.sh"
 commit="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 [[ -n "$(git status --porcelain 2>/dev/null | head -1)" ]] && commit="${commit}-dirty"
 echo "${commit}" > "${pack}/COMMIT"
-printf '%s\n' "${failures[@]+"${failures[@]}"}" > "${pack}/PACK_FAILURES"
+if [[ ${#failures[@]} -gt 0 ]]; then printf '%s\n' "${failures[@]}" > "${pack}/PACK_FAILURES"; fi
 
 echo "== packed ${pack} ($(du -sh "${pack}" | cut -f1)), commit ${commit}"
 ls -la "${pack}/lib" "${pack}/bin"

@@ -18,8 +18,9 @@
 #   bench      python3 SCRIPT --out OUTDIR [ARGS] for each SCRIPT (default bench/bench_*.py);
 #              each writes OUTDIR/<gpu>-<suite>.json -> bench_<name>.log
 # Every stage's log goes to OUTDIR; a summary table (also OUTDIR/summary.txt) is printed LAST.
-# Exit code: 0 only if every stage that ran passed. A stage is killed after
-# MXMOE_STAGE_TIMEOUT seconds (default 1800).
+# Exit code: 0 only if every stage that ran passed. A stage is killed after MXMOE_TIMEOUT_<STAGE>
+# seconds (e.g. MXMOE_TIMEOUT_PYTEST, MXMOE_TIMEOUT_BENCH_QUANTIZE), else MXMOE_STAGE_TIMEOUT
+# (default 1800).
 set -uo pipefail
 
 pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -81,9 +82,11 @@ record() {  # name rc seconds note
 stage() {
   local name="$1" log="$2"
   shift 2
-  echo "== ${name}: $* (log: ${log})"
+  echo "== ${name} (log: ${log})"
   local t0=${SECONDS}
-  timeout --kill-after=30 "${timeout_s}" "$@" >>"${log}" 2>&1
+  local limit_var="MXMOE_TIMEOUT_${name^^}"
+  local limit="${!limit_var:-${timeout_s}}"
+  timeout --kill-after=10 "${limit}" "$@" >>"${log}" 2>&1
   local rc=$?
   tail -n 4 "${log}" | sed 's/^/   | /'
   record "${name}" "${rc}" $((SECONDS - t0)) "$(last_summary_line "${log}")"
@@ -92,7 +95,7 @@ stage() {
 
 # The last line that looks like a test-runner or benchmark verdict, for the table.
 last_summary_line() {
-  grep -E "passed|failed|error|ERROR SUMMARY|RACECHECK SUMMARY|goal|wrote|built|Error" "$1" \
+  grep -E "passed|failed|skipped|error|ERROR SUMMARY|RACECHECK SUMMARY|goal|wrote|built|Error" "$1" \
     2>/dev/null | tail -n 1 | cut -c1-90
 }
 
@@ -157,7 +160,7 @@ if wants build; then
 fi
 if wants pytest; then
   if [[ ${module_ok} -eq 1 ]]; then
-    stage pytest "${out}/pytest.log" "${python}" -m pytest -q -rs -p no:cacheprovider \
+    stage pytest "${out}/pytest.log" "${python}" -m pytest -q -rs -p no:cacheprovider --durations=15 \
       --junitxml="${out}/pytest.xml" ${pytest_paths}
   else
     record pytest 1 0 "skipped: the module did not build"

@@ -1,0 +1,20 @@
+"""The demo runs end to end on the CPU at its default shape and prints its three results."""
+
+from absl import flags
+from mxmoe import demo
+
+
+def test_demo_small_shape_on_cpu(capsys):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["demo", "--tokens=5", "--backend=cpu", "--repeats=1", "--seed=3"])
+    try:
+        demo.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    assert "backend: cpu" in out
+    assert "forward:" in out and " ms " in out
+    exact = [line for line in out.splitlines() if "vs exact reference" in line]
+    assert exact, out
+    assert float(exact[0].rsplit(":", 1)[1]) <= 5e-3, exact[0]
+    assert "vs unquantized bf16 layer" in out

@@ -43,6 +43,28 @@ void TestE2M1Table() {
            FloatToE2M1(E2M1ToFloat(code)));
   }
   EXPECT(FloatToE2M1(INFINITY) == 7 && FloatToE2M1(-INFINITY) == 15, "Inf saturates");
+  // Every float within 64 ulps of each rounding midpoint and grid point, both signs, against a
+  // nearest-grid search in double with ties to the even code.
+  const float points[] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 0.5f, 1.0f, 1.5f,
+                          2.0f, 3.0f, 4.0f, 6.0f, 0.0f};
+  for (float p : points) {
+    for (int d = -64; d <= 64; ++d) {
+      const int64_t bits = static_cast<int64_t>(FloatBits(p)) + d;
+      if (bits < 0) continue;
+      for (float sign : {1.0f, -1.0f}) {
+        const float v = sign * BitsFloat(static_cast<uint32_t>(bits));
+        int best = 0;
+        for (int c = 1; c < 8; ++c) {
+          const double dc = fabs(fabs(v) - E2M1ToFloat(c));
+          const double db = fabs(fabs(v) - E2M1ToFloat(best));
+          if (dc < db || (dc == db && c % 2 == 0)) best = c;
+        }
+        const int want = (signbit(v) ? 8 : 0) | best;
+        EXPECT(FloatToE2M1(v) == want, "FloatToE2M1(%a) = %d, expected %d", v, FloatToE2M1(v),
+               want);
+      }
+    }
+  }
   EXPECT(FloatToE2M1(1e30f) == 7, "large saturates");
 }
 

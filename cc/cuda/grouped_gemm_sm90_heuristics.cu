@@ -2,6 +2,8 @@
 // code only; a .cu so that the cc/cuda glob builds it.
 #include "cc/cuda/grouped_gemm_sm90_heuristics.h"
 
+#include "cc/cuda/grouped_gemm_sm90_kernel.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +40,7 @@ GemmConfig ChooseGemmConfig(const GemmProblem& problem) {
   } else {
     config.block_n = 128;
   }
-  config.grid = problem.num_sms > 0 ? problem.num_sms : 132;
+  config.grid = (problem.num_sms > 0 ? problem.num_sms : 132) * GemmCtasPerSm(config.block_n);
   return config;
 }
 
@@ -49,6 +51,7 @@ GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem) {
     for (int choice : kBlockNChoices) {
       if (v == choice) config.block_n = v;
     }
+    config.grid = (problem.num_sms > 0 ? problem.num_sms : 132) * GemmCtasPerSm(config.block_n);
   }
   const char* print = getenv("MXMOE_PRINT_CONFIG");
   if (print != nullptr && strcmp(print, "1") == 0) {

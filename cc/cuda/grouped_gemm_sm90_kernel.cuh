@@ -44,6 +44,7 @@ struct Traits {
   static constexpr int kWeightBytes = 2 * kRecordBytes;
   static constexpr int kStageBytes = GemmStageBytes(kBlockN);
   static constexpr int kStages = GemmStages(kBlockN);
+  static constexpr int kCtasPerSm = GemmCtasPerSm(kBlockN);
   static constexpr int kWeightOffset = kActBytes;
   static constexpr int kFactorOffset = kActBytes + kWeightBytes;  // 128-byte aligned
   static constexpr int kFactorBytes = GemmFactorBytes(kBlockN);
@@ -232,7 +233,7 @@ __device__ __forceinline__ void PromoteChunk(const uint8_t* st, int row_shift, i
 // ---- the kernel -------------------------------------------------------------------------------
 
 template <int kBlockN>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
     GroupedGemmSm90Kernel(const __grid_constant__ CUtensorMap act_map,
                           const GemmKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -293,7 +294,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid < 128) {
     // ------------------------------------------------------------------ producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if constexpr (T::kCtasPerSm == 1) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    }
     if (tid == 0) {
       // Programmatic dependent launch: everything above overlapped the activation conversion;
       // its outputs are read only from here on (a no-op when launched without the attribute).
@@ -331,7 +334,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ------------------------------------------------------------------ math warpgroups
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    if constexpr (T::kCtasPerSm == 1) {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    }
     const int mwg = tid / 128 - 1;  // 0 or 1: which 64-row panel of the tile
     const int warp = (tid / 32) % 4;
     const int lane = tid % 32;
@@ -340,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     // Chunk accumulators (two for token tiles <= 64, where the registers allow overlapping one
     // chunk's WGMMAs with the previous chunk's promotion) and their A fragments.
-    constexpr bool kDoubleBuffer = kBlockN <= 64;
+    constexpr bool kDoubleBuffer = kBlockN <= 64 && T::kCtasPerSm == 1;
     float acc[kBlockN / 2];
     float tmp[kBlockN / 2];
     float tmp_odd[kDoubleBuffer ? kBlockN / 2 : 1];
@@ -489,6 +494,8 @@ mxmoe_status LaunchGemmKernelN(const GemmKernelLaunch& launch, cudaStream_t stre
   MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       GroupedGemmSm90Kernel<kBlockN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
       static_cast<int>(smem)));
+  MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      GroupedGemmSm90Kernel<kBlockN>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   // Programmatic dependent launch: the prologue (barriers, tables, tile prefix sums) overlaps
   // the activation conversion kernel before it in the stream (also inside CUDA graphs).
   cudaLaunchConfig_t config = {};

@@ -51,9 +51,13 @@ constexpr int GemmFactorBytes(int block_n) { return (block_n + 4) * 4; }
 constexpr int GemmStageBytes(int block_n) {
   return (block_n * 128 + 2 * kGemmRecordBytes + GemmFactorBytes(block_n) + 1023) / 1024 * 1024;
 }
-// Deep rings for narrow token tiles: decode streams weights, so more bytes in flight per SM.
+// Narrow token tiles (decode) run two CTAs per SM: the per-chunk decode -> WGMMA -> promotion
+// chain of one CTA leaves the SM mostly idle (latency-bound), a second CTA overlaps it. Their
+// registers are capped at 80 per thread (65536 / 768), so no setmaxnreg and one chunk
+// accumulator; their rings are sized to fit two CTAs in 227 KB.
+constexpr int GemmCtasPerSm(int block_n) { return block_n <= 32 ? 2 : 1; }
 constexpr int GemmStages(int block_n) {
-  return block_n >= 128 ? 7 : block_n >= 64 ? 10 : block_n >= 32 ? 14 : 16;
+  return block_n >= 128 ? 7 : block_n >= 64 ? 10 : block_n >= 32 ? 7 : 8;
 }
 // Epilogue staging, one [block_n tokens][64 rows] bf16/fp16 tile per math warpgroup, rows padded
 // to 144 bytes so that the fragment stores are conflict-free and the 16-byte reads aligned.

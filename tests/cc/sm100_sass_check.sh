@@ -28,12 +28,13 @@ if [[ $# -lt 1 ]]; then
   exit 2
 fi
 
-find_tool() {  # find_tool <name> <override path or "">
+find_tool() {  # find_tool <name> <override path or "">: prints an absolute path
   local name="$1" candidate
   for candidate in "$2" "$(command -v "${name}" 2>/dev/null || true)" \
       "${CUDA_HOME:+${CUDA_HOME}/bin/${name}}" "/usr/local/cuda/bin/${name}"; do
     if [[ -n "${candidate}" && -x "${candidate}" ]]; then
-      echo "${candidate}"
+      # Absolute, so it stays valid as a PATH entry for cuobjdump (Bazel passes runfiles paths).
+      echo "$(cd "$(dirname "${candidate}")" && pwd)/$(basename "${candidate}")"
       return 0
     fi
   done
@@ -123,7 +124,7 @@ done
 if [[ -n "${nvdisasm}" ]]; then
   sass=""
   for file in "$@"; do
-    sass+="$(PATH="$(dirname "${nvdisasm}"):${PATH}" \
+    sass+="$(PATH="$(dirname "${nvdisasm}"):${PATH}" NVDISASM_PATH="$(dirname "${nvdisasm}")" \
       "${cuobjdump}" -sass -arch sm_100a "${file}" 2>/dev/null | awk -v pattern="${gemm}" '
         /Function : / { in_gemm = ($0 ~ pattern) }
         in_gemm' || true)"$'\n'

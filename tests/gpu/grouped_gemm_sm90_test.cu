@@ -2,7 +2,7 @@
 // GroupedGemmSm90), a standalone program for an H100/H200 host (no Bazel there).
 //
 //   grouped_gemm_sm90_test [--no-bench] [--bench-only] [--quick] [--block-n N]
-//                          [--bench-filter model:gemm:T] [--json PATH]
+//                          [--bench-filter model:gemm:T] [--routing PATH] [--json PATH]
 //
 // Correctness: random MXFP4 operands built on the host with format.h's rules, the kernel's
 // output compared with a float64 matmul of the dequantized operands (relative L2 <= 2e-3 for
@@ -57,7 +57,31 @@ bool FormatHeaderE2m1Ok() {
 }
 bool g_quick = false;
 int g_only_block_n = 0;  // --block-n N: test only this token tile
-const char* g_bench_filter = nullptr;  // --bench-filter model:gemm:T (e.g. deepseek-v3:w13:16384)
+const char* g_bench_filter = nullptr;
+// --routing PATH: lines "model T m_0 ... m_{E-1}" (rows per expert), written by
+// bench/bench_gemm.py so that mxmoe and the torch peers time the same routing.
+const char* g_routing_path = nullptr;
+
+bool LoadRouting(const char* model, int tokens, int experts, std::vector<int>* m) {
+  if (g_routing_path == nullptr) return false;
+  FILE* f = fopen(g_routing_path, "r");
+  if (f == nullptr) return false;
+  char name[128];
+  int t = 0;
+  bool found = false;
+  while (fscanf(f, "%127s %d", name, &t) == 2) {
+    std::vector<int> v(experts);
+    for (int e = 0; e < experts; ++e)
+      if (fscanf(f, "%d", &v[e]) != 1) v[e] = 0;
+    if (!strcmp(name, model) && t == tokens) {
+      *m = v;
+      found = true;
+      break;
+    }
+  }
+  fclose(f);
+  return found;
+}  // --bench-filter model:gemm:T (e.g. deepseek-v3:w13:16384)
 
 #define CHECK_CUDA(expr)                                                                \
   do {                                                                                  \
@@ -698,6 +722,9 @@ void RunBenchmark(const char* json_path) {
               ++m[perm[j]];
             }
           }
+          // The routing file's rows per expert, when given, replace the uniform draw above
+          // (so that mxmoe and the torch peers time the same problem).
+          LoadRouting(s.model, T, E, &m);
           std::vector<int32_t> eo(E + 1, 0), bso(E + 1, 0);
           int active = 0;
           for (int e = 0; e < E; ++e) {
@@ -809,6 +836,7 @@ int main(int argc, char** argv) {
     if (!strcmp(argv[i], "--quick")) g_quick = true;
     if (!strcmp(argv[i], "--block-n") && i + 1 < argc) g_only_block_n = atoi(argv[++i]);
     if (!strcmp(argv[i], "--bench-filter") && i + 1 < argc) g_bench_filter = argv[++i];
+    if (!strcmp(argv[i], "--routing") && i + 1 < argc) g_routing_path = argv[++i];
   }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {

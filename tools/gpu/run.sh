@@ -95,7 +95,7 @@ stage() {
 
 # The last line that looks like a test-runner or benchmark verdict, for the table.
 last_summary_line() {
-  grep -E "passed|failed|skipped|error|ERROR SUMMARY|RACECHECK SUMMARY|goal|wrote|built|Error" "$1" \
+  grep -E "^mxmoe |passed|failed|skipped|error|ERROR SUMMARY|RACECHECK SUMMARY|goal|wrote|built|Error" "$1" \
     2>/dev/null | tail -n 1 | cut -c1-90
 }
 

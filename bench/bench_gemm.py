@@ -72,38 +72,41 @@ def _copies(active_bytes: int, weight_bytes: int) -> int:
     return max(1, min(copies, MAX_ROTATION_BYTES // max(weight_bytes, 1)))
 
 
-def time_torch_bf16(m: list[int], n: int, k: int) -> float:
-    e, rows = len(m), sum(m)
-    a = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-    active = sum(1 for x in m if x) * n * k * 2
-    copies = _copies(active, e * n * k * 2)
-    ws = [_random_weights(e, n, k, torch.bfloat16) for _ in range(copies)]
-    offs = _offsets(m, "cuda")
-    calls = [lambda w=w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs) for w in ws]
-    ms = _time(calls, rows)
-    del ws
-    torch.cuda.empty_cache()
-    return ms
+class TorchPeers:
+    """Weights for one (shape, gemm), made once and shared by every T: ``copies`` rotating sets
+    (enough for the smallest T, capped by memory), bf16 and FP8 e4m3 with per-channel scales."""
 
+    def __init__(self, e: int, n: int, k: int, active_min: int):
+        self.e, self.n, self.k = e, n, k
+        self.bf16 = [_random_weights(e, n, k, torch.bfloat16)
+                     for _ in range(_copies(active_min * n * k * 2, e * n * k * 2))]
+        self.fp8 = [w.to(torch.float8_e4m3fn) for w in self.bf16[:_copies(active_min * n * k,
+                                                                          e * n * k)]]
+        self.scale_b = torch.rand(e, n, device="cuda") + 0.5
 
-def time_torch_fp8(m: list[int], n: int, k: int) -> float:
-    e, rows = len(m), sum(m)
-    a = torch.randn(rows, k, device="cuda").to(torch.float8_e4m3fn)
-    scale_a = torch.rand(rows, device="cuda") + 0.5
-    active = sum(1 for x in m if x) * n * k
-    copies = _copies(active, e * n * k)
-    ws = [_random_weights(e, n, k, torch.float8_e4m3fn) for _ in range(copies)]
-    scale_b = torch.rand(e, n, device="cuda") + 0.5
-    offs = _offsets(m, "cuda")
-    calls = [
-        lambda w=w: torch._scaled_grouped_mm(a, w.transpose(-2, -1), scale_a, scale_b, offs=offs,
-                                             out_dtype=torch.bfloat16)
-        for w in ws
-    ]
-    ms = _time(calls, rows)
-    del ws
-    torch.cuda.empty_cache()
-    return ms
+    def _sets(self, ws, active_bytes: int):
+        return ws[:_copies(active_bytes, 1)]
+
+    def time_bf16(self, m: list[int]) -> float:
+        rows, k = sum(m), self.k
+        a = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+        offs = _offsets(m, "cuda")
+        ws = self._sets(self.bf16, sum(1 for x in m if x) * self.n * k * 2)
+        calls = [lambda w=w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs) for w in ws]
+        return _time(calls, rows)
+
+    def time_fp8(self, m: list[int]) -> float:
+        rows, k = sum(m), self.k
+        a = torch.randn(rows, k, device="cuda").to(torch.float8_e4m3fn)
+        scale_a = torch.rand(rows, device="cuda") + 0.5
+        offs = _offsets(m, "cuda")
+        ws = self._sets(self.fp8, sum(1 for x in m if x) * self.n * k)
+        calls = [
+            lambda w=w: torch._scaled_grouped_mm(a, w.transpose(-2, -1), scale_a, self.scale_b,
+                                                 offs=offs, out_dtype=torch.bfloat16)
+            for w in ws
+        ]
+        return _time(calls, rows)
 
 
 def time_mxmoe_python(ops, m: list[int], n: int, k: int) -> float:
@@ -166,9 +169,19 @@ def main() -> int:
                     mxmoe_cpp[(row["shape"], row["tokens"])] = row["mxmoe_ms"]
 
     rows = []
+
+    def save() -> str:
+        result = {"gpu": gpu, "commit": common.commit(), "date": common.utc_now(),
+                  "copy_GBps": copy_gbps, "rows": rows}
+        return common.write_results(args.out, "gemm", result)
+
     for shape in args.shapes:
         e, h, i, top_k = common.SHAPES[shape]
         for gemm, n, k in (("w13", 2 * i, h), ("w2", h, i)):
+            peers = None
+            if not args.no_torch:
+                active_min = min(sum(1 for x in routing[(shape, t)] if x) for t in args.tokens)
+                peers = TorchPeers(e, n, k, active_min)
             for t in args.tokens:
                 m = routing[(shape, t)]
                 total = sum(m)
@@ -184,20 +197,21 @@ def main() -> int:
                 elif (f"{shape}-{gemm}", t) in mxmoe_cpp:
                     row["mxmoe_ms"] = mxmoe_cpp[(f"{shape}-{gemm}", t)]
                     row["mxmoe_source"] = "grouped_gemm_sm90_test"
-                if not args.no_torch:
-                    for name, fn in (("torch_bf16_ms", time_torch_bf16),
-                                     ("torch_fp8_ms", time_torch_fp8)):
+                if peers is not None:
+                    for name, fn in (("torch_bf16_ms", peers.time_bf16),
+                                     ("torch_fp8_ms", peers.time_fp8)):
                         try:
-                            row[name] = fn(m, n, k)
+                            row[name] = fn(m)
                         except Exception as err:  # noqa: BLE001 - report, keep going
                             row[name] = None
                             row[name.replace("_ms", "_error")] = str(err).splitlines()[0][:200]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                save()  # after every row: a run cut short still leaves its numbers
+            del peers
+            torch.cuda.empty_cache()
 
-    result = {"gpu": gpu, "commit": common.commit(), "date": common.utc_now(),
-              "copy_GBps": copy_gbps, "rows": rows}
-    path = common.write_results(args.out, "gemm", result)
+    path = save()
 
     def fmt(x):
         return "-" if x is None else f"{x:.4f}"

@@ -9,8 +9,8 @@ bytes_moved = input read + packed codes written + scales written (swizzled, padd
 + the two offset arrays. Time: median of CUDA-event timings of CUDA-graph replays (each graph
 runs 20 launches), the launches cycling over enough input sets that a cycle touches 4x the L2
 size, so inputs come from device memory. Reported: ms, GB/s (bytes_moved / time), the ratio to
-the copy bandwidth, and floor_bytes_ms = bytes_moved / copy bandwidth. From T = 4096 on, rows
-also time a variant for diagnosis (silu_reference_ms, linear_quantize_ms; see DIAGNOSTIC_TOKENS).
+the copy bandwidth, and floor_bytes_ms = bytes_moved / copy bandwidth. Small and large T also
+time a few variants for diagnosis (see SMALL_TOKENS, DIAGNOSTIC_TOKENS).
 
 Goals (issue 3, H100): >= 85% of the copy bandwidth where >= 64 MB move; < 5 us per launch for
 the smallest cases.
@@ -22,6 +22,7 @@ Writes DIR/<gpu>-quantize.json (keys gpu, commit, date, copy_GBps, rows) and pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -34,13 +35,30 @@ KERNELS = ("experts_quantize", "silu_mul_experts_quantize")
 GOAL_BYTES = 64 << 20
 GOAL_RATIO = 0.85
 GOAL_SMALL_US = 5.0
-# From this T on, rows also carry a diagnostic timing: silu_reference_ms (the fused kernel with
-# format::SiluF32 instead of its branch-free copy) or linear_quantize_ms (plain row quantize).
+# Diagnostic timings (knobs of cc/cuda/quantize.cu): up to SMALL_TOKENS, units1_ms / units4_ms
+# (lanes per thread forced to 1 / 4); from DIAGNOSTIC_TOKENS on, units8_ms, silu_reference_ms
+# (format::SiluF32 itself instead of its faster copy) and linear_quantize_ms (plain row quantize).
+SMALL_TOKENS = 64
 DIAGNOSTIC_TOKENS = 4096
 
 
 def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+@contextlib.contextmanager
+def knobs(env: dict):
+    """Sets environment variables (read by the library per call) for the duration."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def bench_case(shape: str, kernel: str, tokens: int, copy_gbps: float) -> dict:
@@ -67,23 +85,27 @@ def bench_case(shape: str, kernel: str, tokens: int, copy_gbps: float) -> dict:
     ms = common.time_graph(calls)
     gbps = bytes_moved / (ms * 1e-3) / 1e9
     extra = {}
+    # Diagnostics, for tuning: the same launches with a knob of cc/cuda/quantize.cu changed.
+    variants = {}
+    if tokens <= SMALL_TOKENS:
+        variants["units1_ms"] = {"MXMOE_QUANTIZE_UNITS": "1"}
+        variants["units4_ms"] = {"MXMOE_QUANTIZE_UNITS": "4"}
     if tokens >= DIAGNOSTIC_TOKENS:
-        if silu:
-            # The same launches with format::SiluF32 itself instead of its branch-free copy.
-            os.environ["MXMOE_QUANTIZE_SILU"] = "reference"
-            try:
-                extra["silu_reference_ms"] = common.time_graph(calls)
-            finally:
-                del os.environ["MXMOE_QUANTIZE_SILU"]
-        else:
-            # The plain row quantizer (linear scales, no expert mapping) on the same inputs.
-            linear = []
-            for x in inputs:
-                p = torch.empty(rows, width // 2, dtype=torch.uint8, device="cuda")
-                s = torch.empty(rows, width // 32, dtype=torch.uint8, device="cuda")
-                linear.append(lambda x=x, p=p, s=s: _mxmoe.quantize(
-                    x, p, s, _mxmoe.SCALE_LAYOUT_LINEAR, torch.cuda.current_stream().cuda_stream))
-            extra["linear_quantize_ms"] = common.time_graph(linear)
+        variants["units8_ms"] = {"MXMOE_QUANTIZE_UNITS": "8"}
+        if silu:  # format::SiluF32 itself instead of its faster copy
+            variants["silu_reference_ms"] = {"MXMOE_QUANTIZE_SILU": "reference"}
+    for name, env in variants.items():
+        with knobs(env):
+            extra[name] = common.time_graph(calls)
+    if tokens >= DIAGNOSTIC_TOKENS and not silu:
+        # The plain row quantizer (linear scales, no expert mapping) on the same inputs.
+        linear = []
+        for x in inputs:
+            p = torch.empty(rows, width // 2, dtype=torch.uint8, device="cuda")
+            s = torch.empty(rows, width // 32, dtype=torch.uint8, device="cuda")
+            linear.append(lambda x=x, p=p, s=s: _mxmoe.quantize(
+                x, p, s, _mxmoe.SCALE_LAYOUT_LINEAR, torch.cuda.current_stream().cuda_stream))
+        extra["linear_quantize_ms"] = common.time_graph(linear)
     return {
         "shape": shape,
         "kernel": kernel,

@@ -203,7 +203,9 @@ mxmoe_status GroupedGemm(const mxmoe_grouped_gemm_args& args) {
     scale_offsets[e] = LoadI32(args.blockscale_offsets, e);
   }
   if (k == 0) {  // empty sums: every output element is +0
-    for (int64_t i = 0; i < offsets[num_experts] * n; ++i) StoreFromDouble(args.c, args.c_dtype, i, 0.0);
+    for (int64_t i = 0; i < offsets[num_experts] * n; ++i) {
+      StoreFromDouble(args.c, args.c_dtype, i, 0.0);
+    }
     return MXMOE_STATUS_OK;
   }
 

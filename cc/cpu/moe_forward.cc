@@ -189,8 +189,8 @@ mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,
     const int32_t count = ws.sort_cursor[e];
     ws.sort_cursor[e] = ws.expert_offsets[e];
     ws.expert_offsets[e + 1] = ws.expert_offsets[e] + count;
-    ws.blockscale_offsets[e + 1] =
-        ws.blockscale_offsets[e] + static_cast<int32_t>(format::RoundUp(count, format::kSwizzleRows));
+    const int64_t padded = format::RoundUp(count, format::kSwizzleRows);
+    ws.blockscale_offsets[e + 1] = ws.blockscale_offsets[e] + static_cast<int32_t>(padded);
   }
   for (int64_t i = 0; i < slots; ++i) {
     const int32_t e = local_expert(i);
@@ -207,10 +207,11 @@ mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,
 
   // 4. Gather and quantize the hidden rows.
   const int64_t hidden_row_bytes = hidden * act_bytes;
+  const uint8_t* hidden_states = static_cast<const uint8_t*>(args.hidden_states);
   ParallelFor(rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       memcpy(ws.activations + r * hidden_row_bytes,
-             static_cast<const uint8_t*>(args.hidden_states) + ws.token_of_row[r] * hidden_row_bytes,
+             hidden_states + ws.token_of_row[r] * hidden_row_bytes,
              static_cast<size_t>(hidden_row_bytes));
     }
   });

@@ -48,7 +48,9 @@ mxmoe_status UnswizzleScales(const mxmoe_swizzle_scales_args& args) {
                   const int64_t r = item % rows;
                   const uint8_t* in = args.input + b * swizzled_bytes;
                   uint8_t* out = args.output + b * rows * cols + r * cols;
-                  for (int64_t c = 0; c < cols; ++c) out[c] = in[format::SwizzledOffset(r, c, cols)];
+                  for (int64_t c = 0; c < cols; ++c) {
+                    out[c] = in[format::SwizzledOffset(r, c, cols)];
+                  }
                 }
               });
   return MXMOE_STATUS_OK;

@@ -257,9 +257,10 @@ WorkspaceLayout Layout(const mxmoe_grouped_gemm_args& args) {
   l.factor_bytes = static_cast<size_t>(chunks) * FactorStride(args.rows) * 4;
   at = AlignUp(at + l.factor_bytes, kSliceAlign);
   l.prepared_offset = at;
-  l.prepared_bytes = args.b.format == MXMOE_WEIGHT_FORMAT_PREPARED
-                         ? 0
-                         : static_cast<size_t>(sm90::PreparedBytes(args.num_experts, args.n, args.k));
+  l.prepared_bytes =
+      args.b.format == MXMOE_WEIGHT_FORMAT_PREPARED
+          ? 0
+          : static_cast<size_t>(sm90::PreparedBytes(args.num_experts, args.n, args.k));
   at = AlignUp(at + l.prepared_bytes, kSliceAlign);
   l.total = at + kSliceAlign;  // slack: the caller's pointer is aligned up to kSliceAlign
   return l;
@@ -270,10 +271,12 @@ mxmoe_status CheckShape(int64_t n, int64_t k, int32_t num_experts, const char* o
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": num_experts must be > 0, got ", num_experts);
   }
   if (n <= 0 || n % 32 != 0) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": n must be a positive multiple of 32, got ", n);
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": n must be a positive multiple of 32, got ",
+                n);
   }
   if (k <= 0 || k % 32 != 0) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": k must be a positive multiple of 32, got ", k);
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": k must be a positive multiple of 32, got ",
+                k);
   }
   if (n > (1 << 30) || k > (1 << 30)) {
     return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": n and k must be < 2^30, got n=", n, " k=", k);
@@ -288,8 +291,8 @@ bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
 // ---- entry points -----------------------------------------------------------------------------
 
 mxmoe_status PrepareWeightsSm90Size(const mxmoe_prepare_weights_args& args, size_t* bytes) {
-  MXMOE_RETURN_IF_ERROR(
-      CheckShape(args.weights.n, args.weights.k, args.weights.num_experts, "prepare_weights (sm90)"));
+  MXMOE_RETURN_IF_ERROR(CheckShape(args.weights.n, args.weights.k, args.weights.num_experts,
+                                   "prepare_weights (sm90)"));
   *bytes = static_cast<size_t>(
       sm90::PreparedBytes(args.weights.num_experts, args.weights.n, args.weights.k));
   return MXMOE_STATUS_OK;
@@ -312,7 +315,8 @@ mxmoe_status PrepareWeightsSm90(const mxmoe_prepare_weights_args& args, void* st
                 args.prepared_bytes, " < ", need);
   }
   if (!Aligned(args.prepared, 16)) {
-    return Fail(MXMOE_STATUS_MISALIGNED, "prepare_weights (sm90): prepared must be 16-byte aligned");
+    return Fail(MXMOE_STATUS_MISALIGNED,
+                "prepare_weights (sm90): prepared must be 16-byte aligned");
   }
   return LaunchPrepare(w.packed, w.scales, w.format == MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4,
                        w.num_experts, w.n, w.k, args.prepared, static_cast<cudaStream_t>(stream));

@@ -59,7 +59,9 @@ GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem) {
     static std::set<std::string>* printed = new std::set<std::string>();
     const std::string line = problem.ToString() + " -> " + config.ToString();
     std::lock_guard<std::mutex> lock(mu);
-    if (printed->insert(line).second) fprintf(stderr, "mxmoe sm90 grouped_gemm: %s\n", line.c_str());
+    if (printed->insert(line).second) {
+      fprintf(stderr, "mxmoe sm90 grouped_gemm: %s\n", line.c_str());
+    }
   }
   return config;
 }

@@ -105,7 +105,9 @@ __device__ __forceinline__ void TmaLoad2d(uint32_t dst, const CUtensorMap* map, 
       : "memory");
 }
 
-__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void WgmmaCommit() {
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 }
@@ -478,7 +480,8 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           const int token = id >> 3, part = id & 7;
           const int64_t row = static_cast<int64_t>(tile.row_base) + token;
           if (token < tile.rows_valid && row < p.rows && n0 + part * 8 < p.n) {
-            const uint4 v = *reinterpret_cast<const uint4*>(epi + token * kEpilogueRowBytes + part * 16);
+            const uint4 v =
+                *reinterpret_cast<const uint4*>(epi + token * kEpilogueRowBytes + part * 16);
             *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.c) + row * p.n + n0 + part * 8) = v;
           }
         }

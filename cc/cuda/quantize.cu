@@ -3,17 +3,21 @@
 //
 // One quantizing kernel serves every entry point. Its work unit is a lane: 8 consecutive
 // elements of a row (one 16-byte load; two for SiLU, gate and up), 4 lanes per 32-element block.
-// Each CTA takes kUnitsPerCta consecutive lanes of the flattened [rows, k/8] lane grid (rows need
-// not align with CTAs), issues all its loads first, then builds a small table of where each of
-// its rows' scales go (this is where the per-expert mapping happens), then quantizes and stores.
-// Swizzled layouts have padding: extra CTAs after the data CTAs zero the padding rows of each
-// matrix's last 128-row tile; the lane that writes a row's last scale also zeroes that row's
-// padding columns.
+// Each data CTA takes kThreads * kUnits consecutive lanes of the flattened [rows, k/8] lane grid
+// (rows need not align with CTAs), issues all its loads first, then builds a small table of where
+// each of its rows' scales go (this is where the per-expert mapping happens: a binary search in
+// the expert offsets, kept in shared memory), then quantizes and stores. kUnits (lanes per thread)
+// is 4 for large problems (4 independent 16-byte loads in flight per thread) and 1 for small ones
+// (more threads, each with a short serial chain: the launch latency is what counts there).
+// Swizzled layouts have padding: CTAs launched before the data CTAs (so that they overlap with
+// them instead of forming a tail) zero the padding rows of each matrix's last 128-row tile; the
+// lane that writes a row's last scale also zeroes that row's padding columns.
 //
 // Limits and behaviour:
 //   - Arguments are validated by cc/src. The launchers here add the checks only a kernel needs
 //     (alignment: input and output 16 bytes, packed 4 bytes, swizzled scales 4 bytes; experts <=
-//     12287 so the offsets fit in shared memory) and fail with a status and message otherwise.
+//     6143 so both offset arrays fit in 48 KB of shared memory) and fail with a status and
+//     message otherwise.
 //   - No allocation, no synchronisation: every launch can be captured in a CUDA graph. Very large
 //     problems (more than 2^30 lanes, e.g. 1.2M rows at k = 7168) are split into several launches
 //     on the same stream.
@@ -34,6 +38,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "cc/cuda/cuda_check.h"
 #include "cc/cuda/quantize_device.cuh"
@@ -52,17 +57,22 @@ using quant::kLanesPerBlock;
 using quant::SiluImpl;
 
 constexpr int kThreads = 256;
-constexpr int kUnitsPerThread = 4;  // 4 independent 16-byte loads in flight per thread
-constexpr int kUnitsPerCta = kThreads * kUnitsPerThread;
-// Rows one CTA's lanes can touch: k >= 32 means >= 4 lanes per row, and CTAs start at multiples of
-// kUnitsPerCta (itself a multiple of 4), so at most kUnitsPerCta / 4 rows, +1 for safety.
-constexpr int kMaxRowsPerCta = kUnitsPerCta / kLanesPerBlock + 1;
+// Dequantize: lanes per thread and per CTA.
+constexpr int kDequantizeUnits = 4;
+constexpr int kUnitsPerCta = kThreads * kDequantizeUnits;
+// Rows the lanes of a quantizing CTA can touch: k >= 32 means >= 4 lanes per row, and CTAs start
+// at multiples of kThreads * kUnits (a multiple of 4), so at most that / 4 rows, +1 for safety.
+template <int kUnits>
+struct Tile {
+  static constexpr int kLanes = kThreads * kUnits;
+  static constexpr int kMaxRows = kLanes / kLanesPerBlock + 1;
+};
 // Lane indices inside one launch stay below 2^30, so 32-bit arithmetic never overflows.
 constexpr int64_t kMaxUnitsPerLaunch = int64_t{1} << 30;
-// Expert offsets are kept in shared memory (48 KB without opting in to more).
-constexpr int32_t kMaxExperts = 48 * 1024 / 4 - 1;
 // At most this many CTAs zero padding (each loops over its share of the matrices).
 constexpr int32_t kMaxPaddingCtas = 1024;
+// Expert offsets and blockscale offsets both live in shared memory.
+constexpr int32_t kMaxSharedExperts = 48 * 1024 / 8 - 1;
 
 // Where a row's scales go.
 enum class ScaleMap {
@@ -77,7 +87,7 @@ struct RowsParams {
   uint8_t* scales;
   int64_t row_begin;          // first row of this launch
   uint32_t units;             // lanes in this launch (launch rows * k / 8)
-  uint32_t data_ctas;         // CTAs [0, data_ctas) quantize, the others zero scale padding
+  uint32_t padding_ctas;      // CTAs [0, padding_ctas) zero scale padding, the others quantize
   FastDivmod lanes_per_row;   // k / 8
   int64_t input_row_elems;    // elements from one input row to the next: k, or 2k for SiLU
   int64_t up_offset_elems;    // SiLU: where `up` starts in a row (= k)
@@ -96,6 +106,7 @@ struct RowsParams {
 
 // Byte offset of scale (row, 0) for the swizzled maps, or -1 when the row is skipped (invalid
 // expert metadata). Offsets of the other columns follow from the layout: + (k/4)*512 + k%4.
+// s_offsets: kExperts: expert_offsets [E+1] then blockscale_offsets [E+1], in shared memory.
 template <ScaleMap kMap>
 __device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, int64_t row) {
   if constexpr (kMap == ScaleMap::kSwizzledGroups) {
@@ -121,8 +132,9 @@ __device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, i
     const int32_t end = s_offsets[lo + 1];
     if (r < begin || r >= end) return -1;
     const int64_t local = static_cast<int64_t>(r) - begin;
-    const int64_t scale_row = p.blockscale_offsets[lo];
-    if (scale_row < 0 || scale_row + format::RoundUp(local + 1, format::kSwizzleRows) > p.scale_rows) {
+    const int64_t scale_row = s_offsets[p.num_experts + 1 + lo];
+    if (scale_row < 0 ||
+        scale_row + format::RoundUp(local + 1, format::kSwizzleRows) > p.scale_rows) {
       return -1;
     }
     return scale_row * p.padded_scale_cols + format::SwizzledOffset(local, 0, p.scale_cols);
@@ -137,14 +149,14 @@ __device__ void ZeroScalePaddingRows(const RowsParams& p, const int32_t* s_offse
   const int32_t k_tiles = p.padded_scale_cols / format::kSwizzleCols;
   const int32_t num_matrices =
       kMap == ScaleMap::kExperts ? p.num_experts : p.num_groups;
-  const int32_t stride = static_cast<int32_t>(gridDim.x - p.data_ctas);
-  for (int32_t g = static_cast<int32_t>(blockIdx.x - p.data_ctas); g < num_matrices; g += stride) {
+  const int32_t stride = static_cast<int32_t>(p.padding_ctas);
+  for (int32_t g = static_cast<int32_t>(blockIdx.x); g < num_matrices; g += stride) {
     int64_t m;
     int64_t base;
     if constexpr (kMap == ScaleMap::kExperts) {
       m = static_cast<int64_t>(s_offsets[g + 1]) - s_offsets[g];
       if (m <= 0) continue;
-      const int64_t scale_row = p.blockscale_offsets[g];
+      const int64_t scale_row = s_offsets[p.num_experts + 1 + g];
       if (scale_row < 0 || scale_row + format::RoundUp(m, format::kSwizzleRows) > p.scale_rows) {
         continue;
       }
@@ -165,35 +177,40 @@ __device__ void ZeroScalePaddingRows(const RowsParams& p, const int32_t* s_offse
   }
 }
 
-template <typename T, SiluImpl kSilu, ScaleMap kMap>
-__global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams p) {
-  extern __shared__ int32_t s_expert_offsets[];  // kExperts: [num_experts + 1]
-  // Swizzled maps: scale byte offset of (row first_row + i, column 0), -1 = skip the row.
-  __shared__ int64_t s_row_scale_base[kMaxRowsPerCta];
+// Loads expert_offsets and blockscale_offsets into shared memory (kExperts), then syncs.
+__device__ void LoadExpertOffsets(const RowsParams& p, int32_t* s_offsets) {
+  for (int i = threadIdx.x; i <= p.num_experts; i += kThreads) {
+    s_offsets[i] = p.expert_offsets[i];
+    s_offsets[p.num_experts + 1 + i] = p.blockscale_offsets[i];
+  }
+  __syncthreads();
+}
 
-  if (blockIdx.x >= p.data_ctas) {
+template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits>
+__global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams p) {
+  // kExperts: expert_offsets [E+1] then blockscale_offsets [E+1].
+  extern __shared__ int32_t s_offsets[];
+  // Swizzled maps: scale byte offset of (row first_row + i, column 0), -1 = skip the row.
+  __shared__ int64_t s_row_scale_base[Tile<kUnits>::kMaxRows];
+
+  if (blockIdx.x < p.padding_ctas) {
     if constexpr (kMap != ScaleMap::kLinear) {
-      if constexpr (kMap == ScaleMap::kExperts) {
-        for (int i = threadIdx.x; i <= p.num_experts; i += kThreads) {
-          s_expert_offsets[i] = p.expert_offsets[i];
-        }
-        __syncthreads();
-      }
-      ZeroScalePaddingRows<kMap>(p, s_expert_offsets);
+      if constexpr (kMap == ScaleMap::kExperts) LoadExpertOffsets(p, s_offsets);
+      ZeroScalePaddingRows<kMap>(p, s_offsets);
     }
     return;
   }
 
   // 1. All loads first. Lanes past the end re-read the last lane (in bounds) so that every lane of
   //    the warp takes part in the block reductions; they store nothing.
-  const uint32_t cta_unit0 = blockIdx.x * static_cast<uint32_t>(kUnitsPerCta);
+  const uint32_t cta_unit0 = (blockIdx.x - p.padding_ctas) * uint32_t{Tile<kUnits>::kLanes};
   const uint32_t lanes_per_row = p.lanes_per_row.divisor;
-  uint4 gate_or_x[kUnitsPerThread];
-  uint4 up[kUnitsPerThread];
-  uint32_t row_in_launch[kUnitsPerThread];
-  uint32_t lane_in_row[kUnitsPerThread];
+  uint4 gate_or_x[kUnits];
+  uint4 up[kUnits];
+  uint32_t row_in_launch[kUnits];
+  uint32_t lane_in_row[kUnits];
 #pragma unroll
-  for (int i = 0; i < kUnitsPerThread; ++i) {
+  for (int i = 0; i < kUnits; ++i) {
     const uint32_t u = min(cta_unit0 + i * kThreads + threadIdx.x, p.units - 1);
     row_in_launch[i] = p.lanes_per_row.Div(u);
     lane_in_row[i] = u - row_in_launch[i] * lanes_per_row;
@@ -208,24 +225,19 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
   // 2. Scale base of every row this CTA touches (experts: binary search in shared memory).
   uint32_t first_row = 0;
   if constexpr (kMap != ScaleMap::kLinear) {
-    if constexpr (kMap == ScaleMap::kExperts) {
-      for (int i = threadIdx.x; i <= p.num_experts; i += kThreads) {
-        s_expert_offsets[i] = p.expert_offsets[i];
-      }
-      __syncthreads();
-    }
+    if constexpr (kMap == ScaleMap::kExperts) LoadExpertOffsets(p, s_offsets);
     first_row = p.lanes_per_row.Div(cta_unit0);
-    const uint32_t last_row =
-        p.lanes_per_row.Div(min(cta_unit0 + static_cast<uint32_t>(kUnitsPerCta), p.units) - 1);
+    const uint32_t last_row = p.lanes_per_row.Div(
+        min(cta_unit0 + uint32_t{Tile<kUnits>::kLanes}, p.units) - 1);
     for (uint32_t t = threadIdx.x; t <= last_row - first_row; t += kThreads) {
-      s_row_scale_base[t] = RowScaleBase<kMap>(p, s_expert_offsets, p.row_begin + first_row + t);
+      s_row_scale_base[t] = RowScaleBase<kMap>(p, s_offsets, p.row_begin + first_row + t);
     }
     __syncthreads();
   }
 
   // 3. Quantize and store.
 #pragma unroll
-  for (int i = 0; i < kUnitsPerThread; ++i) {
+  for (int i = 0; i < kUnits; ++i) {
     quant::Lane8 x;
     if constexpr (kSilu != SiluImpl::kNone) {
       x = quant::SiluMul<T, kSilu>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
@@ -249,8 +261,8 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
         if constexpr (kMap == ScaleMap::kLinear) {
           p.scales[scale_base + block] = q.scale;
         } else {
-          uint8_t* s = p.scales + scale_base + (block / format::kSwizzleCols) *
-                                                   format::kSwizzleTileBytes +
+          uint8_t* s = p.scales + scale_base +
+                       (block / format::kSwizzleCols) * format::kSwizzleTileBytes +
                        block % format::kSwizzleCols;
           *s = q.scale;
           if (block == p.scale_cols - 1) {  // this row's padding columns, same 4-byte word
@@ -300,12 +312,12 @@ __device__ __forceinline__ void StoreOutput8(void* out, int64_t unit, const floa
   }
 }
 
-// Each thread turns kUnitsPerThread lanes of 8 codes (one 32-bit word each) into 8 outputs.
+// Each thread turns kDequantizeUnits lanes of 8 codes (one 32-bit word each) into 8 outputs.
 template <mxmoe_dtype kOut>
 __global__ void __launch_bounds__(kThreads) DequantizeKernel(const DequantizeParams p) {
   const uint32_t cta_unit0 = blockIdx.x * static_cast<uint32_t>(kUnitsPerCta);
 #pragma unroll
-  for (int i = 0; i < kUnitsPerThread; ++i) {
+  for (int i = 0; i < kDequantizeUnits; ++i) {
     const uint32_t u = cta_unit0 + i * kThreads + threadIdx.x;
     if (u >= p.units) break;
     const uint32_t r = p.lanes_per_row.Div(u);
@@ -419,23 +431,74 @@ int64_t MaxUnitsPerLaunch() {
   return kMaxUnitsPerLaunch;
 }
 
-int32_t CtasFor(int64_t units) {
-  return static_cast<int32_t>((units + kUnitsPerCta - 1) / kUnitsPerCta);
+int32_t CtasFor(int64_t units, int units_per_thread) {
+  const int64_t per_cta = int64_t{kThreads} * units_per_thread;
+  return static_cast<int32_t>((units + per_cta - 1) / per_cta);
 }
 
-template <typename T, SiluImpl kSilu, ScaleMap kMap>
-mxmoe_status LaunchRows(const RowsParams& p, int32_t padding_ctas, size_t smem,
+// Multiprocessor count of `device`, queried once per device (132 if the query fails).
+int MultiprocessorCount(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) return 132;
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        count <= 0) {
+      cudaGetLastError();  // clear it: a failed query must not surface at the next launch check
+      count = 132;
+    }
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+// Lanes per thread (the kernel's kUnits): 4 when the grid would still fill every SM twice (4
+// independent 16-byte loads in flight per thread; fewer CTAs, so less per-CTA set-up), else 1
+// (small problems: as many threads as lanes, each with the shortest serial chain).
+// MXMOE_QUANTIZE_UNITS=1|4|8 overrides it (a benchmark knob, read per call).
+int UnitsPerThread(int64_t lanes, int device) {
+  if (const char* env = getenv("MXMOE_QUANTIZE_UNITS")) {
+    const int v = atoi(env);
+    if (v == 1 || v == 4 || v == 8) return v;
+  }
+  const int64_t full_grid = int64_t{2} * MultiprocessorCount(device) * kThreads * 4;
+  return lanes >= full_grid ? 4 : 1;
+}
+
+template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits>
+mxmoe_status LaunchRows(const RowsParams& p, int32_t data_ctas, size_t smem,
                         cudaStream_t stream) {
-  QuantizeRowsKernel<T, kSilu, kMap><<<p.data_ctas + padding_ctas, kThreads, smem, stream>>>(p);
+  QuantizeRowsKernel<T, kSilu, kMap, kUnits>
+      <<<p.padding_ctas + data_ctas, kThreads, smem, stream>>>(p);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
 }
 
+template <typename T, SiluImpl kSilu, ScaleMap kMap>
+mxmoe_status LaunchRowsWithUnits(const RowsParams& p, int units_per_thread, size_t smem,
+                                 cudaStream_t stream) {
+  const int32_t data_ctas = CtasFor(p.units, units_per_thread);
+  if (p.padding_ctas + data_ctas == 0) return MXMOE_STATUS_OK;
+  if constexpr (kSilu == SiluImpl::kReference) {  // the reference SiLU: one variant is enough
+    return LaunchRows<T, kSilu, kMap, 4>(p, CtasFor(p.units, 4), smem, stream);
+  } else {
+    switch (units_per_thread) {
+      case 1:
+        return LaunchRows<T, kSilu, kMap, 1>(p, data_ctas, smem, stream);
+      case 8:
+        return LaunchRows<T, kSilu, kMap, 8>(p, data_ctas, smem, stream);
+      default:
+        return LaunchRows<T, kSilu, kMap, 4>(p, data_ctas, smem, stream);
+    }
+  }
+}
+
 // Quantizes `rows` rows of `base` (k = 8 * lanes per row) in launches of at most
-// kMaxUnitsPerLaunch lanes; the padding CTAs go with the first launch.
+// MaxUnitsPerLaunch() lanes; the padding CTAs go with the first launch.
 template <SiluImpl kSilu, ScaleMap kMap>
 mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtype,
-                          int32_t padding_ctas, cudaStream_t stream) {
+                          int32_t padding_ctas, int device, cudaStream_t stream) {
   const int64_t lanes_per_row = k / kElemsPerLane;
   if (lanes_per_row <= 0) return MXMOE_STATUS_OK;
   if (lanes_per_row > kMaxUnitsPerLaunch) {
@@ -446,7 +509,8 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
   base.padded_scale_cols =
       static_cast<int32_t>(format::RoundUp(base.scale_cols, format::kSwizzleCols));
   const size_t smem =
-      kMap == ScaleMap::kExperts ? (static_cast<size_t>(base.num_experts) + 1) * 4 : 0;
+      kMap == ScaleMap::kExperts ? (static_cast<size_t>(base.num_experts) + 1) * 8 : 0;
+  const int units_per_thread = UnitsPerThread(rows * lanes_per_row, device);
   const int64_t rows_per_launch = std::max<int64_t>(1, MaxUnitsPerLaunch() / lanes_per_row);
   bool first = true;
   for (int64_t row_begin = 0; row_begin < rows || first; row_begin += rows_per_launch) {
@@ -454,16 +518,12 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
     const int64_t launch_rows = std::min(rows_per_launch, rows - row_begin);
     p.row_begin = row_begin;
     p.units = static_cast<uint32_t>(launch_rows * lanes_per_row);
-    p.data_ctas = CtasFor(p.units);
-    const int32_t pad = first ? padding_ctas : 0;
+    p.padding_ctas = first ? padding_ctas : 0;
     first = false;
-    if (p.data_ctas + pad == 0) continue;
-    mxmoe_status status;
-    if (dtype == MXMOE_DTYPE_BF16) {
-      status = LaunchRows<Bf16, kSilu, kMap>(p, pad, smem, stream);
-    } else {
-      status = LaunchRows<Fp16, kSilu, kMap>(p, pad, smem, stream);
-    }
+    const mxmoe_status status =
+        dtype == MXMOE_DTYPE_BF16
+            ? LaunchRowsWithUnits<Bf16, kSilu, kMap>(p, units_per_thread, smem, stream)
+            : LaunchRowsWithUnits<Fp16, kSilu, kMap>(p, units_per_thread, smem, stream);
     MXMOE_RETURN_IF_ERROR(status);
   }
   return MXMOE_STATUS_OK;
@@ -497,7 +557,9 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
   p.scales = scales;
   p.input_row_elems = k;
   const auto s = static_cast<cudaStream_t>(stream);
-  if (!swizzled) return QuantizeRows<SiluImpl::kNone, ScaleMap::kLinear>(p, rows, k, dtype, 0, s);
+  if (!swizzled) {
+    return QuantizeRows<SiluImpl::kNone, ScaleMap::kLinear>(p, rows, k, dtype, 0, device, s);
+  }
   p.group_rows = group_rows;
   p.group_bytes = format::SwizzledBytes(group_rows, k / format::kBlockSize);
   p.num_groups = static_cast<int32_t>(groups);
@@ -505,16 +567,17 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
       group_rows % format::kSwizzleRows == 0
           ? 0
           : static_cast<int32_t>(std::min<int64_t>(groups, kMaxPaddingCtas));
-  return QuantizeRows<SiluImpl::kNone, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas, s);
+  return QuantizeRows<SiluImpl::kNone, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas,
+                                                                 device, s);
 }
 
-// The fused SiLU's implementation: the branch-free copy of format::SiluF32 (quantize_device.cuh),
+// The fused SiLU's implementation: SiluF32Fast (quantize_device.cuh, same bits as format.h),
 // or, with MXMOE_QUANTIZE_SILU=reference, format::SiluF32 itself (same bits; a benchmark and
 // debugging knob, read per call).
 SiluImpl ChosenSilu() {
   const char* env = getenv("MXMOE_QUANTIZE_SILU");
   return env != nullptr && strcmp(env, "reference") == 0 ? SiluImpl::kReference
-                                                          : SiluImpl::kBranchless;
+                                                          : SiluImpl::kFast;
 }
 
 template <bool kSilu>
@@ -525,8 +588,8 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
                                    uint8_t* scales, int64_t scale_rows, int device,
                                    void* stream) {
   MXMOE_RETURN_IF_ERROR(CheckDtype(dtype, op));
-  if (num_experts > kMaxExperts) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": num_experts must be at most ", kMaxExperts,
+  if (num_experts > kMaxSharedExperts) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": num_experts must be at most ", kMaxSharedExperts,
                 " for the CUDA kernel, got ", num_experts);
   }
   if (rows == 0 || k == 0 || num_experts <= 0) return MXMOE_STATUS_OK;
@@ -551,13 +614,14 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
       std::min<int64_t>(std::min<int64_t>(num_experts, rows), kMaxPaddingCtas));
   const auto s = static_cast<cudaStream_t>(stream);
   if constexpr (!kSilu) {
-    return QuantizeRows<SiluImpl::kNone, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas, s);
+    return QuantizeRows<SiluImpl::kNone, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
+                                                             device, s);
   } else if (ChosenSilu() == SiluImpl::kReference) {
     return QuantizeRows<SiluImpl::kReference, ScaleMap::kExperts>(p, rows, k, dtype,
-                                                                  padding_ctas, s);
+                                                                  padding_ctas, device, s);
   } else {
-    return QuantizeRows<SiluImpl::kBranchless, ScaleMap::kExperts>(p, rows, k, dtype,
-                                                                   padding_ctas, s);
+    return QuantizeRows<SiluImpl::kFast, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
+                                                             device, s);
   }
 }
 
@@ -569,7 +633,7 @@ mxmoe_status LaunchDequantize(const DequantizeParams& base, int64_t rows, int64_
     DequantizeParams p = base;
     p.row_begin = row_begin;
     p.units = static_cast<uint32_t>(std::min(rows_per_launch, rows - row_begin) * lanes_per_row);
-    DequantizeKernel<kOut><<<CtasFor(p.units), kThreads, 0, stream>>>(p);
+    DequantizeKernel<kOut><<<CtasFor(p.units, kDequantizeUnits), kThreads, 0, stream>>>(p);
     MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   }
   return MXMOE_STATUS_OK;
@@ -613,7 +677,8 @@ mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {
   if (args.rows == 0 || args.k == 0) return MXMOE_STATUS_OK;
   const int64_t lanes_per_row = args.k / kElemsPerLane;
   if (lanes_per_row > kMaxUnitsPerLaunch) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": k = ", args.k, " is too large for the CUDA kernel");
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": k = ", args.k,
+                " is too large for the CUDA kernel");
   }
   MXMOE_RETURN_IF_ERROR(CheckAligned(args.packed, 4, op, "packed"));
   MXMOE_RETURN_IF_ERROR(CheckAligned(args.output, 16, op, "output"));
@@ -635,8 +700,8 @@ mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {
     case MXMOE_DTYPE_FP32:
       return LaunchDequantize<MXMOE_DTYPE_FP32>(p, args.rows, lanes_per_row, s);
     default:
-      return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": output dtype must be bf16, fp16 or fp32, got ",
-                  args.output_dtype);
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op,
+                  ": output dtype must be bf16, fp16 or fp32, got ", args.output_dtype);
   }
 }
 

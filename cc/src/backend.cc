@@ -33,9 +33,14 @@ mxmoe_status BackendOverride(mxmoe_backend* backend) {
 }  // namespace
 
 std::string DeviceString(const mxmoe_device& device) {
-  std::string type = device.type == MXMOE_DEVICE_CPU    ? "cpu"
-                     : device.type == MXMOE_DEVICE_CUDA ? "cuda"
-                                                        : "device type " + std::to_string(device.type);
+  std::string type;
+  if (device.type == MXMOE_DEVICE_CPU) {
+    type = "cpu";
+  } else if (device.type == MXMOE_DEVICE_CUDA) {
+    type = "cuda";
+  } else {
+    type = "device type " + std::to_string(device.type);
+  }
   return type + ":" + std::to_string(device.id);
 }
 

@@ -21,25 +21,38 @@ namespace {
 #define MXMOE_STRINGIFY_(x) #x
 #define MXMOE_STRINGIFY(x) MXMOE_STRINGIFY_(x)
 
+// Turns the exception in flight into INTERNAL with a message. Building the message allocates;
+// if even that fails, INTERNAL comes back without one rather than an exception escaping.
+mxmoe_status InternalError(const char* op) noexcept {
+  try {
+    try {
+      throw;
+    } catch (const std::bad_alloc&) {
+      return Fail(MXMOE_STATUS_INTERNAL, op, ": out of host memory");
+    } catch (const std::exception& e) {
+      return Fail(MXMOE_STATUS_INTERNAL, op, ": internal error: ", e.what());
+    } catch (...) {
+      return Fail(MXMOE_STATUS_INTERNAL, op, ": unknown internal error");
+    }
+  } catch (...) {
+    return MXMOE_STATUS_INTERNAL;
+  }
+}
+
 // Runs one entry point's body with the error state cleared and exceptions contained.
 template <typename Body>
-mxmoe_status Guarded(const char* op, const Body& body) {
-  ClearLastError();
-  mxmoe_status status;
+mxmoe_status Guarded(const char* op, const Body& body) noexcept {
   try {
-    status = body();
-  } catch (const std::bad_alloc&) {
-    return Fail(MXMOE_STATUS_INTERNAL, op, ": out of host memory");
-  } catch (const std::exception& e) {
-    return Fail(MXMOE_STATUS_INTERNAL, op, ": internal error: ", e.what());
+    ClearLastError();
+    const mxmoe_status status = body();
+    // Every failure must explain itself; a silent one is a bug below this layer.
+    if (status != MXMOE_STATUS_OK && LastError()[0] == '\0') {
+      return Fail(status, op, " failed with ", mxmoe_status_string(status), " and no message");
+    }
+    return status;
   } catch (...) {
-    return Fail(MXMOE_STATUS_INTERNAL, op, ": unknown internal error");
+    return InternalError(op);
   }
-  // Every failure must explain itself; a silent one is a bug below this layer.
-  if (status != MXMOE_STATUS_OK && LastError()[0] == '\0') {
-    return Fail(status, op, " failed with ", mxmoe_status_string(status), " and no message");
-  }
-  return status;
 }
 
 mxmoe_status NullArgs() {
@@ -243,7 +256,8 @@ mxmoe_status mxmoe_prepare_weights_size(const mxmoe_prepare_weights_args* args, 
     if (args == nullptr) return mxmoe::NullArgs();
     if (bytes == nullptr) return mxmoe::NullBytes();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
-    MXMOE_RETURN_IF_ERROR(mxmoe::ValidatePrepareWeights(*args, ValidationMode::kShapesOnly, &backend));
+    MXMOE_RETURN_IF_ERROR(
+        mxmoe::ValidatePrepareWeights(*args, ValidationMode::kShapesOnly, &backend));
     size_t size = 0;
     MXMOE_RETURN_IF_ERROR(mxmoe::PrepareWeightsSizeFor(*args, backend, &size));
     *bytes = size;
@@ -276,7 +290,8 @@ mxmoe_status mxmoe_grouped_gemm_workspace_size(const mxmoe_grouped_gemm_args* ar
     if (args == nullptr) return mxmoe::NullArgs();
     if (bytes == nullptr) return mxmoe::NullBytes();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
-    MXMOE_RETURN_IF_ERROR(mxmoe::ValidateGroupedGemm(*args, ValidationMode::kShapesOnly, &backend));
+    MXMOE_RETURN_IF_ERROR(
+        mxmoe::ValidateGroupedGemm(*args, ValidationMode::kShapesOnly, &backend));
     size_t size = 0;
     MXMOE_RETURN_IF_ERROR(mxmoe::GroupedGemmWorkspaceSizeFor(*args, backend, &size));
     *bytes = size;
@@ -311,7 +326,8 @@ mxmoe_status mxmoe_moe_forward_workspace_size(const mxmoe_moe_forward_args* args
     if (args == nullptr) return mxmoe::NullArgs();
     if (bytes == nullptr) return mxmoe::NullBytes();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
-    MXMOE_RETURN_IF_ERROR(mxmoe::ValidateMoeForward(*args, ValidationMode::kShapesOnly, &backend));
+    MXMOE_RETURN_IF_ERROR(
+        mxmoe::ValidateMoeForward(*args, ValidationMode::kShapesOnly, &backend));
     size_t size = 0;
     MXMOE_RETURN_IF_ERROR(mxmoe::MoeForwardWorkspaceSizeFor(*args, backend, &size));
     *bytes = size;

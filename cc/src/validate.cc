@@ -86,8 +86,8 @@ mxmoe_status CheckActivationDtype(const char* name, int32_t dtype) {
 
 mxmoe_status CheckAnyDtype(const char* name, int32_t dtype) {
   if (dtype != MXMOE_DTYPE_BF16 && dtype != MXMOE_DTYPE_FP16 && dtype != MXMOE_DTYPE_FP32) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, name, " must be BF16 (0), FP16 (1) or FP32 (2), got ",
-                dtype);
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, name,
+                " must be BF16 (0), FP16 (1) or FP32 (2), got ", dtype);
   }
   return MXMOE_STATUS_OK;
 }
@@ -263,9 +263,12 @@ mxmoe_status CheckWeightsMatch(const std::string& name, const mxmoe_expert_weigh
 mxmoe_status CheckPreparedFor(const std::string& name, const mxmoe_expert_weights& w,
                               mxmoe_backend backend, const mxmoe_device& device) {
   if (w.format != MXMOE_WEIGHT_FORMAT_PREPARED || w.backend == backend) return MXMOE_STATUS_OK;
-  return Fail(MXMOE_STATUS_INVALID_ARGUMENT, name, " was prepared for backend '",
-              mxmoe_backend_name(static_cast<mxmoe_backend>(w.backend)), "' (", name,
-              ".backend=", w.backend, ") but device ", DeviceString(device),
+  // Only cast values inside the enum's range (anything else is "unknown").
+  const bool known = w.backend >= MXMOE_BACKEND_AUTO && w.backend <= MXMOE_BACKEND_SM100;
+  const char* prepared_by =
+      known ? mxmoe_backend_name(static_cast<mxmoe_backend>(w.backend)) : "unknown";
+  return Fail(MXMOE_STATUS_INVALID_ARGUMENT, name, " was prepared for backend '", prepared_by,
+              "' (", name, ".backend=", w.backend, ") but device ", DeviceString(device),
               " is served by backend '", mxmoe_backend_name(backend),
               "'; prepare the weights for that backend");
 }
@@ -432,8 +435,10 @@ mxmoe_status ValidateSwizzleScales(const mxmoe_swizzle_scales_args& a, bool unsw
   MXMOE_RETURN_IF_ERROR(CheckNonNegative("batch", a.batch));
   MXMOE_RETURN_IF_ERROR(CheckNonNegative("rows", a.rows));
   MXMOE_RETURN_IF_ERROR(CheckNonNegative("cols", a.cols));
-  const int32_t in_layout = unswizzle ? MXMOE_SCALE_LAYOUT_SWIZZLED_128X4 : MXMOE_SCALE_LAYOUT_LINEAR;
-  const int32_t out_layout = unswizzle ? MXMOE_SCALE_LAYOUT_LINEAR : MXMOE_SCALE_LAYOUT_SWIZZLED_128X4;
+  constexpr int32_t kLinear = MXMOE_SCALE_LAYOUT_LINEAR;
+  constexpr int32_t kSwizzled = MXMOE_SCALE_LAYOUT_SWIZZLED_128X4;
+  const int32_t in_layout = unswizzle ? kSwizzled : kLinear;
+  const int32_t out_layout = unswizzle ? kLinear : kSwizzled;
   const std::vector<Buffer> buffers = {
       Scales("input", a.input, a.batch, a.rows, a.cols, in_layout),
       Scales("output", a.output, a.batch, a.rows, a.cols, out_layout),
@@ -593,8 +598,8 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
     if (a.router_logits != nullptr) {
       if (a.topk_ids != nullptr || a.topk_weights != nullptr) {
         return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
-                    "give either router_logits or topk_ids + topk_weights, not both (router_logits=",
-                    Address(a.router_logits), ", topk_ids=", Address(a.topk_ids),
+                    "give either router_logits or topk_ids + topk_weights, not both ",
+                    "(router_logits=", Address(a.router_logits), ", topk_ids=", Address(a.topk_ids),
                     ", topk_weights=", Address(a.topk_weights), ")");
       }
       buffers.push_back(Data("router_logits", a.router_logits,

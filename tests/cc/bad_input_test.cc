@@ -60,7 +60,9 @@ bool HasGpu() { return mxmoe_cuda_device_count() > 0; }
 // The status and message a CUDA device gets for host pointers: no GPU here -> UNSUPPORTED; with
 // a GPU the host pointers are on the wrong device -> INVALID_ARGUMENT.
 mxmoe_status CudaStatus() { return HasGpu() ? INVALID : UNSUPPORTED; }
-const char* CudaNeedle() { return HasGpu() ? "is not memory on cuda:0" : "no CUDA device is visible"; }
+const char* CudaNeedle() {
+  return HasGpu() ? "is not memory on cuda:0" : "no CUDA device is visible";
+}
 
 template <typename Args, typename Call, typename Mutate>
 void ExpectBad(const char* op, const std::string& what, const Args& base, const Call& call,
@@ -264,7 +266,9 @@ void TestExpertsQuantize() {
   base.scales = scales.data();
   base.scale_rows = f.scale_rows;
   base.device = kCpu;
-  auto call = [](const mxmoe_experts_quantize_args* a) { return mxmoe_experts_quantize(a, nullptr); };
+  auto call = [](const mxmoe_experts_quantize_args* a) {
+    return mxmoe_experts_quantize(a, nullptr);
+  };
   using A = mxmoe_experts_quantize_args;
   const char* op = "mxmoe_experts_quantize";
   EXPECT(mxmoe_experts_quantize(nullptr, nullptr) == INVALID, "experts_quantize(NULL)");
@@ -391,7 +395,9 @@ void TestQuantizeWeights() {
   const mxmoe_quantize_weights_args base = {experts, n, k, weights.data(), MXMOE_DTYPE_BF16,
                                             packed.data(), scales.data(),
                                             MXMOE_SCALE_LAYOUT_LINEAR, kCpu};
-  auto call = [](const mxmoe_quantize_weights_args* a) { return mxmoe_quantize_weights(a, nullptr); };
+  auto call = [](const mxmoe_quantize_weights_args* a) {
+    return mxmoe_quantize_weights(a, nullptr);
+  };
   using A = mxmoe_quantize_weights_args;
   const char* op = "mxmoe_quantize_weights";
   EXPECT(mxmoe_quantize_weights(nullptr, nullptr) == INVALID, "quantize_weights(NULL)");
@@ -826,7 +832,8 @@ void TestStatusAndBackends() {
   EXPECT(mxmoe_backend_for_device(kCpu, &backend) == OK && backend == MXMOE_BACKEND_CPU,
          "MXMOE_BACKEND=cpu for CPU: %s", mxmoe_last_error());
   const mxmoe_status cuda_cpu = mxmoe_backend_for_device(kCuda0, &backend);
-  EXPECT(cuda_cpu == UNSUPPORTED && strstr(mxmoe_last_error(), "MXMOE_BACKEND=cpu cannot serve CUDA"),
+  EXPECT(cuda_cpu == UNSUPPORTED &&
+             strstr(mxmoe_last_error(), "MXMOE_BACKEND=cpu cannot serve CUDA"),
          "MXMOE_BACKEND=cpu for CUDA: %s", mxmoe_last_error());
   setenv("MXMOE_BACKEND", "sm100", 1);
   EXPECT(mxmoe_backend_for_device(kCpu, &backend) == UNSUPPORTED &&
@@ -852,6 +859,37 @@ void TestStatusAndBackends() {
                strstr(mxmoe_last_error(), "got 1000"),
            "cuda:1000: %s", mxmoe_last_error());
   }
+}
+
+// An exception below the C API (here std::bad_alloc: the CPU GEMM's tile buffers for a
+// K of 2^50, which no machine can allocate; the buffers passed are never read because the
+// allocation comes first) becomes INTERNAL with a message, not a crash.
+void TestExceptionBecomesInternal() {
+#if defined(__SANITIZE_ADDRESS__)
+  return;  // AddressSanitizer aborts on impossible allocations instead of throwing
+#endif
+  const int64_t k = int64_t{1} << 50;
+  std::vector<int32_t> offsets = {0, 1}, scale_offsets = {0, 128};
+  std::vector<uint8_t> dummy(64, 0);
+  std::vector<uint8_t> c = Poisoned(2);
+  mxmoe_grouped_gemm_args args = {};
+  args.rows = 1;
+  args.n = 1;
+  args.k = k;
+  args.num_experts = 1;
+  args.a = dummy.data();
+  args.a_scales = dummy.data();
+  args.a_scale_rows = 128;
+  args.b = {1, 1, k, MXMOE_WEIGHT_FORMAT_LINEAR, 0, dummy.data(), dummy.data()};
+  args.expert_offsets = offsets.data();
+  args.blockscale_offsets = scale_offsets.data();
+  args.c = c.data();
+  args.c_dtype = MXMOE_DTYPE_BF16;
+  args.device = kCpu;
+  const mxmoe_status status = mxmoe_grouped_gemm(&args, nullptr, 0, nullptr);
+  EXPECT(status == MXMOE_STATUS_INTERNAL && strstr(mxmoe_last_error(), "out of host memory"),
+         "k = 2^50: %s (%s)", mxmoe_status_string(status), mxmoe_last_error());
+  EXPECT(c[0] == kPoison && c[1] == kPoison, "c written although the GEMM failed");
 }
 
 void TestLastErrorIsThreadLocalAndCleared() {
@@ -881,6 +919,7 @@ int main() {
   TestGroupedGemm();
   TestMoeForward();
   TestStatusAndBackends();
+  TestExceptionBecomesInternal();
   TestLastErrorIsThreadLocalAndCleared();
   if (failures != 0) {
     fprintf(stderr, "bad_input_test: %d failure(s) in %d cases\n", failures, cases);

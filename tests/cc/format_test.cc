@@ -128,7 +128,9 @@ void TestHalfConversions() {
   for (int i = 0; i < 2000000; ++i) {
     uint32_t u = any(rng);
     // Bias half the samples towards the fp16 range and to ties.
-    if (i % 2) u = (u & 0x8000FFFFu) | ((0x30 + (u >> 16) % 0x18) << 23) | (i % 4 == 1 ? 0x1000 : 0);
+    if (i % 2) {
+      u = (u & 0x8000FFFFu) | ((0x30 + (u >> 16) % 0x18) << 23) | (i % 4 == 1 ? 0x1000 : 0);
+    }
     const float x = BitsFloat(u);
     if (isnan(x)) continue;
     const double bf = RoundNearestEven(x, 7, -126, 3.3895313892515355e38);

@@ -110,7 +110,9 @@ Operands MakeOperands(const Problem& p, std::mt19937& rng) {
   std::vector<uint16_t> x(o.rows * p.k);
   for (int64_t r = 0; r < o.rows; ++r) {
     const float row_scale = exp2f(binade(rng));
-    for (int64_t i = 0; i < p.k; ++i) x[r * p.k + i] = mxmoe::format::FloatToBf16(normal(rng) * row_scale);
+    for (int64_t i = 0; i < p.k; ++i) {
+      x[r * p.k + i] = mxmoe::format::FloatToBf16(normal(rng) * row_scale);
+    }
   }
   const int64_t padded_cols = RoundUp(p.k / 32, 4);
   o.a.assign(o.rows * p.k / 2, 0);

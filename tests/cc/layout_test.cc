@@ -193,7 +193,8 @@ Grouping MakeGrouping(const std::vector<int32_t>& counts) {
 // Compares grouped quantizer output with per-expert mxmoe_quantize(SWIZZLED) of `values`.
 void CheckGrouped(const char* what, const std::vector<uint16_t>& values, int64_t k,
                   const Grouping& g, const std::vector<uint8_t>& packed,
-                  const std::vector<uint8_t>& scales, int64_t extra_rows, int64_t extra_scale_rows) {
+                  const std::vector<uint8_t>& scales, int64_t extra_rows,
+                  int64_t extra_scale_rows) {
   const int32_t num_experts = static_cast<int32_t>(g.expert_offsets.size()) - 1;
   const int64_t padded_cols = RoundUp(k / 32, 4);
   for (int32_t e = 0; e < num_experts; ++e) {
@@ -215,7 +216,8 @@ void CheckGrouped(const char* what, const std::vector<uint16_t>& values, int64_t
            (long long)i);
   }
   const int64_t scale_rows = g.blockscale_offsets.back();
-  for (int64_t i = scale_rows * padded_cols; i < (scale_rows + extra_scale_rows) * padded_cols; ++i) {
+  const int64_t scale_end = (scale_rows + extra_scale_rows) * padded_cols;
+  for (int64_t i = scale_rows * padded_cols; i < scale_end; ++i) {
     EXPECT(scales[i] == kPoison, "%s: scale byte %lld past blockscale_offsets[E] was written",
            what, (long long)i);
   }
@@ -277,6 +279,42 @@ void TestExpertsQuantize() {
     CheckGrouped("silu_mul_experts_quantize", y, k, g, packed, scales, extra_rows,
                  extra_scale_rows);
   }
+}
+
+// The CPU backend needs no alignment: bf16 input, int32 offsets and outputs at odd addresses give
+// the same bytes as aligned ones.
+void TestUnalignedPointers() {
+  std::mt19937 rng(19);
+  const int64_t k = 64;
+  const Grouping g = MakeGrouping({3, 0, 2});
+  const int64_t rows = 5, padded_cols = RoundUp(k / 32, 4), scale_rows = 256;
+  const std::vector<uint16_t> input = RandomBf16(rows * k, rng);
+  auto run = [&](size_t shift, std::vector<uint8_t>* packed_out, std::vector<uint8_t>* scales_out) {
+    std::vector<uint8_t> in(input.size() * 2 + shift), off(16 + shift), bs(16 + shift);
+    std::vector<uint8_t> packed(rows * k / 2 + shift), scales(scale_rows * padded_cols + shift);
+    memcpy(in.data() + shift, input.data(), input.size() * 2);
+    memcpy(off.data() + shift, g.expert_offsets.data(), 16);
+    memcpy(bs.data() + shift, g.blockscale_offsets.data(), 16);
+    mxmoe_experts_quantize_args args = {};
+    args.rows = rows;
+    args.k = k;
+    args.num_experts = 3;
+    args.input = in.data() + shift;
+    args.input_dtype = MXMOE_DTYPE_BF16;
+    args.expert_offsets = reinterpret_cast<const int32_t*>(off.data() + shift);
+    args.blockscale_offsets = reinterpret_cast<const int32_t*>(bs.data() + shift);
+    args.packed = packed.data() + shift;
+    args.scales = scales.data() + shift;
+    args.scale_rows = scale_rows;
+    args.device = kCpu;
+    EXPECT_OK(mxmoe_experts_quantize(&args, nullptr));
+    packed_out->assign(packed.begin() + shift, packed.end());
+    scales_out->assign(scales.begin() + shift, scales.end());
+  };
+  std::vector<uint8_t> packed0, scales0, packed1, scales1;
+  run(0, &packed0, &scales0);
+  run(1, &packed1, &scales1);
+  EXPECT(packed0 == packed1 && scales0 == scales1, "odd addresses change the result");
 }
 
 void TestSiluMulFp16() {
@@ -365,6 +403,7 @@ int main() {
   TestQuantizeSwizzledEqualsLinearPlusSwizzle();
   TestExpertsQuantize();
   TestSiluMulFp16();
+  TestUnalignedPointers();
   TestQuantizeWeightsAndPrepare();
   if (failures != 0) {
     fprintf(stderr, "layout_test: %d failure(s)\n", failures);

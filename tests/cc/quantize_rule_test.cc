@@ -385,7 +385,8 @@ void TestRoundTrip() {
     const double x = mxmoe::format::Bf16ToFloat(input[i]);
     const double y = mxmoe::format::Bf16ToFloat(deq[i]);
     const double step = ldexp(1.0, q.scales[i / 32] - 127);  // grid step at most 2 * scale
-    EXPECT(fabs(x - y) <= step + 1e-30 || fabs(y) == 6 * step, "element %lld: %g -> %g", (long long)i, x, y);
+    EXPECT(fabs(x - y) <= step + 1e-30 || fabs(y) == 6 * step, "element %lld: %g -> %g",
+           (long long)i, x, y);
   }
 }
 

@@ -121,7 +121,9 @@ struct DeviceBuffer {
   }
   void Upload(const std::vector<T>& v) {
     if (v.size() != count) Resize(v.size());  // keep the address: args structs hold it
-    if (!v.empty()) CHECK_CUDA(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    if (!v.empty()) {
+      CHECK_CUDA(cudaMemcpy(ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    }
   }
   std::vector<T> Download() const {
     std::vector<T> v(count);
@@ -255,7 +257,10 @@ std::vector<double> Reference(const Problem& p, const HostData& d, bool emulate)
         if (kb >= sc) continue;
         const uint8_t s = scales[kb];
         uint32_t lo = 0, hi = 0;
-        if (emulate) mxmoe::cuda::sm90::E4m3Table(mxmoe::cuda::sm90::TableIndex(s, mx) - 13, &lo, &hi);
+        if (emulate) {
+          mxmoe::cuda::sm90::E4m3Table(
+              mxmoe::cuda::sm90::TableIndex(s, mx) - mxmoe::cuda::sm90::kTableOffset, &lo, &hi);
+        }
         for (int i = 0; i < 32; ++i) {
           const int64_t kk = kb * 32 + i;
           const uint8_t code = (codes[kk / 2] >> (4 * (kk & 1))) & 0xF;
@@ -463,8 +468,10 @@ void RunCorrectness(const Problem& p, uint64_t seed) {
     setenv("MXMOE_SM90_BLOCK_N", std::to_string(bn).c_str(), 1);
     const std::vector<uint16_t> c = RunOnce(&dp);
     const Compare cmp = CompareOutput(p, d, c, adversarial ? emulated : exact);
-    bool ok = cmp.rel_l2 <= tol && cmp.nan_mismatch == 0 && cmp.unwritten == 0 && cmp.clobbered == 0;
-    printf("%s %s block_n=%d: rel_l2=%.3e (vs %s) nan_mismatch=%lld unwritten=%lld clobbered=%lld\n",
+    bool ok = cmp.rel_l2 <= tol && cmp.nan_mismatch == 0 && cmp.unwritten == 0 &&
+              cmp.clobbered == 0;
+    printf("%s %s block_n=%d: rel_l2=%.3e (vs %s) nan_mismatch=%lld unwritten=%lld "
+           "clobbered=%lld\n",
            ok ? "PASS" : "FAIL", Describe(p).c_str(), bn, cmp.rel_l2,
            adversarial ? "emulated folding" : "float64 dequantized", (long long)cmp.nan_mismatch,
            (long long)cmp.unwritten, (long long)cmp.clobbered);
@@ -666,7 +673,10 @@ void RunBenchmark(const char* json_path) {
   printf("\nGPU: %s, SMs=%d, L2=%d MB, measured D2D copy %.0f GB/s (read+write)\n", prop.name,
          prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_gbps);
   FILE* json = json_path ? fopen(json_path, "w") : nullptr;
-  if (json) fprintf(json, "{\"gpu\": \"%s\", \"copy_GBps\": %.1f, \"rows\": [\n", prop.name, copy_gbps);
+  if (json) {
+    fprintf(json, "{\"gpu\": \"%s\", \"copy_GBps\": %.1f, \"rows\": [\n", prop.name,
+            copy_gbps);
+  }
   bool first_row = true;
   const Shape shapes[] = {{"gpt-oss-120b", 2880, 2880, 128, 4},
                           {"qwen3-30b-a3b", 2048, 768, 128, 8},
@@ -681,8 +691,8 @@ void RunBenchmark(const char* json_path) {
   CHECK_CUDA(cudaEventCreate(&e1));
   for (const Shape& s : shapes) {
     for (int gemm = 0; gemm < 2; ++gemm) {
-      if (g_bench_filter != nullptr &&
-          std::string(g_bench_filter).rfind(std::string(s.model) + (gemm == 0 ? ":w13:" : ":w2:"), 0) != 0) {
+      const std::string prefix = std::string(s.model) + (gemm == 0 ? ":w13:" : ":w2:");
+      if (g_bench_filter != nullptr && std::string(g_bench_filter).rfind(prefix, 0) != 0) {
         continue;
       }
       const int64_t n = gemm == 0 ? 2 * s.inter : s.hidden;
@@ -691,7 +701,8 @@ void RunBenchmark(const char* json_path) {
       // Weights: one random LINEAR set, prepared once, copied to rotating slots.
       const size_t prepared_bytes = mxmoe::cuda::sm90::PreparedBytes(E, n, k);
       {
-        DeviceBuffer<uint8_t> b(static_cast<size_t>(E) * n * k / 2), bs(static_cast<size_t>(E) * n * k / 32);
+        DeviceBuffer<uint8_t> b(static_cast<size_t>(E) * n * k / 2);
+        DeviceBuffer<uint8_t> bs(static_cast<size_t>(E) * n * k / 32);
         Fill(b.ptr, b.count, 11, 0);
         Fill(bs.ptr, bs.count, 12, 1);
         (void)bs;
@@ -737,13 +748,16 @@ void RunBenchmark(const char* json_path) {
           // Rotating weight copies so that the active bytes over all copies exceed ~3x L2.
           const double l2 = prop.l2CacheSize;
           int copies = static_cast<int>(std::ceil(3.0 * l2 / active_bytes));
-          copies = std::max(1, std::min(copies, static_cast<int>((16.0 * (1 << 30)) / prepared_bytes)));
+          const int most = static_cast<int>((16.0 * (1 << 30)) / prepared_bytes);
+          copies = std::max(1, std::min(copies, most));
           copies = std::min(copies, 16);
           DeviceBuffer<uint8_t> rot(prepared_bytes * copies);
           for (int c = 0; c < copies; ++c)
             CHECK_CUDA(cudaMemcpy(rot.ptr + c * prepared_bytes, prepared.ptr, prepared_bytes,
                                   cudaMemcpyDeviceToDevice));
-          DeviceBuffer<uint8_t> a(rows * k / 2), as(std::max<int64_t>(bso[E], 1) * mxmoe::format::RoundUp(k / 32, 4));
+          DeviceBuffer<uint8_t> a(rows * k / 2);
+          DeviceBuffer<uint8_t> as(std::max<int64_t>(bso[E], 1) *
+                                   mxmoe::format::RoundUp(k / 32, 4));
           Fill(a.ptr, a.count, 13 + T, 0);
           Fill(as.ptr, as.count, 14 + T, 1);
           DeviceBuffer<int32_t> deo, dbso;
@@ -807,7 +821,8 @@ void RunBenchmark(const char* json_path) {
           fflush(stdout);
           if (json) {
             fprintf(json,
-                    "%s{\"shape\": \"%s-%s\", \"tokens\": %d, \"rows\": %lld, \"n\": %lld, \"k\": %lld,"
+                    "%s{\"shape\": \"%s-%s\", \"tokens\": %d, \"rows\": %lld, \"n\": %lld,"
+                    " \"k\": %lld,"
                     " \"experts\": %d, \"active_experts\": %d, \"mxmoe_ms\": %.5f,"
                     " \"floor_bytes_ms\": %.5f, \"floor_fp8_ms\": %.5f}",
                     first_row ? "" : ",\n", s.model, gemm == 0 ? "w13" : "w2", T, (long long)rows,

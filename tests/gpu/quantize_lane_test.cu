@@ -6,7 +6,7 @@
 //      fp16, and fp32 -> bf16 / fp16 (round to nearest even) for every fp32 bit pattern
 //      (NaN excluded: a NaN block is zeroed whatever its bits);
 //   3. FastDivmod against '/' for the divisors the kernels meet and edge numerators;
-//   3b. SiluF32Branchless == format::SiluF32 bit for bit on every fp32 input (NaN: both NaN);
+//   3b. SiluF32Fast == format::SiluF32 bit for bit on every fp32 input (NaN: both NaN);
 //   4. QuantizeLane (4 lanes per 32-element block, warp shuffles) against a per-block reference
 //      built from format.h only (the CPU backend's QuantizeBlock), on random and hard blocks.
 // A standalone program for the GPU host (tools/gpu/run.sh runs it; built by
@@ -116,7 +116,7 @@ __global__ void SiluKernel(uint64_t stride, Mismatch* m) {
   for (uint64_t i = (blockIdx.x * uint64_t{blockDim.x} + threadIdx.x) * stride; i < total;
        i += uint64_t{gridDim.x} * blockDim.x * stride) {
     const float g = __uint_as_float(static_cast<uint32_t>(i));
-    const float got = quant::SiluF32Branchless(g);
+    const float got = quant::SiluF32Fast(g);
     const float want = fmt::SiluF32(g);
     const bool same = __float_as_uint(got) == __float_as_uint(want) ||
                       (fmt::IsNaN(got) && fmt::IsNaN(want));
@@ -318,7 +318,7 @@ int main() {
     SiluKernel<<<grid, 256>>>(quick ? 65537 : 1, m);
     CHECK_CUDA(cudaGetLastError());
     CHECK_CUDA(cudaDeviceSynchronize());
-    ReportDevice("SiluF32Branchless == format::SiluF32, every fp32", m);
+    ReportDevice("SiluF32Fast == format::SiluF32, every fp32", m);
   }
   {
     std::vector<uint32_t> divisors;

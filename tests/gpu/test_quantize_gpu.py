@@ -371,6 +371,36 @@ def test_experts_quantize_bit_exact(dtype, num_experts, pattern, k, silu, kind):
     assert bool((got_s[int(bo[-1]):] == POISON).all()), what + ": scale rows past bso[E] written"
 
 
+@pytest.mark.parametrize("knob,value", [
+    ("MXMOE_QUANTIZE_UNITS", "1"),
+    ("MXMOE_QUANTIZE_UNITS", "4"),
+    ("MXMOE_QUANTIZE_UNITS", "8"),
+    ("MXMOE_QUANTIZE_SILU", "reference"),
+])
+def test_kernel_variants_bit_exact(monkeypatch, knob, value):
+    """Every kernel variant the size heuristic or a knob can pick (lanes per thread, SiLU)."""
+    monkeypatch.setenv(knob, value)
+    seed = _seed("variants", knob, value)
+    gen = torch.Generator().manual_seed(seed)
+    counts = expert_counts("mixed", 12, gen)
+    if QUICK:
+        counts = [min(c, 130) for c in counts]
+    eo, bo = ops.expert_offsets_from_counts(counts)
+    rows = int(eo[-1]) + 3
+    for k in (768, 2880):
+        for silu in (False, True):
+            x = make_input((rows, 2 * k if silu else k), torch.bfloat16, "adversarial", seed + k)
+            want = run_experts(x.cpu(), eo, bo, int(bo[-1]), silu)
+            got = run_experts(x, eo.cuda(), bo.cuda(), int(bo[-1]), silu)
+            for g, w, name in zip(got, want, ("packed", "scales")):
+                assert_bytes_equal(g, w, f"{knob}={value} silu={silu} k={k} {name} seed={seed}")
+        for layout in (LINEAR, SWIZZLED):
+            x = make_input((rows, k), torch.float16, "adversarial", seed + k + layout)
+            for g, w, name in zip(run_quantize(x, layout), run_quantize(x.cpu(), layout),
+                                  ("packed", "scales")):
+                assert_bytes_equal(g, w, f"{knob}={value} quantize layout={layout} k={k} {name}")
+
+
 def test_experts_quantize_no_rows():
     for silu in (False, True):
         eo, bo = ops.expert_offsets_from_counts([0, 0, 0])

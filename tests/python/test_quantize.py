@@ -200,3 +200,11 @@ def test_numpy_input_through_dlpack():
     assert torch.equal(packed, want_packed) and torch.equal(scales, want_scales)
     out = ops.dequantize(packed.numpy(), scales.numpy(), dtype=torch.float32)
     assert torch.equal(out, reference.dequantize(want_packed, want_scales, torch.float32))
+
+
+def test_views_with_storage_offset():
+    # A contiguous slice starts inside its storage: DLPack's data + byte_offset must be honoured.
+    x = random_activations((6, 64), seed=12)
+    packed, scales = ops.quantize(x[2:5])
+    want_packed, want_scales = reference.quantize(x[2:5])
+    assert torch.equal(packed, want_packed) and torch.equal(scales, want_scales)

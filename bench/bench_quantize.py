@@ -36,7 +36,7 @@ GOAL_BYTES = 64 << 20
 GOAL_RATIO = 0.85
 GOAL_SMALL_US = 5.0
 # Diagnostic timings (knobs of cc/cuda/quantize.cu): up to SMALL_TOKENS, units1_ms / units4_ms
-# (lanes per thread forced to 1 / 4); from DIAGNOSTIC_TOKENS on, units8_ms, silu_reference_ms
+# (lanes per thread forced to 1 / 4); from DIAGNOSTIC_TOKENS on, units2/4/8_ms, silu_reference_ms
 # (format::SiluF32 itself instead of its faster copy) and linear_quantize_ms (plain row quantize).
 SMALL_TOKENS = 64
 DIAGNOSTIC_TOKENS = 4096
@@ -91,7 +91,8 @@ def bench_case(shape: str, kernel: str, tokens: int, copy_gbps: float) -> dict:
         variants["units1_ms"] = {"MXMOE_QUANTIZE_UNITS": "1"}
         variants["units4_ms"] = {"MXMOE_QUANTIZE_UNITS": "4"}
     if tokens >= DIAGNOSTIC_TOKENS:
-        variants["units8_ms"] = {"MXMOE_QUANTIZE_UNITS": "8"}
+        for units in (2, 4, 8):
+            variants[f"units{units}_ms"] = {"MXMOE_QUANTIZE_UNITS": str(units)}
         if silu:  # format::SiluF32 itself instead of its faster copy
             variants["silu_reference_ms"] = {"MXMOE_QUANTIZE_SILU": "reference"}
     for name, env in variants.items():

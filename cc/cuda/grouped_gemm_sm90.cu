@@ -132,66 +132,94 @@ __device__ __forceinline__ uint2 DecodeNatural(uint32_t x, uint2 table) {
                     __byte_perm(table.x, table.y, m >> 16) | s1);
 }
 
-// One thread per (row, 128-wide chunk): 64 bytes of codes + 4 scales in, 128 E4M3 bytes and one
-// fp32 factor out. Rows past expert_offsets[E] get zeros (they are read by the last tile).
-__global__ void ConvertActivationsKernel(const uint8_t* __restrict__ a,
-                                         const uint8_t* __restrict__ a_scales,
-                                         const int32_t* __restrict__ expert_offsets,
-                                         const int32_t* __restrict__ blockscale_offsets,
-                                         int num_experts, int64_t rows, int k, int num_chunks,
-                                         int64_t factor_stride, uint8_t* __restrict__ a8,
-                                         float* __restrict__ factor) {
+// One thread per (row, 32-wide block): 16 bytes of codes and the chunk's 4 scales (one 32-bit
+// load when a_scales is 4-byte aligned: a chunk's 4 scale bytes are contiguous in the 128x4
+// swizzle) in, 32 E4M3 bytes out; the thread of a chunk's first block writes its fp32 factor.
+// Rows past expert_offsets[E] get zeros (they are read by the last tile).
+// Decode latency (T = 1) is a chain of dependent loads, so it is kept short: expert_offsets and
+// blockscale_offsets are copied into shared memory once per CTA (one coalesced load) and the
+// expert search runs there; the codes do not depend on the expert and are loaded before it.
+// Dynamic shared memory: 2 * (num_experts + 1) int32.
+__global__ void __launch_bounds__(256)
+    ConvertActivationsKernel(const uint8_t* __restrict__ a, const uint8_t* __restrict__ a_scales,
+                             const int32_t* __restrict__ expert_offsets,
+                             const int32_t* __restrict__ blockscale_offsets, int num_experts,
+                             int64_t rows, int k, int num_chunks, int64_t factor_stride,
+                             int scales_aligned4, uint8_t* __restrict__ a8,
+                             float* __restrict__ factor) {
   // Let the GEMM kernel (launched with programmatic stream serialization) start its prologue;
   // it waits (griddepcontrol.wait) for this grid's completion before reading its outputs.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  extern __shared__ int32_t offsets_smem[];
+  int32_t* eo = offsets_smem;
+  int32_t* bso = offsets_smem + num_experts + 1;
   __shared__ uint2 tables[kNumTables];
+  const int blocks_per_row = num_chunks * 4;
+  const int scale_cols = k / 32;
+  const int64_t total = rows * blocks_per_row;
+  const int64_t kp = static_cast<int64_t>(num_chunks) * kChunkK;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  // The first item's codes: in flight while the offsets are staged.
+  auto load_codes = [&](int64_t i) {
+    const int64_t row = i / blocks_per_row;
+    const int kb = static_cast<int>(i - row * blocks_per_row);
+    return kb < scale_cols
+               ? __ldg(reinterpret_cast<const uint4*>(a + row * (k / 2) + kb * 16))
+               : make_uint4(0, 0, 0, 0);
+  };
+  uint4 codes = idx < total ? load_codes(idx) : make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i <= num_experts; i += blockDim.x) {
+    eo[i] = __ldg(expert_offsets + i);
+    bso[i] = __ldg(blockscale_offsets + i);
+  }
   if (threadIdx.x < kNumTables) {
     uint32_t lo, hi;
     sm90::E4m3Table(static_cast<int>(threadIdx.x) - sm90::kTableOffset, &lo, &hi);
     tables[threadIdx.x] = make_uint2(lo, hi);
   }
   __syncthreads();
-  const int64_t total = rows * num_chunks;
-  const int scale_cols = k / 32;
-  const int64_t kp = static_cast<int64_t>(num_chunks) * kChunkK;
-  const int32_t end_row = expert_offsets[num_experts];
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / num_chunks;
-    const int c = static_cast<int>(idx % num_chunks);
-    uint4* dst = reinterpret_cast<uint4*>(a8 + row * kp + c * kChunkK);
-    if (row >= end_row || row < expert_offsets[0]) {
-      for (int i = 0; i < 8; ++i) dst[i] = make_uint4(0, 0, 0, 0);
-      factor[c * factor_stride + row] = 0.0f;
+  const int32_t begin_row = eo[0], end_row = eo[num_experts];
+  for (; idx < total; idx += stride) {
+    const int64_t row = idx / blocks_per_row;
+    const int kb = static_cast<int>(idx - row * blocks_per_row);
+    const int c = kb >> 2, b = kb & 3;
+    uint4* dst = reinterpret_cast<uint4*>(a8 + row * kp + kb * 32);
+    const uint4 cur = codes;
+    if (idx + stride < total) codes = load_codes(idx + stride);
+    if (row >= end_row || row < begin_row) {
+      dst[0] = make_uint4(0, 0, 0, 0);
+      dst[1] = make_uint4(0, 0, 0, 0);
+      if (b == 0) factor[c * factor_stride + row] = 0.0f;
       continue;
     }
     // Expert of this row: largest e with expert_offsets[e] <= row.
     int lo = 0, hi = num_experts;
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
-      if (expert_offsets[mid] <= row) lo = mid; else hi = mid;
+      if (eo[mid] <= row) lo = mid; else hi = mid;
     }
-    const int64_t scale_row = blockscale_offsets[lo] + (row - expert_offsets[lo]);
-    int s[4];
-    int mx = 0;
+    const int64_t scale_row = bso[lo] + (row - eo[lo]);
+    const int64_t soff = format::SwizzledOffset(scale_row, 4 * c, scale_cols);
+    uint32_t sw;
+    if (scales_aligned4) {
+      sw = __ldg(reinterpret_cast<const uint32_t*>(a_scales + soff));
+    } else {
+      sw = 0;
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int kb = c * 4 + b;
-      s[b] = kb < scale_cols ? a_scales[format::SwizzledOffset(scale_row, kb, scale_cols)] : 0;
-      mx = max(mx, s[b]);
+      for (int j = 0; j < 4; ++j) sw |= static_cast<uint32_t>(__ldg(a_scales + soff + j)) << (8 * j);
     }
-    factor[c * factor_stride + row] = sm90::ChunkFactor(mx);
-    const uint8_t* src = a + row * (k / 2) + c * (kChunkK / 2);
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      uint4 codes = make_uint4(0, 0, 0, 0);
-      if (c * 4 + b < scale_cols) codes = *reinterpret_cast<const uint4*>(src + 16 * b);
-      const uint2 table = tables[sm90::TableIndex(s[b], mx)];
-      const uint2 w0 = DecodeNatural(codes.x, table), w1 = DecodeNatural(codes.y, table);
-      const uint2 w2 = DecodeNatural(codes.z, table), w3 = DecodeNatural(codes.w, table);
-      dst[2 * b] = make_uint4(w0.x, w0.y, w1.x, w1.y);
-      dst[2 * b + 1] = make_uint4(w2.x, w2.y, w3.x, w3.y);
-    }
+    // Padding blocks past k/32 (scale bytes of the swizzle's padding) do not count.
+    const int valid = scale_cols - 4 * c;
+    if (valid < 4) sw &= (1u << (8 * valid)) - 1u;
+    const int mx = sm90::MaxScaleByte(sw);
+    const int s = static_cast<int>((sw >> (8 * b)) & 0xFFu);
+    if (b == 0) factor[c * factor_stride + row] = sm90::ChunkFactor(mx);
+    const uint2 table = tables[sm90::TableIndex(s, mx)];
+    const uint2 w0 = DecodeNatural(cur.x, table), w1 = DecodeNatural(cur.y, table);
+    const uint2 w2 = DecodeNatural(cur.z, table), w3 = DecodeNatural(cur.w, table);
+    dst[0] = make_uint4(w0.x, w0.y, w1.x, w1.y);
+    dst[1] = make_uint4(w2.x, w2.y, w3.x, w3.y);
   }
 }
 
@@ -394,12 +422,20 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
   const int64_t factor_stride = FactorStride(args.rows);
   {
     const int threads = 256;
-    const int64_t work = args.rows * num_chunks;
+    const int64_t work = args.rows * num_chunks * 4;
     const int64_t blocks64 = (work + threads - 1) / threads;
-    const int blocks = static_cast<int>(blocks64 < 65535 * 8 ? blocks64 : 65535 * 8);
-    ConvertActivationsKernel<<<blocks, threads, 0, stream>>>(
+    // At most a full wave (8 CTAs of 256 per SM): every CTA stages the offsets once, so a grid of
+    // one CTA per 256 items would re-read them ~10^5 times at prefill.
+    const int64_t most = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 8;
+    const int blocks = static_cast<int>(blocks64 < most ? blocks64 : most);
+    const size_t offsets_smem = 2 * sizeof(int32_t) * (static_cast<size_t>(args.num_experts) + 1);
+    if (offsets_smem > 48 * 1024) {
+      return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": too many experts (", args.num_experts, ")");
+    }
+    ConvertActivationsKernel<<<blocks, threads, offsets_smem, stream>>>(
         args.a, args.a_scales, args.expert_offsets, args.blockscale_offsets, args.num_experts,
-        args.rows, static_cast<int>(args.k), num_chunks, factor_stride, a8, factor);
+        args.rows, static_cast<int>(args.k), num_chunks, factor_stride,
+        Aligned(args.a_scales, 4) ? 1 : 0, a8, factor);
     MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   }
 
@@ -424,6 +460,7 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
   launch.params.num_panels = static_cast<int32_t>(sm90::NumPanels(args.n));
   launch.params.num_chunks = num_chunks;
   launch.params.c_is_fp16 = args.c_dtype == MXMOE_DTYPE_FP16 ? 1 : 0;
+  launch.params.pingpong = config.pingpong ? 1 : 0;
   launch.grid = config.grid;
   if (sm90::GemmKernelSmemBytes(config.block_n, args.num_experts) > 227 * 1024) {
     return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": too many experts for shared memory (",

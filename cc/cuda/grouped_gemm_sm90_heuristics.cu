@@ -22,7 +22,7 @@ std::string GemmProblem::ToString() const {
 
 std::string GemmConfig::ToString() const {
   return "block_m(weights)=128 block_n(tokens)=" + std::to_string(block_n) +
-         " block_k=128 grid=" + std::to_string(grid);
+         " block_k=128 grid=" + std::to_string(grid) + " pingpong=" + (pingpong ? "1" : "0");
 }
 
 GemmConfig ChooseGemmConfig(const GemmProblem& problem) {
@@ -53,6 +53,7 @@ GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem) {
     }
     config.grid = (problem.num_sms > 0 ? problem.num_sms : 132) * GemmCtasPerSm(config.block_n);
   }
+  if (const char* pp = getenv("MXMOE_SM90_PINGPONG")) config.pingpong = atoi(pp) != 0;
   const char* print = getenv("MXMOE_PRINT_CONFIG");
   if (print != nullptr && strcmp(print, "1") == 0) {
     static std::mutex mu;

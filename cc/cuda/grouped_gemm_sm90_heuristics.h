@@ -29,6 +29,7 @@ struct GemmProblem {
 struct GemmConfig {
   int block_n;  // token tile: 16, 32, 64 or 128
   int grid;     // persistent CTAs
+  bool pingpong = true;  // token tile 128: math warpgroups alternate on the tensor cores
   std::string ToString() const;
 };
 
@@ -37,7 +38,8 @@ constexpr int kBlockNChoices[] = {16, 32, 64, 128};
 
 GemmConfig ChooseGemmConfig(const GemmProblem& problem);
 
-// Test hook: MXMOE_SM90_BLOCK_N=16|32|64|128 forces the token tile (the heuristic otherwise).
+// Test hooks: MXMOE_SM90_BLOCK_N=16|32|64|128 forces the token tile (the heuristic otherwise);
+// MXMOE_SM90_PINGPONG=0 turns the warpgroup ping-pong of the 128 tile off (experiments).
 GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem);
 
 }  // namespace sm90

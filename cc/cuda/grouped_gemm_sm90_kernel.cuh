@@ -118,6 +118,7 @@ __device__ __forceinline__ void WgmmaWait() {
 
 // Keeps the compiler from moving accumulator accesses across the asynchronous WGMMA.
 __device__ __forceinline__ void FenceOperand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void FenceOperand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 // K-major operand, 128-byte swizzle: 8-row atoms of 1024 bytes (stride byte offset 1024).
 __device__ __forceinline__ uint64_t SwizzledKMajorDesc(uint32_t smem_addr) {
@@ -131,11 +132,6 @@ __device__ __forceinline__ void DecodeWord(uint32_t x, uint2 table, uint32_t* fi
   const uint32_t m = x & 0x77777777u;
   *first = __byte_perm(table.x, table.y, m) | (x & 0x80808080u);
   *second = __byte_perm(table.x, table.y, m >> 16) | ((x << 4) & 0x80808080u);
-}
-
-__device__ __forceinline__ int MaxByte(uint32_t w) {
-  const uint32_t m = __vmaxu4(w, w >> 16);
-  return static_cast<int>(max(m & 0xFFu, (m >> 8) & 0xFFu));
 }
 
 // ---- tile scheduler -------------------------------------------------------------------------
@@ -174,14 +170,19 @@ __device__ __forceinline__ Tile DecodeTile(int t, const int32_t* eo, const int32
 __device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+// Named barriers: 0 = __syncthreads, 1 and 2 = each math warpgroup's epilogue, 3 and 4 = "math
+// warpgroup 0 / 1 may issue its WGMMAs" (the ping-pong order, see the main loop).
+constexpr int kOrderBarrier = 3;
 
-// Decodes one chunk's weight fragments from stage `st` into `a` and issues its 4 WGMMAs into
-// `t` (asynchronous; committed as one group). Returns the weight rows' chunk factors.
-// `a` must stay untouched until the group completes (the WGMMA reads it asynchronously).
+// Decodes one chunk's weight fragments from stage `st` into `a`; returns the weight rows' chunk
+// factors.
 template <int kBlockN>
-__device__ __forceinline__ void IssueChunk(const uint8_t* st, int mwg, int warp, int lane, int g,
-                                           const uint2* tables, uint32_t (&a)[4][4],
-                                           float (&t)[kBlockN / 2], float* fb0, float* fb1) {
+__device__ __forceinline__ void DecodeChunk(const uint8_t* st, int mwg, int warp, int lane, int g,
+                                            const uint2* tables, uint32_t (&a)[4][4], float* fb0,
+                                            float* fb1) {
   using T = Traits<kBlockN>;
   const uint8_t* rec = st + T::kWeightOffset + mwg * kRecordBytes;
   const uint32_t sc0 = *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g));
@@ -189,7 +190,7 @@ __device__ __forceinline__ void IssueChunk(const uint8_t* st, int mwg, int warp,
       *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g + 8));
   const uint4 q0 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 0) * 32 + lane) * 16);
   const uint4 q1 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 1) * 32 + lane) * 16);
-  const int mx0 = MaxByte(sc0), mx1 = MaxByte(sc1);
+  const int mx0 = MaxScaleByte(sc0), mx1 = MaxScaleByte(sc1);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     const uint32_t x0 = s == 0 ? q0.x : s == 1 ? q0.z : s == 2 ? q1.x : q1.z;
@@ -199,7 +200,23 @@ __device__ __forceinline__ void IssueChunk(const uint8_t* st, int mwg, int warp,
     DecodeWord(x0, tb0, &a[s][0], &a[s][2]);
     DecodeWord(x1, tb1, &a[s][1], &a[s][3]);
   }
+  *fb0 = ChunkFactor(mx0);
+  *fb1 = ChunkFactor(mx1);
+}
+
+// Issues one chunk's 4 WGMMAs into `t` (asynchronous; committed as one group). `a` must stay
+// untouched until the group completes (the WGMMA reads it asynchronously).
+template <int kBlockN>
+__device__ __forceinline__ void IssueWgmmas(const uint8_t* st, uint32_t (&a)[4][4],
+                                            float (&t)[kBlockN / 2]) {
   const uint64_t desc = SwizzledKMajorDesc(SmemAddr(st));
+  // Pin the decoded fragments before the fence: otherwise the compiler sinks the decode between
+  // the WGMMAs and ptxas must inject a warpgroup.arrive before each (C7519).
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) FenceOperand(a[s][i]);
+  }
 #pragma unroll
   for (int i = 0; i < kBlockN / 2; ++i) FenceOperand(t[i]);
   WgmmaFence();
@@ -209,8 +226,15 @@ __device__ __forceinline__ void IssueChunk(const uint8_t* st, int mwg, int warp,
     WgmmaE4m3Rs<kBlockN>::Run(t, a[s], desc + 2 * s, s);
   }
   WgmmaCommit();
-  *fb0 = ChunkFactor(mx0);
-  *fb1 = ChunkFactor(mx1);
+}
+
+// Decode + issue (see the two functions above).
+template <int kBlockN>
+__device__ __forceinline__ void IssueChunk(const uint8_t* st, int mwg, int warp, int lane, int g,
+                                           const uint2* tables, uint32_t (&a)[4][4],
+                                           float (&t)[kBlockN / 2], float* fb0, float* fb1) {
+  DecodeChunk<kBlockN>(st, mwg, warp, lane, g, tables, a, fb0, fb1);
+  IssueWgmmas<kBlockN>(st, a, t);
 }
 
 // acc += t * weight-row factor * token factor (the fp32 promotion of one chunk's FP8 product).
@@ -241,8 +265,11 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using T = Traits<kBlockN>;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  // Aligned up to 1024 (128B swizzle atoms) by pointer arithmetic on the shared array, so that
+  // the compiler keeps knowing it is shared memory: LDS with 32-bit addresses instead of generic
+  // 64-bit LD (the version that rounded a uintptr_t made every stage, table and factor access
+  // generic).
+  uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kBarrierOffset);
   uint64_t* empty = full + T::kStages;
   uint2* tables = reinterpret_cast<uint2*>(smem + T::kTableOffsetBytes);
@@ -300,11 +327,38 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
       asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     }
     if (tid == 0) {
-      // Programmatic dependent launch: everything above overlapped the activation conversion;
-      // its outputs are read only from here on (a no-op when launched without the attribute).
-      asm volatile("griddepcontrol.wait;" ::: "memory");
       int stage = 0;
       uint32_t phase = 0;
+      // The weights do not depend on the activation conversion kernel before this one in the
+      // stream: arm the first ring-full of stages of this CTA's first tile and start their weight
+      // copies now, then wait for the conversion (programmatic dependent launch; a no-op when
+      // launched without the attribute) and add the activation copies. At decode the weights
+      // are nearly all the bytes, so the conversion's latency hides under the weight stream.
+      const int t0 = blockIdx.x;
+      int armed = 0;
+      if (t0 < total_tiles) {
+        const Tile tile = DecodeTile<kBlockN>(t0, eo, prefix, num_experts, weight_tiles);
+        const int panel0 = tile.weight_tile * 2;
+        const int panels = min(2, p.num_panels - panel0);
+        const uint32_t bytes = T::kActBytes + T::kFactorBytes + panels * kRecordBytes;
+        const uint8_t* wsrc = p.prepared + tile.expert * expert_bytes +
+                              static_cast<int64_t>(panel0) * num_chunks * kRecordBytes;
+        armed = min(num_chunks, T::kStages);
+        for (int c = 0; c < armed; ++c) {
+          // Fresh barriers: the empty waits of the first pass would return at once.
+          const uint32_t bar = SmemAddr(&full[c]);
+          uint8_t* st = smem + c * T::kStageBytes;
+          MbarArriveExpectTx(bar, bytes);
+          BulkCopyG2S(SmemAddr(st + T::kWeightOffset), wsrc + c * kRecordBytes, kRecordBytes,
+                      bar);
+          if (panels == 2) {
+            BulkCopyG2S(SmemAddr(st + T::kWeightOffset + kRecordBytes),
+                        wsrc + (static_cast<int64_t>(num_chunks) + c) * kRecordBytes,
+                        kRecordBytes, bar);
+          }
+        }
+      }
+      asm volatile("griddepcontrol.wait;" ::: "memory");
       for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
         const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
         const int panel0 = tile.weight_tile * 2;
@@ -313,19 +367,24 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
         const uint8_t* wsrc = p.prepared + tile.expert * expert_bytes +
                               static_cast<int64_t>(panel0) * num_chunks * kRecordBytes;
         for (int c = 0; c < num_chunks; ++c) {
-          MbarWait(SmemAddr(&empty[stage]), phase ^ 1);
           const uint32_t bar = SmemAddr(&full[stage]);
           uint8_t* st = smem + stage * T::kStageBytes;
-          MbarArriveExpectTx(bar, bytes);
+          const bool pre = t == t0 && c < armed;  // armed above, weights in flight
+          if (!pre) {
+            MbarWait(SmemAddr(&empty[stage]), phase ^ 1);
+            MbarArriveExpectTx(bar, bytes);
+          }
           TmaLoad2d(SmemAddr(st), &act_map, c * kChunkK, tile.row_base, bar);
           BulkCopyG2S(SmemAddr(st + T::kFactorOffset),
                       p.factors + c * p.factor_stride + (tile.row_base & ~3), T::kFactorBytes, bar);
-          BulkCopyG2S(SmemAddr(st + T::kWeightOffset), wsrc + c * kRecordBytes, kRecordBytes,
-                      bar);
-          if (panels == 2) {
-            BulkCopyG2S(SmemAddr(st + T::kWeightOffset + kRecordBytes),
-                        wsrc + (static_cast<int64_t>(num_chunks) + c) * kRecordBytes,
-                        kRecordBytes, bar);
+          if (!pre) {
+            BulkCopyG2S(SmemAddr(st + T::kWeightOffset), wsrc + c * kRecordBytes, kRecordBytes,
+                        bar);
+            if (panels == 2) {
+              BulkCopyG2S(SmemAddr(st + T::kWeightOffset + kRecordBytes),
+                          wsrc + (static_cast<int64_t>(num_chunks) + c) * kRecordBytes,
+                          kRecordBytes, bar);
+            }
           }
           if (++stage == T::kStages) {
             stage = 0;
@@ -348,6 +407,15 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
     // Chunk accumulators (two for token tiles <= 64, where the registers allow overlapping one
     // chunk's WGMMAs with the previous chunk's promotion) and their A fragments.
     constexpr bool kDoubleBuffer = kBlockN <= 64 && T::kCtasPerSm == 1;
+    // Ping-pong (token tile 128): the two math warpgroups take turns on the tensor cores, one
+    // issuing its chunk's WGMMAs while the other promotes its previous chunk and decodes the
+    // next, instead of both issuing at once, both waiting, both promoting (the tensor cores
+    // idle during the promotion). Named barrier kOrderBarrier + w: "warpgroup w may issue";
+    // warpgroup 1 lets warpgroup 0 go first.
+    const bool ordered = !kDoubleBuffer && T::kCtasPerSm == 1 && p.pingpong != 0;
+    if (ordered && mwg == 1 && static_cast<int>(blockIdx.x) < total_tiles) {
+      NamedBarrierArrive(kOrderBarrier, 256);
+    }
     float acc[kBlockN / 2];
     float tmp[kBlockN / 2];
     float tmp_odd[kDoubleBuffer ? kBlockN / 2 : 1];
@@ -361,8 +429,15 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
       for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
       const int row_shift = tile.row_base & 3;
       if (!active) {
-        // Half-empty last weight tile: keep the ring's phases in step with the producer.
+        // Half-empty last weight tile: keep the ring's phases (and the ping-pong order) in step.
+        const bool last_tile = t + static_cast<int>(gridDim.x) >= total_tiles;
         for (int c = 0; c < num_chunks; ++c) {
+          if (ordered) {
+            NamedBarrierSync(kOrderBarrier + mwg, 256);
+            if (!(mwg == 1 && last_tile && c == num_chunks - 1)) {
+              NamedBarrierArrive(kOrderBarrier + 1 - mwg, 256);
+            }
+          }
           MbarWait(SmemAddr(&full[stage]), phase);
           __syncwarp();
           if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
@@ -436,11 +511,19 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           ++c;
         }
       } else {
+        const bool last_tile = t + static_cast<int>(gridDim.x) >= total_tiles;
         for (int c = 0; c < num_chunks; ++c) {
           MbarWait(SmemAddr(&full[stage]), phase);
           const uint8_t* st = smem + stage * T::kStageBytes;
           float fb0, fb1;
-          IssueChunk<kBlockN>(st, mwg, warp, lane, g, tables, a_even, tmp, &fb0, &fb1);
+          DecodeChunk<kBlockN>(st, mwg, warp, lane, g, tables, a_even, &fb0, &fb1);
+          if (ordered) NamedBarrierSync(kOrderBarrier + mwg, 256);
+          IssueWgmmas<kBlockN>(st, a_even, tmp);
+          // Hand the tensor cores to the other warpgroup (warpgroup 1 skips its very last hand-
+          // over, which nobody waits for: every sync has exactly one matching arrive).
+          if (ordered && !(mwg == 1 && last_tile && c == num_chunks - 1)) {
+            NamedBarrierArrive(kOrderBarrier + 1 - mwg, 256);
+          }
           WgmmaWait<0>();
           PromoteChunk<kBlockN>(st, row_shift, t4, tmp, acc, fb0, fb1);
           __syncwarp();

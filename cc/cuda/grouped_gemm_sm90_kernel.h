@@ -31,6 +31,7 @@ struct GemmKernelParams {
   int32_t num_panels;  // ceil(n / 64)
   int32_t num_chunks;  // ceil(k / 128)
   int32_t c_is_fp16;
+  int32_t pingpong;    // token tile 128: the math warpgroups take turns issuing WGMMAs
 };
 
 struct GemmKernelLaunch {

@@ -94,6 +94,18 @@ MXMOE_HD int TableIndex(int s, int mx) {
   return idx < 0 ? 0 : idx;  // s <= mx, so idx <= 19
 }
 
+// Largest of the 4 scale bytes packed in a word (a chunk's 4 block scales).
+MXMOE_HD int MaxScaleByte(uint32_t w) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t m = __vmaxu4(w, w >> 16);
+  return static_cast<int>(max(m & 0xFFu, (m >> 8) & 0xFFu));
+#else
+  uint32_t m = 0;
+  for (int i = 0; i < 4; ++i) m = ((w >> (8 * i)) & 0xFFu) > m ? ((w >> (8 * i)) & 0xFFu) : m;
+  return static_cast<int>(m);
+#endif
+}
+
 // 2^(mx - 6 - 127) as fp32 (the chunk factor of a chunk whose largest scale is mx); NaN for 0xFF.
 MXMOE_HD float ChunkFactor(int mx) {
   if (mx == 0xFF) return format::BitsFloat(0x7FC00000u);

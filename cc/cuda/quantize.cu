@@ -6,9 +6,9 @@
 // Each data CTA takes kThreads * kUnits consecutive lanes of the flattened [rows, k/8] lane grid
 // (rows need not align with CTAs), issues all its loads first, then builds a small table of where
 // each of its rows' scales go (this is where the per-expert mapping happens: a binary search in
-// the expert offsets, kept in shared memory), then quantizes and stores. kUnits (lanes per thread)
-// is 4 for large problems (4 independent 16-byte loads in flight per thread) and 1 for small ones
-// (more threads, each with a short serial chain: the launch latency is what counts there).
+// the expert offsets, kept in shared memory), then quantizes and stores. kUnits (lanes per thread;
+// see UnitsPerThread) is 2 to 8 for large problems and 1 for small ones (more threads, each with a
+// short serial chain: the launch latency is what counts there).
 // Swizzled layouts have padding: CTAs launched before the data CTAs (so that they overlap with
 // them instead of forming a tail) zero the padding rows of each matrix's last 128-row tile; the
 // lane that writes a row's last scale also zeroes that row's padding columns.
@@ -141,22 +141,23 @@ __device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, i
   }
 }
 
-// Zeroes the padding rows [m, round_up(m, 128)) of swizzled matrices (all padded columns); one
-// CTA per matrix, CTAs looping over matrices. Within a 512-byte tile, 4-byte word p holds rows
+// Zeroes the padding rows [m, round_up(m, 128)) of swizzled matrices (all padded columns): one
+// CTA per matrix (CTAs loop when there are more matrices than padding CTAs). An expert's offsets
+// are read straight from global memory (three loads): no shared memory, no barrier, so a padding
+// CTA for an empty expert ends at once. Within a 512-byte tile, 4-byte word p holds rows
 // (p % 4) * 32 + p / 4 for the tile's 4 columns, so the CTA writes whole words in address order.
 template <ScaleMap kMap>
-__device__ void ZeroScalePaddingRows(const RowsParams& p, const int32_t* s_offsets) {
+__device__ void ZeroScalePaddingRows(const RowsParams& p) {
   const int32_t k_tiles = p.padded_scale_cols / format::kSwizzleCols;
-  const int32_t num_matrices =
-      kMap == ScaleMap::kExperts ? p.num_experts : p.num_groups;
+  const int32_t num_matrices = kMap == ScaleMap::kExperts ? p.num_experts : p.num_groups;
   const int32_t stride = static_cast<int32_t>(p.padding_ctas);
   for (int32_t g = static_cast<int32_t>(blockIdx.x); g < num_matrices; g += stride) {
     int64_t m;
     int64_t base;
     if constexpr (kMap == ScaleMap::kExperts) {
-      m = static_cast<int64_t>(s_offsets[g + 1]) - s_offsets[g];
+      m = static_cast<int64_t>(p.expert_offsets[g + 1]) - p.expert_offsets[g];
       if (m <= 0) continue;
-      const int64_t scale_row = s_offsets[p.num_experts + 1 + g];
+      const int64_t scale_row = p.blockscale_offsets[g];
       if (scale_row < 0 || scale_row + format::RoundUp(m, format::kSwizzleRows) > p.scale_rows) {
         continue;
       }
@@ -194,10 +195,7 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
   __shared__ int64_t s_row_scale_base[Tile<kUnits>::kMaxRows];
 
   if (blockIdx.x < p.padding_ctas) {
-    if constexpr (kMap != ScaleMap::kLinear) {
-      if constexpr (kMap == ScaleMap::kExperts) LoadExpertOffsets(p, s_offsets);
-      ZeroScalePaddingRows<kMap>(p, s_offsets);
-    }
+    if constexpr (kMap != ScaleMap::kLinear) ZeroScalePaddingRows<kMap>(p);
     return;
   }
 
@@ -453,17 +451,24 @@ int MultiprocessorCount(int device) {
   return count;
 }
 
-// Lanes per thread (the kernel's kUnits): 4 when the grid would still fill every SM twice (4
-// independent 16-byte loads in flight per thread; fewer CTAs, so less per-CTA set-up), else 1
-// (small problems: as many threads as lanes, each with the shortest serial chain).
-// MXMOE_QUANTIZE_UNITS=1|4|8 overrides it (a benchmark knob, read per call).
-int UnitsPerThread(int64_t lanes, int device) {
+// Lanes per thread (the kernel's kUnits). Small problems (the kUnits = 4 grid would not fill
+// every SM twice): 1, so that each thread's serial chain (load, search, SiLU, store) is short and
+// the work spreads over as many SMs as possible (H100: 20-45% faster than 4 at T <= 64). Otherwise,
+// without SiLU, 4 (4 independent 16-byte loads in flight per thread), or 8 once there are at least
+// 16 such CTAs per SM: fewer CTAs, less per-CTA set-up (H100: 0-3% faster than 4, about the
+// run-to-run spread). With SiLU the kernel is bound by instruction issue, not by loads in flight:
+// 2 (40 registers, against 64 for 4 and 110 for 8; 2 and 4 measured within 3% of each other, 8
+// 15% slower). MXMOE_QUANTIZE_UNITS=1|2|4|8 overrides the choice (a benchmark knob, read per call;
+// bench/bench_quantize.py records the variants).
+int UnitsPerThread(int64_t lanes, bool silu, int device) {
   if (const char* env = getenv("MXMOE_QUANTIZE_UNITS")) {
     const int v = atoi(env);
-    if (v == 1 || v == 4 || v == 8) return v;
+    if (v == 1 || v == 2 || v == 4 || v == 8) return v;
   }
-  const int64_t full_grid = int64_t{2} * MultiprocessorCount(device) * kThreads * 4;
-  return lanes >= full_grid ? 4 : 1;
+  const int64_t threads_per_sm_pair = int64_t{2} * MultiprocessorCount(device) * kThreads;
+  if (lanes < threads_per_sm_pair * 4) return 1;
+  if (silu) return 2;
+  return lanes >= threads_per_sm_pair * 8 * 8 ? 8 : 4;
 }
 
 template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits>
@@ -486,6 +491,8 @@ mxmoe_status LaunchRowsWithUnits(const RowsParams& p, int units_per_thread, size
     switch (units_per_thread) {
       case 1:
         return LaunchRows<T, kSilu, kMap, 1>(p, data_ctas, smem, stream);
+      case 2:
+        return LaunchRows<T, kSilu, kMap, 2>(p, data_ctas, smem, stream);
       case 8:
         return LaunchRows<T, kSilu, kMap, 8>(p, data_ctas, smem, stream);
       default:
@@ -510,7 +517,8 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
       static_cast<int32_t>(format::RoundUp(base.scale_cols, format::kSwizzleCols));
   const size_t smem =
       kMap == ScaleMap::kExperts ? (static_cast<size_t>(base.num_experts) + 1) * 8 : 0;
-  const int units_per_thread = UnitsPerThread(rows * lanes_per_row, device);
+  const int units_per_thread =
+      UnitsPerThread(rows * lanes_per_row, kSilu != SiluImpl::kNone, device);
   const int64_t rows_per_launch = std::max<int64_t>(1, MaxUnitsPerLaunch() / lanes_per_row);
   bool first = true;
   for (int64_t row_begin = 0; row_begin < rows || first; row_begin += rows_per_launch) {
@@ -609,9 +617,9 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
   p.blockscale_offsets = blockscale_offsets;
   p.num_experts = num_experts;
   p.scale_rows = scale_rows;
-  // At most min(E, rows) experts are non-empty (with valid metadata), each needing one CTA.
-  const int32_t padding_ctas = static_cast<int32_t>(
-      std::min<int64_t>(std::min<int64_t>(num_experts, rows), kMaxPaddingCtas));
+  // One padding CTA per expert (up to kMaxPaddingCtas): the CTAs of empty experts end after two
+  // loads, and a non-empty expert's padding (up to 127 rows) gets a whole CTA.
+  const int32_t padding_ctas = std::min<int32_t>(num_experts, kMaxPaddingCtas);
   const auto s = static_cast<cudaStream_t>(stream);
   if constexpr (!kSilu) {
     return QuantizeRows<SiluImpl::kNone, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,

@@ -4,9 +4,11 @@
 //
 // Limits: every function here assumes all 32 lanes of the warp call it together (the block amax
 // is reduced with warp shuffles); lanes whose unit is out of range still call it and discard the
-// result. Everything numeric comes from mxmoe/format.h, so the CPU backend and these kernels use
-// one definition of the rule; the few hardware conversions used instead are exact, and the
-// reasons are given where they are used.
+// result. The rule is mxmoe/format.h's (ScaleFromAmax, QuantMultiplier, the SiLU constants), so the
+// CPU backend and these kernels share one definition. Three pieces are faster equivalents of
+// format.h functions, each with its argument and each checked bit for bit against format.h on
+// every input by tests/gpu/quantize_lane_test.cu: hardware bf16/fp16 conversions (exact),
+// EncodeE2M1x2 (FloatToE2M1 on two products at once) and SiluF32Fast (SiluF32 without branches).
 #ifndef MXMOE_CUDA_QUANTIZE_DEVICE_CUH_
 #define MXMOE_CUDA_QUANTIZE_DEVICE_CUH_
 

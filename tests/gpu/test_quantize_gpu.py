@@ -373,6 +373,7 @@ def test_experts_quantize_bit_exact(dtype, num_experts, pattern, k, silu, kind):
 
 @pytest.mark.parametrize("knob,value", [
     ("MXMOE_QUANTIZE_UNITS", "1"),
+    ("MXMOE_QUANTIZE_UNITS", "2"),
     ("MXMOE_QUANTIZE_UNITS", "4"),
     ("MXMOE_QUANTIZE_UNITS", "8"),
     ("MXMOE_QUANTIZE_SILU", "reference"),

@@ -40,8 +40,9 @@ failures=()
 build_library_without_bazel() {
   local obj=/tmp/mxmoe-pack-build
   local cutlass
-  cutlass="$(python3 -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))' 2>/dev/null || true)"
-  [[ -d "${cutlass}" ]] || cutlass="$(ls -d "${repo}"/.venv/lib/python3*/site-packages/cutlass_library/source/include 2>/dev/null | head -1)"
+  # CUTLASS headers come with the venv's nvidia-cutlass wheel.
+  cutlass="$(ls -d "${repo}"/.venv/lib/python3*/site-packages/cutlass_library/source/include \
+    2>/dev/null | head -1)"
   mkdir -p "${obj}"
   local objects=()
   for src in cc/src/*.cc cc/cpu/*.cc; do
@@ -84,7 +85,10 @@ fi
 
 rm -rf "${pack}"
 mkdir -p "${pack}"/{lib,bin,mxmoe,include,tests/gpu,bench}
-[[ -n "${lib}" && -f "${lib}" ]] && cp "${lib}" "${pack}/lib/libmxmoe.so" && chmod u+w "${pack}/lib/libmxmoe.so"
+if [[ -n "${lib}" && -f "${lib}" ]]; then
+  cp "${lib}" "${pack}/lib/libmxmoe.so"
+  chmod u+w "${pack}/lib/libmxmoe.so"  # bazel-bin outputs are read-only
+fi
 
 echo "== C++ GPU tests (tests/gpu/${tests_glob})"
 for script in tests/gpu/${tests_glob}; do

@@ -95,8 +95,8 @@ stage() {
 
 # The last line that looks like a test-runner or benchmark verdict, for the table.
 last_summary_line() {
-  grep -E "^mxmoe |passed|failed|skipped|error|ERROR SUMMARY|RACECHECK SUMMARY|goal|wrote|built|Error" "$1" \
-    2>/dev/null | tail -n 1 | cut -c1-90
+  local pattern="^mxmoe |passed|failed|skipped|error|ERROR SUMMARY|RACECHECK SUMMARY|goal|wrote"
+  grep -E "${pattern}|built|Error" "$1" 2>/dev/null | tail -n 1 | cut -c1-90
 }
 
 build_module() {
@@ -155,19 +155,20 @@ fi
 
 module_ok=1
 if wants build; then
-  stage build "${out}/build.log" bash -c "$(declare -f build_module); python='${python}'; build_module" \
-    || module_ok=0
+  stage build "${out}/build.log" \
+    bash -c "$(declare -f build_module); python='${python}'; build_module" || module_ok=0
 fi
 if wants pytest; then
   if [[ ${module_ok} -eq 1 ]]; then
-    stage pytest "${out}/pytest.log" "${python}" -m pytest -q -rs -p no:cacheprovider --durations=15 \
-      --junitxml="${out}/pytest.xml" ${pytest_paths}
+    stage pytest "${out}/pytest.log" "${python}" -m pytest -q -rs -p no:cacheprovider \
+      --durations=15 --junitxml="${out}/pytest.xml" ${pytest_paths}
   else
     record pytest 1 0 "skipped: the module did not build"
   fi
 fi
 if wants cctest && [[ -n "${cctests}" ]]; then
-  stage cctest "${out}/cctest.log" bash -c "$(declare -f run_cctests); cctests='${cctests}'; run_cctests 0"
+  stage cctest "${out}/cctest.log" \
+    bash -c "$(declare -f run_cctests); cctests='${cctests}'; run_cctests 0"
 fi
 for tool in memcheck racecheck; do
   if wants "${tool}"; then

@@ -30,45 +30,12 @@ import torch
 import torch.nn.functional as F
 
 import mxmoe
+from common import SHAPES, TOKENS, commit, gpu_short_name, measure_copy_bandwidth
 from mxmoe import ops
 
-SHAPES = {
-    # name: (E, H, I, top_k)
-    "gpt-oss-120b": (128, 2880, 2880, 4),
-    "qwen3-30b-a3b": (128, 2048, 768, 8),
-    "deepseek-v3": (256, 7168, 2048, 8),
-}
-TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 FP8_PEAK_FLOPS = 1979e12
 ROTATIONS = 4
 GRAPH_MAX_TOKENS = 256
-
-
-def gpu_short_name(name: str) -> str:
-    lowered = name.lower()
-    for key in ("h200", "h100", "b200", "gb200", "a100"):
-        if key in lowered:
-            return key
-    return lowered.replace(" ", "-")
-
-
-def measure_copy_bandwidth() -> float:
-    """Device-to-device copy GB/s, counting bytes read plus bytes written."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * n / statistics.median(times) / 1e9
 
 
 def time_calls(fns, use_graph: bool, repeats: int = 15, inner: int = 8) -> float:
@@ -212,7 +179,10 @@ def bench_shape(name, e, h, inter, top_k, token_list, copy_gbps, impls, log):
     w2 = random_bf16((e, h, inter), 1 / math.sqrt(inter), gen)
     w13_packed, w13_scales = ops.quantize_weights(w13)
     w2_packed, w2_scales = ops.quantize_weights(w2)
-    mx_weights = (w13_packed, w13_scales, w2_packed, w2_scales)
+    # Prepared once, as MoELayer does: the backend's fastest layout.
+    mx_weights = (ops.prepare_weights(w13_packed, w13_scales), None,
+                  ops.prepare_weights(w2_packed, w2_scales), None)
+    del w13_packed, w13_scales, w2_packed, w2_scales
     peers = {}
     if "torch_bf16" in impls:
         peers["torch_bf16"] = TorchBf16Moe(w13, w2, top_k)
@@ -290,7 +260,7 @@ def main():
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     parser.add_argument("--impls", nargs="*", default=["mxmoe", "torch_bf16", "torch_fp8"])
-    parser.add_argument("--commit", default=os.environ.get("MXMOE_COMMIT", "unknown"))
+    parser.add_argument("--commit", default=commit())
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_moe: no CUDA device", file=sys.stderr)

@@ -40,7 +40,8 @@ size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 // ---- weight preparation ---------------------------------------------------------------------
 
-// One thread per 32-bit word of a prepared record: 1024 code words, then 64 scale words.
+// One thread per 32-bit word of a prepared record: 1024 code words, then 64 scale words
+// (sm90::PreparedScaleWord).
 __global__ void PrepareWeightsKernel(const uint8_t* __restrict__ packed,
                                      const uint8_t* __restrict__ scales, int scales_swizzled,
                                      int num_experts, int n, int k, int num_panels,
@@ -83,20 +84,20 @@ __global__ void PrepareWeightsKernel(const uint8_t* __restrict__ packed,
     } else {
       const int r = word - kCodeBytes / 4;
       const int row = panel * kPanelRows + r;
+      uint8_t sb[4] = {0, 0, 0, 0};  // rows past N and blocks past K: scale 0 (codes are 0)
       if (row < n) {
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
           const int kb = c * 4 + b;
           if (kb < scale_cols) {
-            const uint8_t s =
-                scales_swizzled
-                    ? scales[static_cast<int64_t>(e) * format::SwizzledBytes(n, scale_cols) +
-                             format::SwizzledOffset(row, kb, scale_cols)]
-                    : scales[(static_cast<int64_t>(e) * n + row) * scale_cols + kb];
-            value |= static_cast<uint32_t>(s) << (8 * b);
+            sb[b] = scales_swizzled
+                        ? scales[static_cast<int64_t>(e) * format::SwizzledBytes(n, scale_cols) +
+                                 format::SwizzledOffset(row, kb, scale_cols)]
+                        : scales[(static_cast<int64_t>(e) * n + row) * scale_cols + kb];
           }
         }
       }
+      value = sm90::PreparedScaleWord(sb);
     }
     out[idx] = value;
   }

@@ -120,10 +120,16 @@ __device__ __forceinline__ void WgmmaWait() {
 __device__ __forceinline__ void FenceOperand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void FenceOperand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
-// K-major operand, 128-byte swizzle: 8-row atoms of 1024 bytes (stride byte offset 1024).
-__device__ __forceinline__ uint64_t SwizzledKMajorDesc(uint32_t smem_addr) {
-  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (1ull << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+// K-major operand, 128-byte swizzle: 8-row atoms of 1024 bytes (stride byte offset 1024), for
+// k32 step s (+32 bytes of K inside the 128-byte swizzled row, +2 in the address field). Built
+// from two 32-bit halves: the stage is 1024-byte aligned, so adding 2s never carries out of the
+// low word, and the high word is a constant (no 64-bit adds per WGMMA).
+__device__ __forceinline__ uint64_t SwizzledKMajorDesc(uint32_t smem_addr, int s) {
+  const uint32_t lo = (((smem_addr & 0x3FFFF) >> 4) + 2 * s) | (1u << 16);
+  const uint32_t hi = (1024 >> 4) | (1u << 30);
+  uint64_t d;
+  asm("mov.b64 %0, {%1, %2};" : "=l"(d) : "r"(lo), "r"(hi));
+  return d;
 }
 
 // 8 prepared codes (see CodeByteOffset) -> two words of 4 E4M3 bytes.
@@ -178,7 +184,8 @@ __device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
 constexpr int kOrderBarrier = 3;
 
 // Decodes one chunk's weight fragments from stage `st` into `a`; returns the weight rows' chunk
-// factors.
+// factors. `tables`: the kNumTables E4M3 tables in static shared memory (so that a block's table
+// is one LDS at [prepared offset + constant]).
 template <int kBlockN>
 __device__ __forceinline__ void DecodeChunk(const uint8_t* st, int mwg, int warp, int lane, int g,
                                             const uint2* tables, uint32_t (&a)[4][4], float* fb0,
@@ -190,18 +197,18 @@ __device__ __forceinline__ void DecodeChunk(const uint8_t* st, int mwg, int warp
       *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * (16 * warp + g + 8));
   const uint4 q0 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 0) * 32 + lane) * 16);
   const uint4 q1 = *reinterpret_cast<const uint4*>(rec + ((warp * 2 + 1) * 32 + lane) * 16);
-  const int mx0 = MaxScaleByte(sc0), mx1 = MaxScaleByte(sc1);
+  const uint8_t* tbytes = reinterpret_cast<const uint8_t*>(tables);
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     const uint32_t x0 = s == 0 ? q0.x : s == 1 ? q0.z : s == 2 ? q1.x : q1.z;
     const uint32_t x1 = s == 0 ? q0.y : s == 1 ? q0.w : s == 2 ? q1.y : q1.w;
-    const uint2 tb0 = tables[TableIndex((sc0 >> (8 * s)) & 0xFF, mx0)];
-    const uint2 tb1 = tables[TableIndex((sc1 >> (8 * s)) & 0xFF, mx1)];
+    const uint2 tb0 = *reinterpret_cast<const uint2*>(tbytes + PreparedTableOffset(sc0, s));
+    const uint2 tb1 = *reinterpret_cast<const uint2*>(tbytes + PreparedTableOffset(sc1, s));
     DecodeWord(x0, tb0, &a[s][0], &a[s][2]);
     DecodeWord(x1, tb1, &a[s][1], &a[s][3]);
   }
-  *fb0 = ChunkFactor(mx0);
-  *fb1 = ChunkFactor(mx1);
+  *fb0 = ChunkFactor(PreparedMaxScale(sc0));
+  *fb1 = ChunkFactor(PreparedMaxScale(sc1));
 }
 
 // Issues one chunk's 4 WGMMAs into `t` (asynchronous; committed as one group). `a` must stay
@@ -209,7 +216,7 @@ __device__ __forceinline__ void DecodeChunk(const uint8_t* st, int mwg, int warp
 template <int kBlockN>
 __device__ __forceinline__ void IssueWgmmas(const uint8_t* st, uint32_t (&a)[4][4],
                                             float (&t)[kBlockN / 2]) {
-  const uint64_t desc = SwizzledKMajorDesc(SmemAddr(st));
+  const uint32_t st_addr = SmemAddr(st);
   // Pin the decoded fragments before the fence: otherwise the compiler sinks the decode between
   // the WGMMAs and ptxas must inject a warpgroup.arrive before each (C7519).
 #pragma unroll
@@ -222,8 +229,7 @@ __device__ __forceinline__ void IssueWgmmas(const uint8_t* st, uint32_t (&a)[4][
   WgmmaFence();
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    // +32 bytes of K per k32 step inside the 128-byte swizzled row (>> 4 in the descriptor).
-    WgmmaE4m3Rs<kBlockN>::Run(t, a[s], desc + 2 * s, s);
+    WgmmaE4m3Rs<kBlockN>::Run(t, a[s], SwizzledKMajorDesc(st_addr, s), s);
   }
   WgmmaCommit();
 }
@@ -272,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
   uint8_t* smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + T::kBarrierOffset);
   uint64_t* empty = full + T::kStages;
-  uint2* tables = reinterpret_cast<uint2*>(smem + T::kTableOffsetBytes);
+  __shared__ uint2 tables[kNumTables];  // static: constant addresses (see DecodeChunk)
   int32_t* eo = reinterpret_cast<int32_t*>(smem + T::kExpertOffsetBytes);
   int32_t* prefix = eo + p.num_experts + 1;
 
@@ -407,6 +413,11 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
     // Chunk accumulators (two for token tiles <= 64, where the registers allow overlapping one
     // chunk's WGMMAs with the previous chunk's promotion) and their A fragments.
     constexpr bool kDoubleBuffer = kBlockN <= 64 && T::kCtasPerSm == 1;
+    // Decode-ahead (token tile 16, two CTAs per SM, no registers for a second accumulator):
+    // the next chunk's codes are decoded into a second set of A fragments while this chunk's
+    // WGMMAs run, so that the per-chunk chain (the latency that bounds decode) is
+    // max(decode, WGMMA) + promotion instead of their sum.
+    constexpr bool kDecodeAhead = kBlockN == 16 && T::kCtasPerSm == 2;
     // Ping-pong (token tile 128): the two math warpgroups take turns on the tensor cores, one
     // issuing its chunk's WGMMAs while the other promotes its previous chunk and decodes the
     // next, instead of both issuing at once, both waiting, both promoting (the tensor cores
@@ -420,8 +431,11 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
     float tmp[kBlockN / 2];
     float tmp_odd[kDoubleBuffer ? kBlockN / 2 : 1];
     uint32_t a_even[4][4];
-    uint32_t a_odd[kDoubleBuffer ? 4 : 1][4];
-    for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    uint32_t a_odd[kDoubleBuffer || kDecodeAhead ? 4 : 1][4];
+    // The tile count is re-read from shared memory (volatile) at each tile rather than held in
+    // a register across the chunk loop (the two-CTAs-per-SM kernels are at their register cap).
+    const volatile int32_t* total_tiles_smem = prefix + num_experts;
+    for (int t = blockIdx.x; t < *total_tiles_smem; t += gridDim.x) {
       const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
       const int panel = tile.weight_tile * 2 + mwg;
       const bool active = panel < p.num_panels;
@@ -430,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
       const int row_shift = tile.row_base & 3;
       if (!active) {
         // Half-empty last weight tile: keep the ring's phases (and the ping-pong order) in step.
-        const bool last_tile = t + static_cast<int>(gridDim.x) >= total_tiles;
+        const bool last_tile = t + static_cast<int>(gridDim.x) >= *total_tiles_smem;
         for (int c = 0; c < num_chunks; ++c) {
           if (ordered) {
             NamedBarrierSync(kOrderBarrier + mwg, 256);
@@ -444,6 +458,70 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           if (++stage == T::kStages) {
             stage = 0;
             phase ^= 1;
+          }
+        }
+      } else if constexpr (kDecodeAhead) {
+        // Straight-line halves (even chunks decoded into a_even, odd into a_odd) so that the
+        // fragments a WGMMA is still reading are never the ones being written.
+        float fb0, fb1, nfb0, nfb1;
+        MbarWait(SmemAddr(&full[stage]), phase);
+        DecodeChunk<kBlockN>(smem + stage * T::kStageBytes, mwg, warp, lane, g, tables, a_even,
+                             &fb0, &fb1);
+        int c = 0;
+        while (true) {
+          // ---- even chunk c (fragments in a_even)
+          {
+            const uint8_t* st = smem + stage * T::kStageBytes;
+            IssueWgmmas<kBlockN>(st, a_even, tmp);
+            int next_stage = stage + 1;
+            uint32_t next_phase = phase;
+            if (next_stage == T::kStages) {
+              next_stage = 0;
+              next_phase ^= 1;
+            }
+            const bool more = c + 1 < num_chunks;
+            if (more) {
+              MbarWait(SmemAddr(&full[next_stage]), next_phase);
+              DecodeChunk<kBlockN>(smem + next_stage * T::kStageBytes, mwg, warp, lane, g, tables,
+                                   a_odd, &nfb0, &nfb1);
+            }
+            WgmmaWait<0>();
+            PromoteChunk<kBlockN>(st, row_shift, t4, tmp, acc, fb0, fb1);
+            __syncwarp();
+            if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+            stage = next_stage;
+            phase = next_phase;
+            if (!more) break;
+            fb0 = nfb0;
+            fb1 = nfb1;
+            ++c;
+          }
+          // ---- odd chunk c (fragments in a_odd)
+          {
+            const uint8_t* st = smem + stage * T::kStageBytes;
+            IssueWgmmas<kBlockN>(st, a_odd, tmp);
+            int next_stage = stage + 1;
+            uint32_t next_phase = phase;
+            if (next_stage == T::kStages) {
+              next_stage = 0;
+              next_phase ^= 1;
+            }
+            const bool more = c + 1 < num_chunks;
+            if (more) {
+              MbarWait(SmemAddr(&full[next_stage]), next_phase);
+              DecodeChunk<kBlockN>(smem + next_stage * T::kStageBytes, mwg, warp, lane, g, tables,
+                                   a_even, &nfb0, &nfb1);
+            }
+            WgmmaWait<0>();
+            PromoteChunk<kBlockN>(st, row_shift, t4, tmp, acc, fb0, fb1);
+            __syncwarp();
+            if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+            stage = next_stage;
+            phase = next_phase;
+            if (!more) break;
+            fb0 = nfb0;
+            fb1 = nfb1;
+            ++c;
           }
         }
       } else if constexpr (kDoubleBuffer) {
@@ -511,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           ++c;
         }
       } else {
-        const bool last_tile = t + static_cast<int>(gridDim.x) >= total_tiles;
+        const bool last_tile = t + static_cast<int>(gridDim.x) >= *total_tiles_smem;
         for (int c = 0; c < num_chunks; ++c) {
           MbarWait(SmemAddr(&full[stage]), phase);
           const uint8_t* st = smem + stage * T::kStageBytes;
@@ -539,6 +617,9 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
         // coalesced stores of C[token, 64 rows of the panel], masked to the expert's tokens, the
         // rows of C and N (N % 32 == 0, so an 8-column piece is all in or all out).
         uint8_t* epi = smem + T::kEpilogueOffset + mwg * kBlockN * kEpilogueRowBytes;
+        // Decoded again from shared memory rather than kept live across the chunk loop (the
+        // registers are short in the two-CTAs-per-SM kernels).
+        const Tile out_tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
         NamedBarrierSync(1 + mwg, 128);  // the previous tile's reads of `epi` are done
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
@@ -561,8 +642,8 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
 #pragma unroll
         for (int id = wtid; id < kBlockN * 8; id += 128) {
           const int token = id >> 3, part = id & 7;
-          const int64_t row = static_cast<int64_t>(tile.row_base) + token;
-          if (token < tile.rows_valid && row < p.rows && n0 + part * 8 < p.n) {
+          const int64_t row = static_cast<int64_t>(out_tile.row_base) + token;
+          if (token < out_tile.rows_valid && row < p.rows && n0 + part * 8 < p.n) {
             const uint4 v =
                 *reinterpret_cast<const uint4*>(epi + token * kEpilogueRowBytes + part * 16);
             *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.c) + row * p.n + n0 + part * 8) = v;

@@ -42,8 +42,8 @@ struct GemmKernelLaunch {
 
 // Shared-memory plan (bytes), shared by the kernel and the host: a ring of stages, each holding
 // the activation tile (block_n x 128 E4M3, 128B-swizzled, 1024-aligned), two weight records
-// (2 x 4352) and block_n activation factors; then the barriers, the E4M3 tables and the
-// scheduler's expert_offsets / tile prefix arrays.
+// (2 x 4352) and block_n activation factors; then the barriers and the scheduler's
+// expert_offsets / tile prefix arrays.
 constexpr int kGemmRecordBytes = 4352;
 // The factors of a token tile are fetched by one 1-D bulk copy of block_n + 4 floats starting at
 // the 16-byte aligned row below row_base; rows of the factor array past `rows` are slack.
@@ -72,7 +72,8 @@ constexpr int GemmBarrierOffset(int block_n) {
 constexpr int GemmTableOffset(int block_n) {
   return GemmBarrierOffset(block_n) + 2 * GemmStages(block_n) * 8;
 }
-constexpr int GemmExpertOffset(int block_n) { return GemmTableOffset(block_n) + 20 * 8; }
+// (The E4M3 tables live in static shared memory: no room for them here.)
+constexpr int GemmExpertOffset(int block_n) { return GemmTableOffset(block_n); }
 inline size_t GemmKernelSmemBytes(int block_n, int num_experts) {
   return 1024 /* alignment slack */ + GemmExpertOffset(block_n) + 2 * 4 * (num_experts + 1);
 }

@@ -19,7 +19,11 @@
 //   [E][P = ceil(N/64) panels][C = ceil(K/128) chunks] records of kRecordBytes = 4352 bytes:
 //     bytes [0, 4096):    the 64x128 E2M1 codes, permuted so that one 16-byte shared-memory load
 //                         per thread and k64 gives its WGMMA A fragments (see CodeByteOffset);
-//     bytes [4096, 4352): 64 rows x 4 raw E8M0 scale bytes of the chunk's 4 blocks.
+//     bytes [4096, 4352): 64 rows x one 32-bit scale word (PreparedScaleWord): per block b of
+//                         the chunk, its E4M3 table's byte offset (TableIndex * 8) in bits
+//                         8b+3..8b+7, and the chunk's largest scale mx in the spare bits 0..2 of
+//                         bytes 0, 1, 2 (mx bits 0-2, 3-5, 6-7). The GEMM then finds a block's
+//                         table with one mask and the chunk factor without a max over 4 bytes.
 //   Rows past N and K past the real K hold code 0 and scale 0 (padding is exact zero and never
 //   raises a chunk's max). Cost: 4.25 bits per weight, plus the padding of N to 64 and K to 128
 //   (K = 2880: +2.2%).
@@ -106,12 +110,30 @@ MXMOE_HD int MaxScaleByte(uint32_t w) {
 #endif
 }
 
+// The prepared scale word of one row and chunk from its 4 block scales (padding blocks: 0).
+MXMOE_HD uint32_t PreparedScaleWord(const uint8_t (&scales)[4]) {
+  int mx = 0;
+  for (int b = 0; b < 4; ++b) mx = scales[b] > mx ? scales[b] : mx;
+  uint32_t w = 0;
+  for (int b = 0; b < 4; ++b) w |= static_cast<uint32_t>(TableIndex(scales[b], mx) * 8) << (8 * b);
+  const uint32_t m = static_cast<uint32_t>(mx);
+  return w | (m & 7u) | ((m & 0x38u) << 5) | ((m & 0xC0u) << 10);
+}
+// Byte offset of block b's table (in an array of kNumTables uint2) in a prepared scale word.
+MXMOE_HD uint32_t PreparedTableOffset(uint32_t w, int b) { return (w >> (8 * b)) & 0xF8u; }
+// The chunk's largest scale from a prepared scale word.
+MXMOE_HD int PreparedMaxScale(uint32_t w) {
+  return static_cast<int>((w & 7u) | ((w >> 5) & 0x38u) | ((w >> 10) & 0xC0u));
+}
+
 // 2^(mx - 6 - 127) as fp32 (the chunk factor of a chunk whose largest scale is mx); NaN for 0xFF.
+// Written with selects (no branches): it sits on the GEMM's per-chunk critical path.
 MXMOE_HD float ChunkFactor(int mx) {
-  if (mx == 0xFF) return format::BitsFloat(0x7FC00000u);
   const int biased = mx - 6;  // biased exponent of 2^(mx - 133)
-  if (biased >= 1) return format::BitsFloat(static_cast<uint32_t>(biased) << 23);
-  return format::BitsFloat(1u << (biased + 22));  // subnormal: 2^(mx-133) = 2^-149 * 2^(mx+16)
+  const uint32_t normal = static_cast<uint32_t>(biased) << 23;
+  const uint32_t subnormal = 1u << ((biased + 22) & 31);  // 2^(mx-133) = 2^-149 * 2^(mx+16)
+  const uint32_t bits = biased >= 1 ? normal : subnormal;
+  return format::BitsFloat(mx == 0xFF ? 0x7FC00000u : bits);
 }
 
 // Where the prepared record keeps the code of (row r in [0,64), column kk in [0,128)):

@@ -525,7 +525,37 @@ void RunCorrectness(const Problem& p, uint64_t seed) {
   }
 }
 
+// Host check of the prepared scale word (grouped_gemm_sm90_layout.h) and the chunk factor: the
+// table offsets and the chunk max decoded from the word agree with the raw scales' for random and
+// edge-case scales (0, 0xFF, equal), and ChunkFactor(mx) == 2^(mx - 133) (NaN for 0xFF).
+void CheckPreparedScaleWord() {
+  namespace sm90 = mxmoe::cuda::sm90;
+  std::mt19937_64 rng(99);
+  int64_t bad = 0;
+  for (int i = 0; i < 200000; ++i) {
+    uint8_t sb[4];
+    for (int b = 0; b < 4; ++b) {
+      const int r = static_cast<int>(rng() % 8);
+      sb[b] = r == 0 ? 0 : r == 1 ? 0xFF : r == 2 ? sb[0] : static_cast<uint8_t>(rng());
+    }
+    const uint32_t w = sm90::PreparedScaleWord(sb);
+    const int mx = std::max(std::max(sb[0], sb[1]), std::max(sb[2], sb[3]));
+    if (sm90::PreparedMaxScale(w) != mx) ++bad;
+    for (int b = 0; b < 4; ++b)
+      if (sm90::PreparedTableOffset(w, b) != static_cast<uint32_t>(sm90::TableIndex(sb[b], mx) * 8))
+        ++bad;
+  }
+  for (int mx = 0; mx < 256; ++mx) {
+    const float f = sm90::ChunkFactor(mx);
+    if (mx == 0xFF ? !std::isnan(f) : static_cast<double>(f) != std::ldexp(1.0, mx - 133)) ++bad;
+  }
+  printf("%s prepared scale word and chunk factor (host): %lld mismatches\n", bad ? "FAIL" : "PASS",
+         (long long)bad);
+  if (bad) ++g_failures;
+}
+
 void RunCorrectnessSuite() {
+  CheckPreparedScaleWord();
   std::vector<Problem> problems;
   {
     Problem p;

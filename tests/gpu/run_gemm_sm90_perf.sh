@@ -23,8 +23,9 @@ if has correct && fits 150 correct; then
   grep -E "^FAIL|error|CUDA" "$OUT/correct.txt" | head -8
 fi
 if has bench; then
-  for v in base new; do
-    bin=$NEW; [ $v = base ] && bin=$BASE
+  for v in base mid new; do
+    bin=$NEW; [ $v = base ] && bin=$BASE; [ $v = mid ] && bin=${BASE%_base}_mid
+    [ -x "$bin" ] || continue
     fits 100 "bench $v" && { timeout 100 $bin --bench-only > "$OUT/bench_$v.txt" 2>&1; echo "bench $v rc=$? t=${SECONDS}s" | tee -a "$S"; }
   done
 fi
@@ -32,9 +33,20 @@ if has exp && fits 60 exp; then
   # Ping-pong off (same binary) on prefill, and the baseline again for the spread.
   for f in deepseek-v3:w13:16384 gpt-oss-120b:w13:16384 qwen3-30b-a3b:w13:4096; do
     for pp in 1 0; do
-      MXMOE_SM90_PINGPONG=$pp timeout 20 $NEW --bench-only --bench-filter $f 2>&1 | tail -1 | sed "s/^/new pp=$pp /" >> "$OUT/exp.txt"
+      MXMOE_SM90_PINGPONG=$pp timeout 20 $NEW --bench-only --bench-filter $f 2>&1 | tail -1 | sed "s/^/new pp=$pp /" >> "$OUT/bench_exp.txt"
     done
-    timeout 20 $BASE --bench-only --bench-filter $f 2>&1 | tail -1 | sed "s/^/base /" >> "$OUT/exp.txt"
+    timeout 20 $BASE --bench-only --bench-filter $f 2>&1 | tail -1 | sed "s/^/base /" >> "$OUT/bench_exp.txt"
+  done
+  # Token-tile widths around the heuristic's thresholds (MXMOE_SM90_BLOCK_N overrides it).
+  for f in gpt-oss-120b:w13:256 qwen3-30b-a3b:w13:256 deepseek-v3:w2:256; do
+    for bn in 16 32; do
+      MXMOE_SM90_BLOCK_N=$bn timeout 20 $NEW --bench-only --bench-filter $f 2>&1 | tail -1 | sed "s/^/new bn=$bn /" >> "$OUT/bench_exp.txt"
+    done
+  done
+  for f in gpt-oss-120b:w13:1024 qwen3-30b-a3b:w2:1024 deepseek-v3:w13:1024; do
+    for bn in 64 128; do
+      MXMOE_SM90_BLOCK_N=$bn timeout 20 $NEW --bench-only --bench-filter $f 2>&1 | tail -1 | sed "s/^/new bn=$bn /" >> "$OUT/bench_exp.txt"
+    done
   done
   echo "exp t=${SECONDS}s" >> "$S"
 fi
@@ -46,7 +58,7 @@ if has ncu && fits 90 ncu; then
     $NEW --bench-only --bench-filter deepseek-v3:w13:4096 > /dev/null 2>&1
   for r in decode prefill; do
     ncu -i /tmp/ncu_$r.ncu-rep >> "$OUT/ncu.txt" 2>&1
-    ncu -i /tmp/ncu_$r.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip > "$OUT/ncu_src_$r.csv.gz"
+    [ -n "${NCU_SRC:-}" ] && ncu -i /tmp/ncu_$r.ncu-rep --page source --csv --print-source sass 2>/dev/null | gzip > "$OUT/ncu_src_$r.csv.gz"
   done
   echo "ncu t=${SECONDS}s" >> "$S"
 fi
@@ -56,11 +68,16 @@ if has san && fits 100 san; then
   fits 40 synccheck && { timeout 40 compute-sanitizer --tool synccheck $NEW --no-bench --quick --block-n 128 >> "$OUT/sanitizer.txt" 2>&1
   echo "synccheck bn=128 rc=$? $(grep 'ERROR SUMMARY' "$OUT/sanitizer.txt" | tail -1)" | tee -a "$S"; }
 fi
-# Side by side: base vs new (ms) per case.
+# Side by side: base vs new (ms) per case (and an optional intermediate build, _mid).
+if [ -f "$OUT/bench_mid.txt" ]; then
+  join <(awk '$3 ~ /^[0-9]+$/ && NF==11 {print $1":"$2":"$3, $6}' "$OUT/bench_mid.txt" | sort) \
+       <(awk '$3 ~ /^[0-9]+$/ && NF==11 {print $1":"$2":"$3, $6}' "$OUT/bench_new.txt" | sort) |
+    awk '{printf "%-26s mid %8.4f new %8.4f x%.3f\n", $1, $2, $3, $2/$3}' >> "$S"
+fi
 if [ -f "$OUT/bench_new.txt" ]; then
   join <(awk '$3 ~ /^[0-9]+$/ && NF==11 {print $1":"$2":"$3, $6}' "$OUT/bench_base.txt" | sort) \
        <(awk '$3 ~ /^[0-9]+$/ && NF==11 {print $1":"$2":"$3, $6, $7, $5}' "$OUT/bench_new.txt" | sort) |
     awk '{printf "%-26s bn=%-4s base %8.4f new %8.4f  x%.2f  new/bytes %.2f\n", $1, $5, $2, $3, $2/$3, $3/$4}' | sort -t: -k1,1 -k2,2 -k3n
 fi
-cat "$OUT/exp.txt" 2>/dev/null
+cat "$OUT/bench_exp.txt" 2>/dev/null
 cat "$S"

@@ -3,12 +3,15 @@
 //   warpgroup 0 (producer, one thread): per (expert, tile) and 128-wide K chunk, one TMA copy of
 //     the converted activations [kBlockN rows x 128 bytes, 128B swizzle], one 1-D bulk copy of
 //     their chunk factors, and one 1-D bulk copy per 64-row weight panel (4352 bytes: 4-bit codes +
-//     E8M0 scales) into a kStages-deep shared-memory ring, completing on an mbarrier.
+//     prepared scale words) into a kStages-deep shared-memory ring, completing on an mbarrier.
+//     The weight copies of the first ring-full are issued before waiting for the activation
+//     conversion kernel (programmatic dependent launch).
 //   warpgroups 1 and 2 (math, 64 weight rows each): load the 4-bit codes (16 bytes per thread and
 //     k64), decode them in registers into E4M3 WGMMA A fragments with prmt over a per-block
 //     8-entry table (the block's exponent shift picks the table), run 4 x m64nNk32 FP8 WGMMAs
 //     into a chunk accumulator, then promote it into the fp32 accumulator times the weight row's
-//     and the token's chunk factors (DESIGN.md section 3).
+//     and the token's chunk factors (DESIGN.md section 3). Token tile 128: the two warpgroups
+//     take turns issuing their WGMMAs (ping-pong, named barriers 3 and 4).
 //   Tiles: (expert, weight tile of 128 rows, token tile of kBlockN rows); every CTA walks the
 //   same tile list (prefix sums of per-expert tile counts from expert_offsets, built in shared
 //   memory at start), CTA b taking tiles b, b + grid, ... No host synchronisation anywhere.
@@ -413,11 +416,6 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
     // Chunk accumulators (two for token tiles <= 64, where the registers allow overlapping one
     // chunk's WGMMAs with the previous chunk's promotion) and their A fragments.
     constexpr bool kDoubleBuffer = kBlockN <= 64 && T::kCtasPerSm == 1;
-    // Decode-ahead (token tile 16, two CTAs per SM, no registers for a second accumulator):
-    // the next chunk's codes are decoded into a second set of A fragments while this chunk's
-    // WGMMAs run, so that the per-chunk chain (the latency that bounds decode) is
-    // max(decode, WGMMA) + promotion instead of their sum.
-    constexpr bool kDecodeAhead = kBlockN == 16 && T::kCtasPerSm == 2;
     // Ping-pong (token tile 128): the two math warpgroups take turns on the tensor cores, one
     // issuing its chunk's WGMMAs while the other promotes its previous chunk and decodes the
     // next, instead of both issuing at once, both waiting, both promoting (the tensor cores
@@ -431,11 +429,8 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
     float tmp[kBlockN / 2];
     float tmp_odd[kDoubleBuffer ? kBlockN / 2 : 1];
     uint32_t a_even[4][4];
-    uint32_t a_odd[kDoubleBuffer || kDecodeAhead ? 4 : 1][4];
-    // The tile count is re-read from shared memory (volatile) at each tile rather than held in
-    // a register across the chunk loop (the two-CTAs-per-SM kernels are at their register cap).
-    const volatile int32_t* total_tiles_smem = prefix + num_experts;
-    for (int t = blockIdx.x; t < *total_tiles_smem; t += gridDim.x) {
+    uint32_t a_odd[kDoubleBuffer ? 4 : 1][4];
+    for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
       const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
       const int panel = tile.weight_tile * 2 + mwg;
       const bool active = panel < p.num_panels;
@@ -444,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
       const int row_shift = tile.row_base & 3;
       if (!active) {
         // Half-empty last weight tile: keep the ring's phases (and the ping-pong order) in step.
-        const bool last_tile = t + static_cast<int>(gridDim.x) >= *total_tiles_smem;
+        const bool last_tile = t + static_cast<int>(gridDim.x) >= total_tiles;
         for (int c = 0; c < num_chunks; ++c) {
           if (ordered) {
             NamedBarrierSync(kOrderBarrier + mwg, 256);
@@ -458,70 +453,6 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           if (++stage == T::kStages) {
             stage = 0;
             phase ^= 1;
-          }
-        }
-      } else if constexpr (kDecodeAhead) {
-        // Straight-line halves (even chunks decoded into a_even, odd into a_odd) so that the
-        // fragments a WGMMA is still reading are never the ones being written.
-        float fb0, fb1, nfb0, nfb1;
-        MbarWait(SmemAddr(&full[stage]), phase);
-        DecodeChunk<kBlockN>(smem + stage * T::kStageBytes, mwg, warp, lane, g, tables, a_even,
-                             &fb0, &fb1);
-        int c = 0;
-        while (true) {
-          // ---- even chunk c (fragments in a_even)
-          {
-            const uint8_t* st = smem + stage * T::kStageBytes;
-            IssueWgmmas<kBlockN>(st, a_even, tmp);
-            int next_stage = stage + 1;
-            uint32_t next_phase = phase;
-            if (next_stage == T::kStages) {
-              next_stage = 0;
-              next_phase ^= 1;
-            }
-            const bool more = c + 1 < num_chunks;
-            if (more) {
-              MbarWait(SmemAddr(&full[next_stage]), next_phase);
-              DecodeChunk<kBlockN>(smem + next_stage * T::kStageBytes, mwg, warp, lane, g, tables,
-                                   a_odd, &nfb0, &nfb1);
-            }
-            WgmmaWait<0>();
-            PromoteChunk<kBlockN>(st, row_shift, t4, tmp, acc, fb0, fb1);
-            __syncwarp();
-            if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
-            stage = next_stage;
-            phase = next_phase;
-            if (!more) break;
-            fb0 = nfb0;
-            fb1 = nfb1;
-            ++c;
-          }
-          // ---- odd chunk c (fragments in a_odd)
-          {
-            const uint8_t* st = smem + stage * T::kStageBytes;
-            IssueWgmmas<kBlockN>(st, a_odd, tmp);
-            int next_stage = stage + 1;
-            uint32_t next_phase = phase;
-            if (next_stage == T::kStages) {
-              next_stage = 0;
-              next_phase ^= 1;
-            }
-            const bool more = c + 1 < num_chunks;
-            if (more) {
-              MbarWait(SmemAddr(&full[next_stage]), next_phase);
-              DecodeChunk<kBlockN>(smem + next_stage * T::kStageBytes, mwg, warp, lane, g, tables,
-                                   a_even, &nfb0, &nfb1);
-            }
-            WgmmaWait<0>();
-            PromoteChunk<kBlockN>(st, row_shift, t4, tmp, acc, fb0, fb1);
-            __syncwarp();
-            if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
-            stage = next_stage;
-            phase = next_phase;
-            if (!more) break;
-            fb0 = nfb0;
-            fb1 = nfb1;
-            ++c;
           }
         }
       } else if constexpr (kDoubleBuffer) {
@@ -589,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           ++c;
         }
       } else {
-        const bool last_tile = t + static_cast<int>(gridDim.x) >= *total_tiles_smem;
+        const bool last_tile = t + static_cast<int>(gridDim.x) >= total_tiles;
         for (int c = 0; c < num_chunks; ++c) {
           MbarWait(SmemAddr(&full[stage]), phase);
           const uint8_t* st = smem + stage * T::kStageBytes;
@@ -617,9 +548,6 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
         // coalesced stores of C[token, 64 rows of the panel], masked to the expert's tokens, the
         // rows of C and N (N % 32 == 0, so an 8-column piece is all in or all out).
         uint8_t* epi = smem + T::kEpilogueOffset + mwg * kBlockN * kEpilogueRowBytes;
-        // Decoded again from shared memory rather than kept live across the chunk loop (the
-        // registers are short in the two-CTAs-per-SM kernels).
-        const Tile out_tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
         NamedBarrierSync(1 + mwg, 128);  // the previous tile's reads of `epi` are done
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
@@ -642,8 +570,8 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
 #pragma unroll
         for (int id = wtid; id < kBlockN * 8; id += 128) {
           const int token = id >> 3, part = id & 7;
-          const int64_t row = static_cast<int64_t>(out_tile.row_base) + token;
-          if (token < out_tile.rows_valid && row < p.rows && n0 + part * 8 < p.n) {
+          const int64_t row = static_cast<int64_t>(tile.row_base) + token;
+          if (token < tile.rows_valid && row < p.rows && n0 + part * 8 < p.n) {
             const uint4 v =
                 *reinterpret_cast<const uint4*>(epi + token * kEpilogueRowBytes + part * 16);
             *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.c) + row * p.n + n0 + part * 8) = v;

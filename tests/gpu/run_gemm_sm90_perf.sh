@@ -5,14 +5,16 @@
 # Binaries (tests/gpu/build_gemm_sm90_test.sh): .gpu_pack/sm90/grouped_gemm_sm90_test (new) and
 # .gpu_pack/sm90/grouped_gemm_sm90_test_base (baseline). Each step is skipped when it could run
 # past BUDGET seconds (default 450). Usage: tests/gpu/run_gemm_sm90_perf.sh OUTDIR [steps]
-# steps: a comma list of correct,bench,exp,ncu,san (default all).
+# steps: a comma list of correct,bench,exp,ncu,san,peers (default all but peers). peers:
+# bench/bench_gemm.py (torch bf16/FP8 peers, DESIGN.md section 8 protocol) with the new binary,
+# then again with the baseline binary (--no-torch) on the same routing, into OUTDIR/base.
 set -uo pipefail
 OUT=${1:?outdir}
 STEPS=${2:-correct,bench,exp,ncu,san}
 BUDGET=${BUDGET:-450}
 NEW=.gpu_pack/sm90/grouped_gemm_sm90_test
 BASE=.gpu_pack/sm90/grouped_gemm_sm90_test_base
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$OUT/base"
 S="$OUT/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$S"
 fits() { [ $((SECONDS + $1)) -le "$BUDGET" ] || { echo "skip $2 (t=${SECONDS}s)" | tee -a "$S"; return 1; }; }
@@ -67,6 +69,15 @@ if has san && fits 100 san; then
   echo "memcheck rc=$? $(grep 'ERROR SUMMARY' "$OUT/sanitizer.txt" | tail -1)" | tee -a "$S"
   fits 40 synccheck && { timeout 40 compute-sanitizer --tool synccheck $NEW --no-bench --quick --block-n 128 >> "$OUT/sanitizer.txt" 2>&1
   echo "synccheck bn=128 rc=$? $(grep 'ERROR SUMMARY' "$OUT/sanitizer.txt" | tail -1)" | tee -a "$S"; }
+fi
+if has peers && fits 330 peers; then
+  PYTHONUNBUFFERED=1 timeout 300 python3 bench/bench_gemm.py --out "$OUT" --mxmoe-bin $NEW \
+    > "$OUT/bench_gemm.log" 2>&1
+  echo "bench_gemm new rc=$? t=${SECONDS}s" | tee -a "$S"
+  fits 60 "peers base" && { PYTHONUNBUFFERED=1 timeout 60 python3 bench/bench_gemm.py --out "$OUT/base" \
+    --mxmoe-bin $BASE --no-torch > "$OUT/base/bench_gemm.log" 2>&1
+    echo "bench_gemm base rc=$? t=${SECONDS}s" | tee -a "$S"; }
+  grep -v '^{' "$OUT/bench_gemm.log" | tail -46
 fi
 # Side by side: base vs new (ms) per case (and an optional intermediate build, _mid).
 if [ -f "$OUT/bench_mid.txt" ]; then

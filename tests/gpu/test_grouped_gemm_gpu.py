@@ -8,6 +8,7 @@ PREPARED; rows past expert_offsets[E] must stay untouched (poisoned). Skips with
 
 import pytest
 import torch
+from conftest import quick_mode
 
 from mxmoe import ops, reference
 
@@ -44,6 +45,8 @@ CASES = [
     ([5] * 256, 96, 160),
     ([1000, 24, 0, 4096 - 1024], 256, 2880),
 ]
+if quick_mode():  # compute-sanitizer passes: small shapes only
+    CASES = [([2, 0, 1, 0], 256, 128), ([0, 1, 7, 65], 96, 160)]
 
 
 @pytest.mark.parametrize("counts,n,k", CASES, ids=lambda v: str(v)[:40])
@@ -75,7 +78,7 @@ def test_grouped_gemm_gpu_matches_cpu(counts, n, k, b_format):
 
 
 def test_grouped_gemm_gpu_vs_float64_dequantized():
-    counts, n, k = [0, 1, 7, 64, 65], 2880, 2880
+    counts, n, k = ([0, 1, 7], 256, 160) if quick_mode() else ([0, 1, 7, 64, 65], 2880, 2880)
     a, a_scales, b, b_scales, eo, bso = make_operands(counts, n, k, seed=7)
     ref = reference.grouped_gemm(a, a_scales, b, b_scales, eo, bso, out_dtype=torch.float64)
     out = ops.grouped_gemm(a.cuda(), a_scales.cuda(), b.cuda(), b_scales.cuda(), eo.cuda(),

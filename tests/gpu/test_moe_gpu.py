@@ -8,6 +8,7 @@ naming the same expert twice, poisoned outputs, and CUDA-graph capture + replay 
 
 import pytest
 import torch
+from conftest import quick_mode
 
 import mxmoe
 from mxmoe import ops, reference
@@ -22,6 +23,8 @@ SHAPES = [
     ("deepseek-v3/16e", 16, 7168, 2048, 8),
     ("tiny", 4, 64, 32, 2),
 ]
+if quick_mode():  # compute-sanitizer passes: small shapes only
+    SHAPES = [("qwen3-30b-a3b/4e", 4, 2048, 768, 2), ("tiny", 4, 64, 32, 2)]
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -133,7 +136,7 @@ def test_backend_is_gpu():
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_moe_pipeline_stages_match_cpu(tokens):
     """The MoE built from the public ops, stage by stage, GPU vs CPU: pins a failing stage."""
-    e, h, i, top_k = 8, 2880, 2880, 4
+    e, h, i, top_k = (4, 256, 128, 2) if quick_mode() else (8, 2880, 2880, 4)
     _, (w13, w13_s, w2, w2_s) = make_layer(e, h, i, seed=tokens)
     g = torch.Generator().manual_seed(tokens)
     hidden = torch.randn(tokens, h, generator=g).to(torch.bfloat16)
@@ -151,7 +154,9 @@ def test_moe_pipeline_stages_match_cpu(tokens):
         return cpu, gpu
 
     (a_c, s_c), (a_g, s_g) = both(ops.experts_quantize, x, eo, bso)
-    assert torch.equal(a_c, a_g.cpu()) and torch.equal(s_c, s_g.cpu()), f"quantize {tokens=}"
+    scale_rows = int(bso[-1])  # the GPU default allocates a bound (no host sync); compare used
+    assert torch.equal(a_c, a_g.cpu()), f"quantize codes {tokens=}"
+    assert torch.equal(s_c[:scale_rows], s_g[:scale_rows].cpu()), f"quantize scales {tokens=}"
     c1_c, c1_g = both(ops.grouped_gemm, a_c, s_c, w13, w13_s, eo, bso)
     err1 = rel_l2(c1_g, c1_c)
     (a2_c, s2_c), _ = both(ops.silu_mul_experts_quantize, c1_c, eo, bso)

@@ -37,7 +37,11 @@ namespace sm90 {
 
 constexpr int kThreads = 384;        // 3 warpgroups
 constexpr int kTileRows = 128;       // weight rows per tile (2 math warpgroups x 64)
-constexpr int kEmptyArrivals = 8;    // one per math warp
+// Every math thread arrives on a stage's empty barrier after its last shared-memory read of the
+// stage (as CUTLASS's consumer_release does): each thread's arrive releases its own reads, so the
+// producer's next bulk copy into the stage is ordered after all of them (a per-warp arrive after
+// __syncwarp also works on hardware, but compute-sanitizer racecheck cannot see that ordering).
+constexpr int kEmptyArrivals = 256;
 
 template <int kBlockN>
 struct Traits {
@@ -448,8 +452,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
             }
           }
           MbarWait(SmemAddr(&full[stage]), phase);
-          __syncwarp();
-          if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+          MbarArrive(SmemAddr(&empty[stage]));
           if (++stage == T::kStages) {
             stage = 0;
             phase ^= 1;
@@ -474,8 +477,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
             WgmmaWait<0>();
             PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp, acc,
                                   pfb0, pfb1);
-            __syncwarp();
-            if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+            MbarArrive(SmemAddr(&empty[prev_stage]));
             break;
           }
           MbarWait(SmemAddr(&full[stage]), phase);
@@ -484,8 +486,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           WgmmaWait<1>();
           PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp, acc, pfb0,
                                 pfb1);
-          __syncwarp();
-          if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+          MbarArrive(SmemAddr(&empty[prev_stage]));
           prev_stage = stage;
           pfb0 = fb0;
           pfb1 = fb1;
@@ -498,8 +499,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
             WgmmaWait<0>();
             PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp_odd, acc,
                                   pfb0, pfb1);
-            __syncwarp();
-            if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+            MbarArrive(SmemAddr(&empty[prev_stage]));
             break;
           }
           MbarWait(SmemAddr(&full[stage]), phase);
@@ -508,8 +508,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           WgmmaWait<1>();
           PromoteChunk<kBlockN>(smem + prev_stage * T::kStageBytes, row_shift, t4, tmp_odd, acc,
                                 pfb0, pfb1);
-          __syncwarp();
-          if (lane == 0) MbarArrive(SmemAddr(&empty[prev_stage]));
+          MbarArrive(SmemAddr(&empty[prev_stage]));
           prev_stage = stage;
           pfb0 = fb0;
           pfb1 = fb1;
@@ -535,8 +534,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           }
           WgmmaWait<0>();
           PromoteChunk<kBlockN>(st, row_shift, t4, tmp, acc, fb0, fb1);
-          __syncwarp();
-          if (lane == 0) MbarArrive(SmemAddr(&empty[stage]));
+          MbarArrive(SmemAddr(&empty[stage]));
           if (++stage == T::kStages) {
             stage = 0;
             phase ^= 1;

@@ -6,6 +6,8 @@ reason. Checks: the three model shapes scaled down in experts (CPU reference tim
 naming the same expert twice, poisoned outputs, and CUDA-graph capture + replay for several T.
 """
 
+import os
+
 import pytest
 import torch
 from conftest import quick_mode
@@ -97,6 +99,8 @@ def test_duplicate_expert_in_topk_counts_twice():
     assert err <= 5e-3, f"duplicate top-k: rel L2 vs CPU {err:.3e}"
 
 
+@pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") != "0",
+                    reason="graph capture needs torch's caching allocator (off under the sanitizer)")
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 def test_cuda_graph_replay(tokens):
     e, h, i, top_k = 8, 512, 256, 2

@@ -27,11 +27,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from common import SHAPES, TOKENS, commit, gpu_short_name, measure_copy_bandwidth
 
 import mxmoe
-from common import SHAPES, TOKENS, commit, gpu_short_name, measure_copy_bandwidth
 from mxmoe import ops
+from mxmoe.peers import TorchBf16Moe, TorchFp8Moe
 
 FP8_PEAK_FLOPS = 1979e12
 ROTATIONS = 4
@@ -70,80 +70,6 @@ def time_calls(fns, use_graph: bool, repeats: int = 15, inner: int = 8) -> float
         end.synchronize()
         samples.append(start.elapsed_time(end) / inner)
     return statistics.median(samples)
-
-
-# ---- torch peers --------------------------------------------------------------------------------
-
-
-def torch_routing(logits: torch.Tensor, top_k: int, num_experts: int):
-    probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    flat = ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    token_index = order // top_k
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    return weights.flatten()[order], token_index, offs
-
-
-def rowwise_fp8(x: torch.Tensor):
-    scale = x.abs().amax(dim=-1).float().clamp_min(1e-12) / 448.0
-    q = (x.float() / scale[:, None]).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-class TorchBf16Moe:
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, top_k: int):
-        # torch._grouped_mm takes B as [E, K, N]; a transposed view of [E, N, K] (column-major).
-        self.w13_t = w13.transpose(-2, -1)
-        self.w2_t = w2.transpose(-2, -1)
-        self.top_k = top_k
-        self.num_experts = w13.shape[0]
-        self.inter = w2.shape[2]
-
-    def __call__(self, hidden, logits):
-        weights, token_index, offs = torch_routing(logits, self.top_k, self.num_experts)
-        x = hidden[token_index]
-        h = torch._grouped_mm(x, self.w13_t, offs=offs)
-        a = F.silu(h[:, : self.inter]) * h[:, self.inter :]
-        y = torch._grouped_mm(a, self.w2_t, offs=offs)
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        out.index_add_(0, token_index, y.float() * weights[:, None])
-        return out.to(hidden.dtype)
-
-
-class TorchFp8Moe:
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, top_k: int):
-        self.w13_q, self.w13_s = self._quantize_weight(w13)
-        self.w2_q, self.w2_s = self._quantize_weight(w2)
-        self.top_k = top_k
-        self.num_experts = w13.shape[0]
-        self.inter = w2.shape[2]
-
-    @staticmethod
-    def _quantize_weight(w: torch.Tensor):
-        # Rowwise over K per output channel: scale [E, N]; B passed column-major [E, K, N].
-        # Expert by expert: a float32 copy of all experts at once would not fit.
-        scale = w.abs().amax(dim=-1).float().clamp_min(1e-12) / 448.0
-        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-        for e in range(w.shape[0]):
-            q[e] = (w[e].float() / scale[e, :, None]).to(torch.float8_e4m3fn)
-        return q.transpose(-2, -1), scale
-
-    def __call__(self, hidden, logits):
-        weights, token_index, offs = torch_routing(logits, self.top_k, self.num_experts)
-        xq, xs = rowwise_fp8(hidden[token_index])
-        h = torch._scaled_grouped_mm(xq, self.w13_q, xs, self.w13_s, offs=offs,
-                                     out_dtype=torch.bfloat16)
-        a = F.silu(h[:, : self.inter]) * h[:, self.inter :]
-        aq, as_ = rowwise_fp8(a)
-        y = torch._scaled_grouped_mm(aq, self.w2_q, as_, self.w2_s, offs=offs,
-                                     out_dtype=torch.bfloat16)
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        out.index_add_(0, token_index, y.float() * weights[:, None])
-        return out.to(hidden.dtype)
 
 
 # ---- benchmark ----------------------------------------------------------------------------------
@@ -213,20 +139,20 @@ def bench_shape(name, e, h, inter, top_k, token_list, copy_gbps, impls, log):
                 if "torch_bf16" in peers:
                     ref = peers["torch_bf16"](x, lg).double()
                     row["mxmoe_rel_l2_vs_bf16"] = float((out.double() - ref).norm() / ref.norm())
-            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            except Exception as exc:
                 row["mxmoe_error"] = f"{type(exc).__name__}: {exc}"[:300]
         for peer_name, peer in peers.items():
             try:
                 fns = [lambda x=x, lg=lg, peer=peer: peer(x, lg) for x, lg in inputs]
                 row[f"{peer_name}_ms"] = time_calls(fns, use_graph)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 row[f"{peer_name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
         log("   " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                                 for k, v in row.items()}))
         del inputs
         torch.cuda.empty_cache()
-    del w13, w2, peers, mx_weights
+    del w13, w2, peers
     torch.cuda.empty_cache()
     return rows
 
@@ -281,7 +207,7 @@ def main():
     result = {
         "gpu": gpu,
         "commit": args.commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "copy_GBps": copy_gbps,
         "fp8_peak_TFLOPs": FP8_PEAK_FLOPS / 1e12,
         "rows": rows,

@@ -29,6 +29,7 @@ import time
 
 import common
 import torch
+
 from mxmoe import _mxmoe, ops
 
 KERNELS = ("experts_quantize", "silu_mul_experts_quantize")

@@ -148,6 +148,6 @@ def print_table(headers: list[str], rows: list[list], title: str | None = None) 
     if title:
         print(title)
     for j, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)))
         if j == 0:
             print("  ".join("-" * w for w in widths))

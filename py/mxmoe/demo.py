@@ -43,6 +43,8 @@ flags.DEFINE_integer("seed", 0, "Seed of weights, activations and router logits.
 flags.DEFINE_integer("repeats", 3, "Timed forward passes (after one warm-up).", lower_bound=1)
 flags.DEFINE_boolean("renormalize", True, "Renormalise the top-k router weights.")
 flags.DEFINE_boolean("reference", True, "Compute the float64 and bf16 references.")
+flags.DEFINE_boolean("peers", True, "On a GPU, also time torch bf16 and FP8 MoE layers (same "
+                     "weights and routing) and print the comparison table.")
 
 
 class Progress:
@@ -100,6 +102,47 @@ def pick_device(backend: str):
     return torch.device("cuda")
 
 
+def time_cuda_ms(fn, repeats: int = 20) -> float:
+    """Median CUDA-event time of fn() in milliseconds, after a warm-up."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def compare_with_peers(layer, x, logits, top_k: int, w13_bf16, w2_bf16) -> None:
+    """Prints mxmoe beside the torch bf16 and FP8 MoE layers (same weights and routing)."""
+    from mxmoe.peers import TorchBf16Moe, TorchFp8Moe
+
+    rows = [("mxmoe (MXFP4 W4A4)",
+             time_cuda_ms(lambda: layer(x, logits, top_k=top_k, renormalize=True)))]
+    for name, peer_class in (("torch bf16 (_grouped_mm)", TorchBf16Moe),
+                             ("torch FP8 rowwise (_scaled_grouped_mm)", TorchFp8Moe)):
+        try:
+            peer = peer_class(w13_bf16, w2_bf16, top_k)
+            rows.append((name, time_cuda_ms(lambda peer=peer: peer(x, logits))))
+        except Exception as e:
+            rows.append((f"{name}: unavailable ({type(e).__name__}: {str(e)[:80]})", None))
+    mx_ms = rows[0][1]
+    print("\nlayer forward on the GPU (CUDA events, median of 20, renormalised routing):")
+    print(f"  {'implementation':<42}{'ms':>10}{'vs mxmoe':>10}")
+    for name, ms in rows:
+        if ms is None:
+            print(f"  {name}")
+        else:
+            print(f"  {name:<42}{ms:>10.3f}{ms / mx_ms:>9.2f}x")
+    print("  (full protocol with floors and all T: bench/bench_moe.py, README 'Numbers')\n")
+
+
 def main(argv):
     del argv
     if FLAGS.backend in ("sm90", "sm100"):
@@ -124,6 +167,12 @@ def main(argv):
                              device=device)
     w2_packed = torch.empty(experts, hidden, intermediate // 2, dtype=torch.uint8, device=device)
     w2_scales = torch.empty(experts, hidden, intermediate // 32, dtype=torch.uint8, device=device)
+    # On a GPU the torch peers need the bf16 weights there too (kept from the same generation).
+    keep_bf16 = device.type == "cuda" and FLAGS.peers
+    if keep_bf16:
+        w13_bf16 = torch.empty(experts, 2 * intermediate, hidden, dtype=torch.bfloat16,
+                               device=device)
+        w2_bf16 = torch.empty(experts, hidden, intermediate, dtype=torch.bfloat16, device=device)
     progress = Progress("generate + quantize weights", experts)
     chunk = max(1, (1 << 26) // (3 * hidden * intermediate))
     for begin in range(0, experts, chunk):
@@ -133,6 +182,8 @@ def main(argv):
         w2 = torch.stack([p[1] for p in pairs]).to(device)
         w13_packed[begin:end], w13_scales[begin:end] = ops.quantize_weights(w13)
         w2_packed[begin:end], w2_scales[begin:end] = ops.quantize_weights(w2)
+        if keep_bf16:
+            w13_bf16[begin:end], w2_bf16[begin:end] = w13, w2
         progress.update(end)
     layer = mxmoe.MoELayer(w13_packed, w13_scales, w2_packed, w2_scales)
 
@@ -163,6 +214,9 @@ def main(argv):
 
     print(f"forward: {median_ms:.3f} ms (median of {FLAGS.repeats}), output "
           f"{list(out.shape)} {str(out.dtype).replace('torch.', '')}")
+    if keep_bf16:
+        compare_with_peers(layer, x, logits, top_k, w13_bf16, w2_bf16)
+        del w13_bf16, w2_bf16
     if not FLAGS.reference:
         return
     ids, weights = reference.route(router_logits, top_k, FLAGS.renormalize)

@@ -55,8 +55,8 @@ def test_grouped_gemm_gpu_matches_cpu(counts, n, k, b_format):
     a, a_scales, b, b_scales, eo, bso = make_operands(counts, n, k, seed=sum(counts) + n + k,
                                                        extra_rows=3)
     ref = ops.grouped_gemm(a, a_scales, b, b_scales, eo, bso)
-    cuda = dict(a=a.cuda(), a_scales=a_scales.cuda(), expert_offsets=eo.cuda(),
-                blockscale_offsets=bso.cuda())
+    cuda = {"a": a.cuda(), "a_scales": a_scales.cuda(), "expert_offsets": eo.cuda(),
+            "blockscale_offsets": bso.cuda()}
     if b_format == "prepared":
         weights = (ops.prepare_weights(b.cuda(), b_scales.cuda()), None)
         fmt = "linear"

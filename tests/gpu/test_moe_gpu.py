@@ -100,7 +100,7 @@ def test_duplicate_expert_in_topk_counts_twice():
 
 
 @pytest.mark.skipif(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") != "0",
-                    reason="graph capture needs torch's caching allocator (off under the sanitizer)")
+                    reason="graph capture needs torch's caching allocator (off under sanitizers)")
 @pytest.mark.parametrize("tokens", [1, 16, 64])
 def test_cuda_graph_replay(tokens):
     e, h, i, top_k = 8, 512, 256, 2

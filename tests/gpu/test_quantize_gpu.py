@@ -231,7 +231,7 @@ def test_quantize_million_rows(layout):
     x = make_input((rows, k), torch.bfloat16, "random", seed)
     want = run_quantize(x.cpu(), layout)
     got = run_quantize(x, layout)
-    for g, w, name in zip(got, want, ("packed", "scales")):
+    for g, w, name in zip(got, want, ("packed", "scales"), strict=False):
         assert_bytes_equal(g, w, f"quantize rows={rows} k={k} layout={layout} {name}")
 
 
@@ -243,14 +243,14 @@ def test_quantize_split_launches(monkeypatch):
         x = make_input((rows, k), torch.float16, "adversarial", _seed("split", layout))
         want = run_quantize(x.cpu(), layout)
         got = run_quantize(x, layout)
-        for g, w, name in zip(got, want, ("packed", "scales")):
+        for g, w, name in zip(got, want, ("packed", "scales"), strict=False):
             assert_bytes_equal(g, w, f"split launches rows={rows} k={k} layout={layout} {name}")
         counts = [0, 250, 1, 50]
         eo, bo = ops.expert_offsets_from_counts(counts)
         xe = make_input((301, k), torch.bfloat16, "random", _seed("split-e"))
         want = run_experts(xe.cpu(), eo, bo, int(bo[-1]), silu=False)
         got = run_experts(xe, eo.cuda(), bo.cuda(), int(bo[-1]), silu=False)
-        for g, w, name in zip(got, want, ("packed", "scales")):
+        for g, w, name in zip(got, want, ("packed", "scales"), strict=False):
             assert_bytes_equal(g, w, f"split launches experts k={k} {name}")
 
 
@@ -301,7 +301,8 @@ def test_ops_dispatch_cuda_tensors_to_the_kernels():
     assert_bytes_equal(ops.unswizzle_scales(sw.cuda(), 130, 90), s, "ops.unswizzle_scales")
     w = make_input((3, 130, 64), torch.bfloat16, "random", _seed("ops-w"))
     for layout in ("linear", "swizzled"):
-        for g, wnt in zip(ops.quantize_weights(w, layout), ops.quantize_weights(w.cpu(), layout)):
+        got, want = ops.quantize_weights(w, layout), ops.quantize_weights(w.cpu(), layout)
+        for g, wnt in zip(got, want, strict=True):
             assert_bytes_equal(g, wnt, f"ops.quantize_weights {layout}")
 
 
@@ -393,12 +394,12 @@ def test_kernel_variants_bit_exact(monkeypatch, knob, value):
             x = make_input((rows, 2 * k if silu else k), torch.bfloat16, "adversarial", seed + k)
             want = run_experts(x.cpu(), eo, bo, int(bo[-1]), silu)
             got = run_experts(x, eo.cuda(), bo.cuda(), int(bo[-1]), silu)
-            for g, w, name in zip(got, want, ("packed", "scales")):
+            for g, w, name in zip(got, want, ("packed", "scales"), strict=False):
                 assert_bytes_equal(g, w, f"{knob}={value} silu={silu} k={k} {name} seed={seed}")
         for layout in (LINEAR, SWIZZLED):
             x = make_input((rows, k), torch.float16, "adversarial", seed + k + layout)
             for g, w, name in zip(run_quantize(x, layout), run_quantize(x.cpu(), layout),
-                                  ("packed", "scales")):
+                                  ("packed", "scales"), strict=False):
                 assert_bytes_equal(g, w, f"{knob}={value} quantize layout={layout} k={k} {name}")
 
 
@@ -491,7 +492,7 @@ def test_quantize_weights_bit_exact(dtype, e, n, k, layout):
         _mxmoe.quantize_weights(t, packed, scales, layout, _stream() if t.is_cuda else 0)
         return packed, scales
 
-    for g, wnt, name in zip(run(w), run(w.cpu()), ("packed", "scales")):
+    for g, wnt, name in zip(run(w), run(w.cpu()), ("packed", "scales"), strict=False):
         assert_bytes_equal(g, wnt, f"quantize_weights {dtype} E={e} n={n} k={k} layout={layout} "
                                    f"seed={seed} {name}")
 

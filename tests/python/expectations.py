@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import mxmoe
 import pytest
 import torch
+
+import mxmoe
 
 POISON = 0xAB  # a byte no correct output is expected to be everywhere
 

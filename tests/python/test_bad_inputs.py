@@ -7,10 +7,11 @@ argument and the offending value, and a failed call must leave its outputs untou
 with poisoned outputs through the module, where the caller owns the outputs).
 """
 
-import mxmoe
 import pytest
 import torch
 from expectations import assert_untouched, expect_error, poisoned, random_activations
+
+import mxmoe
 from mxmoe import _mxmoe, ops
 
 BF16 = torch.bfloat16

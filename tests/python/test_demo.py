@@ -1,6 +1,7 @@
 """The demo runs end to end on the CPU at its default shape and prints its three results."""
 
 from absl import flags
+
 from mxmoe import demo
 
 

@@ -4,6 +4,7 @@ bit: grouped rows, per-expert swizzled scales, empty and one-row experts, silu e
 import pytest
 import torch
 from expectations import random_activations, random_expert_counts
+
 from mxmoe import ops, reference
 
 CASES = [

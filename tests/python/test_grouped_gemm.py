@@ -8,6 +8,7 @@ Shapes: K = 2880, N = 2880, an empty expert, a one-row expert, E = 1, E = 256.
 import pytest
 import torch
 from expectations import random_activations, random_expert_counts, rel_l2
+
 from mxmoe import ops, reference
 
 

@@ -5,10 +5,11 @@ operands, the contract's rounding points). The error against the unquantized bf1
 printed as a report (MXFP4's own error), never asserted.
 """
 
-import mxmoe
 import pytest
 import torch
 from expectations import random_activations, rel_l2
+
+import mxmoe
 from mxmoe import ops, reference
 
 

@@ -7,6 +7,7 @@ import torch
 from expectations import random_activations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from mxmoe import ops, reference
 
 DTYPES = [torch.bfloat16, torch.float16]

@@ -5,6 +5,19 @@ LINEAR interchange format: w13 [E, 2I, H/2] + scales [E, 2I, H/32] (rows [0, I) 
 up) and w2 [E, H, I/2] + scales [E, H, I/32]. On a GPU backend the layer converts them once into
 the backend's prepared layout and caches the result per device (dropped when the module moves).
 
+Three ways to build one:
+
+    layer = MoELayer(w13_packed, w13_scales, w2_packed, w2_scales)   # interchange tensors
+    layer = MoELayer.from_float(w13, w2)                             # bf16 [E, 2I, H], [E, H, I]
+    layer = MoELayer.from_checkpoint("model.safetensors", "model.layers.0.mlp", device="cuda")
+
+``from_checkpoint`` reads compressed-tensors / vLLM style MXFP4 W4A4 experts (per expert
+``{prefix}.experts.{e}.{gate_proj|up_proj|down_proj}.{weight_packed|weight_scale}``, uint8
+[N, K/2] codes and uint8 or float8_e8m0fnu [N, K/32] scales; ``mxmoe.checkpoint`` has the
+details) and ``save_checkpoint`` writes that format, so bf16 weights can be quantized once:
+
+    MoELayer.from_float(w13, w2).save_checkpoint("experts.safetensors", "model.layers.0.mlp")
+
 Limits: inference only (no autograd through the quantized path).
 """
 
@@ -12,13 +25,17 @@ from __future__ import annotations
 
 import torch
 
-from mxmoe import ops
+from mxmoe import checkpoint, ops
 
 __all__ = ["MoELayer"]
 
 
 class MoELayer(torch.nn.Module):
     """A Mixture-of-Experts layer with MXFP4 (W4A4) experts.
+
+    Build it from interchange tensors (below), from bf16 weights (``from_float``) or from a
+    compressed-tensors style safetensors checkpoint (``from_checkpoint``, the inverse of
+    ``save_checkpoint``).
 
     Parameters
     ----------
@@ -67,6 +84,70 @@ class MoELayer(torch.nn.Module):
         w13_packed, w13_scales = ops.quantize_weights(w13)
         w2_packed, w2_scales = ops.quantize_weights(w2)
         return cls(w13_packed, w13_scales, w2_packed, w2_scales, expert_map)
+
+    @classmethod
+    def from_checkpoint(cls, path_or_tensors, prefix: str, num_experts: int | None = None,
+                        expert_map=None, device=None) -> MoELayer:
+        """Loads MXFP4 experts from a compressed-tensors style safetensors checkpoint.
+
+        Tensors ``{prefix}.experts.{e}.{proj}.weight_packed`` uint8 [N, K/2] (E2M1 codes,
+        element 2i in the low nibble) and ``.weight_scale`` uint8 or float8_e8m0fnu [N, K/32]
+        (E8M0), proj in gate_proj [I, H/2], up_proj [I, H/2], down_proj [H, I/2]; gate and up
+        are stacked into w13 [E, 2I, H/2] (gate rows first), down into w2 [E, H, I/2]. Files are
+        read lazily: all headers are checked before one tensor at a time is copied to ``device``.
+
+        Parameters
+        ----------
+        path_or_tensors : str, os.PathLike, list of paths, or dict
+            A ``.safetensors`` file, a list of files (sharded), a directory of them, a
+            ``.safetensors.index.json``, or a dict name -> tensor.
+        prefix : str
+            The layer's name, e.g. ``"model.layers.0.mlp"``.
+        num_experts : int, optional
+            E_global; default: inferred from the names (experts 0..E-1 must all be present).
+        expert_map : torch.Tensor or sequence of int, optional
+            [E_global] global -> local expert id, -1 = not on this device: loads only the kept
+            experts (local expert l from global g with expert_map[g] == l) and becomes the
+            layer's ``expert_map`` (int32).
+        device : torch.device or str, optional
+            Where the weights live; default CPU.
+
+        Returns
+        -------
+        MoELayer
+
+        Raises
+        ------
+        InvalidArgumentError (a ValueError)
+            A missing expert or projection, a wrong dtype or rank, H or I inconsistent across
+            experts or projections, K/32 scales that do not match K/2 codes, H or I not a
+            multiple of 32; the message names the tensor, its shape, dtype and what was expected.
+        """
+        weights = checkpoint.load_moe_weights(path_or_tensors, prefix, num_experts=num_experts,
+                                              expert_map=expert_map, device=device)
+        if expert_map is not None:
+            expert_map = torch.as_tensor(
+                expert_map.tolist() if hasattr(expert_map, "tolist") else list(expert_map),
+                dtype=torch.int32, device=weights[0].device)
+        return cls(*weights, expert_map=expert_map)
+
+    def save_checkpoint(self, path, prefix: str, scale_dtype: torch.dtype = torch.uint8) -> None:
+        """Writes the experts in the format ``from_checkpoint`` reads (one safetensors file).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The ``.safetensors`` file (replaced if it exists).
+        prefix : str
+            The layer's name; tensors are ``{prefix}.experts.{e}.{proj}.weight_packed`` [N, K/2]
+            and ``.weight_scale`` [N, K/32], with global expert ids when the layer has an
+            ``expert_map``.
+        scale_dtype : torch.dtype
+            uint8 (default) or float8_e8m0fnu for ``weight_scale``.
+        """
+        checkpoint.save_moe_weights(path, prefix, self.w13_packed, self.w13_scales,
+                                    self.w2_packed, self.w2_scales, expert_map=self.expert_map,
+                                    scale_dtype=scale_dtype)
 
     @property
     def num_experts(self) -> int:

@@ -1,0 +1,409 @@
+"""MXFP4 (W4A4) expert weights in safetensors checkpoints, compressed-tensors / vLLM style.
+
+A checkpoint holds, for every expert ``e`` of one MoE layer and every projection, two tensors::
+
+    {prefix}.experts.{e}.gate_proj.weight_packed   uint8 [I, H/2]   E2M1 codes
+    {prefix}.experts.{e}.gate_proj.weight_scale    uint8 [I, H/32]  E8M0 scales
+    {prefix}.experts.{e}.up_proj.weight_packed     uint8 [I, H/2]
+    {prefix}.experts.{e}.up_proj.weight_scale      uint8 [I, H/32]
+    {prefix}.experts.{e}.down_proj.weight_packed   uint8 [H, I/2]
+    {prefix}.experts.{e}.down_proj.weight_scale    uint8 [H, I/32]
+
+with mxmoe's bit contract: element 2i of a row in the low nibble of byte i, one scale per 32
+consecutive elements along K (the input dimension), scale byte s meaning 2^(s-127).
+``weight_scale`` may also be stored as ``float8_e8m0fnu`` (same bytes). Other tensors in the
+files (router, attention, other layers) are ignored.
+
+``load_moe_weights`` assembles them into mxmoe's LINEAR interchange format:
+w13 = cat(gate, up) along N -> packed [E, 2I, H/2] + scales [E, 2I, H/32], and
+w2 = down -> packed [E, H, I/2] + scales [E, H, I/32]. ``save_moe_weights`` writes the inverse.
+``MoELayer.from_checkpoint`` and ``MoELayer.save_checkpoint`` wrap both.
+
+Files are read lazily: headers first (every name, shape and dtype is checked before any data is
+read), then one tensor at a time, copied straight into the stacked output on the target device,
+so peak memory is the layer plus one tensor.
+
+Limits:
+- One layer per call; fused-expert layouts (one [E, ...] tensor per projection, as in GPT-OSS's
+  ``gate_up_proj_blocks``) and unquantized (bf16 ``weight``) experts are not read here: quantize
+  bf16 weights with ``MoELayer.from_float`` and save them once with ``save_checkpoint``.
+- Saving writes one file (no sharding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mxmoe import ops
+
+__all__ = ["PROJECTIONS", "load_moe_weights", "save_moe_weights"]
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_KINDS = ("weight_packed", "weight_scale")
+_E8M0 = getattr(torch, "float8_e8m0fnu", None)
+_SCALE_DTYPES = (torch.uint8,) if _E8M0 is None else (torch.uint8, _E8M0)
+
+# safetensors header dtype strings -> torch dtypes (for checks and messages before any data is
+# read); names missing from this torch build stay strings.
+_SAFETENSORS_DTYPES = {
+    name: getattr(torch, attr)
+    for name, attr in (
+        ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("I16", "int16"), ("U16", "uint16"),
+        ("I32", "int32"), ("U32", "uint32"), ("I64", "int64"), ("U64", "uint64"),
+        ("F16", "float16"), ("BF16", "bfloat16"), ("F32", "float32"), ("F64", "float64"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+    )
+    if hasattr(torch, attr)
+}
+
+
+def _dtype_str(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class _Tensors:
+    """name -> (shape, dtype) and name -> tensor over a dict or safetensors files.
+
+    Files are opened once (headers only) and stay open until the ExitStack closes them.
+    """
+
+    def __init__(self, path_or_tensors, stack: contextlib.ExitStack):
+        self._dict: Mapping | None = None
+        self._handles: dict[str, tuple[object, str]] = {}  # name -> (safe_open handle, path)
+        if isinstance(path_or_tensors, Mapping):
+            self._dict = path_or_tensors
+            self.source = f"the tensor dict ({len(path_or_tensors)} tensors)"
+            return
+        paths = _checkpoint_files(path_or_tensors)
+        self.source = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
+        for path in paths:
+            handle = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not Mappings)
+                if name in self._handles:
+                    raise ops._invalid(f"{name} is stored twice: in {self._handles[name][1]} "
+                                       f"and in {path}")
+                self._handles[name] = (handle, path)
+
+    def names(self) -> list[str]:
+        return list(self._dict if self._dict is not None else self._handles)
+
+    def describe(self, name: str) -> str:
+        """The name, and its file when there are files: for messages."""
+        if self._dict is not None:
+            return name
+        return f"{name} (in {self._handles[name][1]})"
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+        if self._dict is not None:
+            t = self._dict[name]
+            if not isinstance(t, torch.Tensor):
+                raise ops._invalid(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            return tuple(t.shape), t.dtype
+        piece = self._handles[name][0].get_slice(name)
+        dtype = piece.get_dtype()
+        return tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype)
+
+    def load(self, name: str) -> torch.Tensor:
+        if self._dict is not None:
+            return self._dict[name].detach()
+        return self._handles[name][0].get_tensor(name)
+
+
+def _checkpoint_files(path_or_paths) -> list[str]:
+    """A file, a directory of *.safetensors, a *.safetensors.index.json, or a list of files."""
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        path = os.fspath(path_or_paths)
+        if os.path.isdir(path):
+            files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                           if f.endswith(".safetensors"))
+            if not files:
+                raise ops._invalid(f"the directory {path} holds no *.safetensors files")
+            return files
+        if path.endswith(".json"):
+            with open(path) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ops._invalid(f"{path} has no \"weight_map\" (a safetensors index maps "
+                                   f"tensor names to files)")
+            base = os.path.dirname(path)
+            return [os.path.join(base, f) for f in sorted(set(weight_map.values()))]
+        paths = [path]
+    elif isinstance(path_or_paths, Sequence) and all(
+            isinstance(p, (str, os.PathLike)) for p in path_or_paths):
+        paths = [os.fspath(p) for p in path_or_paths]
+        if not paths:
+            raise ops._invalid("path_or_tensors is an empty list of files")
+    else:
+        raise ops._invalid(f"path_or_tensors must be a safetensors path, a list of paths or a "
+                           f"dict name -> tensor, got {type(path_or_paths).__name__}")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ops._invalid(f"checkpoint file {path} does not exist")
+    return paths
+
+
+def _expert_names(head: str, tensors: _Tensors) -> dict[int, set[str]]:
+    """expert id -> the '{proj}.{kind}' suffixes present as {head}{e}.{proj}.{kind}."""
+    pattern = re.compile(rf"{re.escape(head)}(\d+)\.([A-Za-z0-9_]+\.[A-Za-z0-9_]+)")
+    found: dict[int, set[str]] = {}
+    for name in tensors.names():
+        match = pattern.fullmatch(name)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return found
+
+
+def _local_experts(expert_map, num_experts: int | None, found: dict[int, set[str]],
+                   head: str, tensors: _Tensors) -> tuple[int, list[int]]:
+    """-> (E_global, the global expert id of each local expert in local order)."""
+    if expert_map is not None:
+        m = ops._tensor(expert_map, "expert_map") if not isinstance(expert_map, Sequence) \
+            else torch.as_tensor(list(expert_map))
+        if m.dim() != 1 or m.dtype.is_floating_point or m.dtype == torch.bool:
+            raise ops._invalid(f"expert_map must be a 1-D integer [E_global] tensor, got shape "
+                               f"{ops._shape_str(m.shape)} dtype {_dtype_str(m.dtype)}")
+        ids = m.tolist()
+        global_experts = len(ids)
+        if num_experts is not None and int(num_experts) != global_experts:
+            raise ops._invalid(f"num_experts={num_experts} disagrees with expert_map of "
+                               f"{global_experts} entries [E_global]")
+        kept = sorted((local, g) for g, local in enumerate(ids) if local >= 0)
+        if [local for local, _ in kept] != list(range(len(kept))):
+            raise ops._invalid(f"expert_map must map the kept experts onto local ids 0..L-1, "
+                               f"each once; got local ids {sorted(lo for lo, _ in kept)}")
+        if not kept:
+            raise ops._invalid("expert_map keeps no experts (every entry is -1)")
+        order = [g for _, g in kept]
+        bound = f"expert_map has {global_experts} entries"
+    else:
+        if num_experts is None:
+            if not found:
+                sample = [n for n in tensors.names() if ".experts." in n][:3]
+                raise ops._invalid(
+                    f"no tensors named {head}<e>.<proj>.weight_packed in {tensors.source}"
+                    + (f"; names with '.experts.' look like {sample}" if sample else ""))
+            global_experts = max(found) + 1
+        else:
+            global_experts = int(num_experts)
+            if global_experts < 1:
+                raise ops._invalid(f"num_experts must be >= 1, got {num_experts}")
+        order = list(range(global_experts))
+        bound = f"num_experts={global_experts}"
+    beyond = sorted(e for e in found if e >= global_experts)
+    if beyond:
+        raise ops._invalid(f"the checkpoint holds expert {beyond[0]} ({head}{beyond[0]}.*) but "
+                           f"{bound}")
+    return global_experts, order
+
+
+def _check_present(order: list[int], found: dict[int, set[str]], head: str,
+                   tensors: _Tensors) -> None:
+    wanted = [f"{proj}.{kind}" for proj in PROJECTIONS for kind in _KINDS]
+    missing = [(e, w) for e in order for w in wanted if w not in found.get(e, set())]
+    if not missing:
+        return
+    e, suffix = missing[0]
+    name = f"{head}{e}.{suffix}"
+    if e not in found:
+        what = f"expert {e} is missing (no {head}{e}.* tensors)"
+    else:
+        what = f"expert {e} has no {suffix.split('.')[0]} {suffix.split('.')[1]}"
+    hint = ""
+    unquantized = f"{head}{e}.{suffix.split('.')[0]}.weight"
+    if unquantized in tensors.names():
+        shape, dtype = tensors.meta(unquantized)
+        hint = (f"; it has {unquantized} {ops._shape_str(shape)} {_dtype_str(dtype)}, an "
+                f"unquantized weight: quantize with MoELayer.from_float")
+    more = f" ({len(missing) - 1} more tensors missing)" if len(missing) > 1 else ""
+    raise ops._invalid(f"{what}: {name} not found in {tensors.source}{more}{hint}")
+
+
+def _check_meta(tensors: _Tensors, name: str, layout: str, dtypes) -> tuple[int, int]:
+    """Rank and dtype from the header; returns the 2-D shape."""
+    shape, dtype = tensors.meta(name)
+    desc = f"{tensors.describe(name)} has shape {ops._shape_str(shape)} dtype {_dtype_str(dtype)}"
+    if len(shape) != 2:
+        raise ops._invalid(f"{desc}; expected a 2-D {_dtype_names(dtypes)} {layout}")
+    if dtype not in dtypes:
+        raise ops._invalid(f"{desc}; expected dtype {_dtype_names(dtypes)} {layout}")
+    return shape
+
+
+def _dtype_names(dtypes) -> str:
+    return " or ".join(_dtype_str(d) for d in dtypes)
+
+
+def load_moe_weights(path_or_tensors, prefix: str, num_experts: int | None = None,
+                     expert_map=None, device=None) -> tuple[torch.Tensor, ...]:
+    """Reads one MoE layer's MXFP4 experts from a checkpoint (see the module docstring).
+
+    Parameters
+    ----------
+    path_or_tensors : str, os.PathLike, list of paths, or dict
+        A safetensors file, a list of files (a sharded checkpoint), a directory of
+        ``*.safetensors`` files, a ``*.safetensors.index.json``, or a dict name -> tensor.
+    prefix : str
+        The layer's name, e.g. ``"model.layers.0.mlp"`` (tensors ``{prefix}.experts.{e}.*``).
+    num_experts : int, optional
+        E_global, the experts of the layer in the checkpoint; default: one more than the largest
+        expert id found. Every expert 0..E-1 must be present (all six tensors).
+    expert_map : torch.Tensor or sequence of int, optional
+        [E_global] global -> local expert id, -1 = not loaded (expert parallelism): local expert
+        ``l`` is read from the global expert ``g`` with ``expert_map[g] == l``. Local ids must be
+        0..L-1, each once; only the kept experts need to be in the checkpoint.
+    device : torch.device or str, optional
+        Where the weights are assembled; default CPU.
+
+    Returns
+    -------
+    w13_packed : torch.Tensor
+        [E, 2I, H/2] uint8 (rows [0, I) gate, [I, 2I) up); E = local experts.
+    w13_scales : torch.Tensor
+        [E, 2I, H/32] uint8.
+    w2_packed : torch.Tensor
+        [E, H, I/2] uint8.
+    w2_scales : torch.Tensor
+        [E, H, I/32] uint8.
+
+    Raises
+    ------
+    InvalidArgumentError (a ValueError)
+        A missing expert or projection, a wrong dtype or rank, H or I inconsistent across
+        experts or projections, scales that do not match their packed codes (K/32 vs K/2), H or
+        I not a multiple of 32. The message names the tensor, its shape and dtype, and what
+        was expected.
+    """
+    prefix = prefix.rstrip(".")
+    head = f"{prefix}.experts." if prefix else "experts."
+    with contextlib.ExitStack() as stack:
+        tensors = _Tensors(path_or_tensors, stack)
+        found = _expert_names(head, tensors)
+        _, order = _local_experts(expert_map, num_experts, found, head, tensors)
+        _check_present(order, found, head, tensors)
+
+        # Every header first, so a bad checkpoint fails before any data is read.
+        shapes: dict[str, tuple[int, int]] = {}
+        for e in order:
+            for proj in PROJECTIONS:
+                layout = "[H, I/2]" if proj == "down_proj" else "[I, H/2]"
+                packed = f"{head}{e}.{proj}.weight_packed"
+                scale = f"{head}{e}.{proj}.weight_scale"
+                shapes[packed] = _check_meta(tensors, packed, layout + " (E2M1 codes)",
+                                             (torch.uint8,))
+                shapes[scale] = _check_meta(tensors, scale, layout.replace("/2", "/32") +
+                                            " (E8M0 scales)", _SCALE_DTYPES)
+
+        # H and I from the first local expert's gate_proj; everything else must agree.
+        reference = f"{head}{order[0]}.gate_proj.weight_packed"
+        i, half_h = shapes[reference]
+        h = 2 * half_h
+        for symbol, value, what in (("H", h, f"2 * {half_h}"), ("I", i, "its rows")):
+            if value % ops.BLOCK_SIZE:
+                raise ops._invalid(
+                    f"{tensors.describe(reference)} [I, H/2] has shape "
+                    f"{ops._shape_str(shapes[reference])} dtype uint8, so {symbol} = {what} = "
+                    f"{value}, which is not a multiple of 32 (MXFP4 blocks of 32 along K)")
+        dims = f"H={h}, I={i} from {reference}"
+        for e in order:
+            for proj in PROJECTIONS:
+                n, k, layout = (h, i, "[H, I/2]") if proj == "down_proj" else (i, h, "[I, H/2]")
+                packed = f"{head}{e}.{proj}.weight_packed"
+                scale = f"{head}{e}.{proj}.weight_scale"
+                if shapes[packed] != (n, k // 2):
+                    raise ops._invalid(
+                        f"{tensors.describe(packed)} has shape "
+                        f"{ops._shape_str(shapes[packed])} dtype uint8; expected {layout} = "
+                        f"{ops._shape_str((n, k // 2))} ({dims}): inconsistent H or I")
+                if shapes[scale] != (n, k // 32):
+                    raise ops._invalid(
+                        f"{tensors.describe(scale)} has shape {ops._shape_str(shapes[scale])} "
+                        f"dtype {_dtype_str(tensors.meta(scale)[1])}; "
+                        f"expected {layout.replace('/2', '/32')} = {ops._shape_str((n, k // 32))}"
+                        f" to match its weight_packed {ops._shape_str((n, k // 2))} "
+                        f"(K/32 = {k // 32} scales per row for K/2 = {k // 2} code bytes)")
+
+        count = len(order)
+        w13_packed = torch.empty(count, 2 * i, h // 2, dtype=torch.uint8, device=device)
+        w13_scales = torch.empty(count, 2 * i, h // 32, dtype=torch.uint8, device=device)
+        w2_packed = torch.empty(count, h, i // 2, dtype=torch.uint8, device=device)
+        w2_scales = torch.empty(count, h, i // 32, dtype=torch.uint8, device=device)
+        targets = {
+            "gate_proj": (w13_packed[:, :i], w13_scales[:, :i]),
+            "up_proj": (w13_packed[:, i:], w13_scales[:, i:]),
+            "down_proj": (w2_packed, w2_scales),
+        }
+        for local, e in enumerate(order):
+            for proj, (packed_out, scales_out) in targets.items():
+                for kind, out in zip(_KINDS, (packed_out, scales_out), strict=True):
+                    t = tensors.load(f"{head}{e}.{proj}.{kind}")
+                    out[local].copy_(t.view(torch.uint8) if t.dtype != torch.uint8 else t)
+    return w13_packed, w13_scales, w2_packed, w2_scales
+
+
+def save_moe_weights(path, prefix: str, w13_packed: torch.Tensor, w13_scales: torch.Tensor,
+                     w2_packed: torch.Tensor, w2_scales: torch.Tensor, expert_map=None,
+                     scale_dtype: torch.dtype = torch.uint8,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Writes LINEAR expert weights as a per-expert safetensors checkpoint (the module format).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.safetensors`` file to write (replaced if it exists).
+    prefix : str
+        The layer's name; tensors are ``{prefix}.experts.{e}.{proj}.{weight_packed|weight_scale}``.
+    w13_packed, w13_scales : torch.Tensor
+        [E, 2I, H/2] and [E, 2I, H/32] uint8 (rows [0, I) gate, [I, 2I) up).
+    w2_packed, w2_scales : torch.Tensor
+        [E, H, I/2] and [E, H, I/32] uint8.
+    expert_map : torch.Tensor, optional
+        [E_global] global -> local id: local expert l is saved under the global id g with
+        ``expert_map[g] == l``, so loading with the same map gives the same layer.
+    scale_dtype : torch.dtype
+        uint8 (default) or float8_e8m0fnu for the ``weight_scale`` tensors (same bytes).
+    metadata : mapping of str to str, optional
+        Extra safetensors header metadata.
+    """
+    w13_packed, w13_scales = ops._check_linear_weights(w13_packed, w13_scales, "w13_packed",
+                                                       "w13_scales")
+    w2_packed, w2_scales = ops._check_linear_weights(w2_packed, w2_scales, "w2_packed",
+                                                     "w2_scales")
+    if scale_dtype not in _SCALE_DTYPES:
+        raise ops._invalid(f"scale_dtype must be {_dtype_names(_SCALE_DTYPES)}, got "
+                           f"{_dtype_str(scale_dtype)}")
+    e, two_i, _ = w13_packed.shape
+    i = two_i // 2
+    if w2_packed.shape[0] != e or w2_packed.shape[2] * 2 != i:
+        raise ops._invalid(f"w13_packed {ops._shape_str(w13_packed.shape)} [E, 2I, H/2] and "
+                           f"w2_packed {ops._shape_str(w2_packed.shape)} [E, H, I/2] disagree")
+    global_ids = list(range(e))
+    if expert_map is not None:
+        ids = ops._tensor(expert_map, "expert_map").tolist()
+        for g, local in enumerate(ids):
+            if 0 <= local < e:
+                global_ids[local] = g
+    prefix = prefix.rstrip(".")
+    head = f"{prefix}.experts." if prefix else "experts."
+    tensors = {}
+    for local, g in enumerate(global_ids):
+        parts = {
+            "gate_proj": (w13_packed[local, :i], w13_scales[local, :i]),
+            "up_proj": (w13_packed[local, i:], w13_scales[local, i:]),
+            "down_proj": (w2_packed[local], w2_scales[local]),
+        }
+        for proj, (packed, scales) in parts.items():
+            # clone(): safetensors refuses tensors that share storage.
+            tensors[f"{head}{g}.{proj}.weight_packed"] = packed.to("cpu", copy=True)
+            tensors[f"{head}{g}.{proj}.weight_scale"] = scales.to("cpu", copy=True).view(
+                scale_dtype)
+    header = {"format": "pt", "mxmoe.quantization": "mxfp4-w4a4"}
+    header.update(metadata or {})
+    save_file(tensors, os.fspath(path), metadata=header)

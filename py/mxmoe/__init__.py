@@ -9,7 +9,7 @@
 reference of the data contract.
 """
 
-from mxmoe import ops, reference
+from mxmoe import checkpoint, ops, reference
 from mxmoe._mxmoe import (
     CudaError,
     Error,
@@ -50,6 +50,7 @@ __all__ = [
     "UnsupportedError",
     "WorkspaceTooSmallError",
     "backend_for",
+    "checkpoint",
     "cuda_device_count",
     "ops",
     "prepare_weights",

@@ -94,8 +94,6 @@ def bench_case(shape: str, kernel: str, tokens: int, copy_gbps: float) -> dict:
     if tokens >= DIAGNOSTIC_TOKENS:
         for units in (2, 4, 8):
             variants[f"units{units}_ms"] = {"MXMOE_QUANTIZE_UNITS": str(units)}
-        if silu:  # format::SiluF32 itself instead of its faster copy
-            variants["silu_reference_ms"] = {"MXMOE_QUANTIZE_SILU": "reference"}
     for name, env in variants.items():
         with knobs(env):
             extra[name] = common.time_graph(calls)

@@ -485,19 +485,15 @@ mxmoe_status LaunchRowsWithUnits(const RowsParams& p, int units_per_thread, size
                                  cudaStream_t stream) {
   const int32_t data_ctas = CtasFor(p.units, units_per_thread);
   if (p.padding_ctas + data_ctas == 0) return MXMOE_STATUS_OK;
-  if constexpr (kSilu == SiluImpl::kReference) {  // the reference SiLU: one variant is enough
-    return LaunchRows<T, kSilu, kMap, 4>(p, CtasFor(p.units, 4), smem, stream);
-  } else {
-    switch (units_per_thread) {
-      case 1:
-        return LaunchRows<T, kSilu, kMap, 1>(p, data_ctas, smem, stream);
-      case 2:
-        return LaunchRows<T, kSilu, kMap, 2>(p, data_ctas, smem, stream);
-      case 8:
-        return LaunchRows<T, kSilu, kMap, 8>(p, data_ctas, smem, stream);
-      default:
-        return LaunchRows<T, kSilu, kMap, 4>(p, data_ctas, smem, stream);
-    }
+  switch (units_per_thread) {
+    case 1:
+      return LaunchRows<T, kSilu, kMap, 1>(p, data_ctas, smem, stream);
+    case 2:
+      return LaunchRows<T, kSilu, kMap, 2>(p, data_ctas, smem, stream);
+    case 8:
+      return LaunchRows<T, kSilu, kMap, 8>(p, data_ctas, smem, stream);
+    default:
+      return LaunchRows<T, kSilu, kMap, 4>(p, data_ctas, smem, stream);
   }
 }
 
@@ -579,15 +575,6 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
                                                                  device, s);
 }
 
-// The fused SiLU's implementation: SiluF32Fast (quantize_device.cuh, same bits as format.h),
-// or, with MXMOE_QUANTIZE_SILU=reference, format::SiluF32 itself (same bits; a benchmark and
-// debugging knob, read per call).
-SiluImpl ChosenSilu() {
-  const char* env = getenv("MXMOE_QUANTIZE_SILU");
-  return env != nullptr && strcmp(env, "reference") == 0 ? SiluImpl::kReference
-                                                          : SiluImpl::kFast;
-}
-
 template <bool kSilu>
 mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int32_t num_experts,
                                    const void* input, int32_t dtype,
@@ -624,11 +611,8 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
   if constexpr (!kSilu) {
     return QuantizeRows<SiluImpl::kNone, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
                                                              device, s);
-  } else if (ChosenSilu() == SiluImpl::kReference) {
-    return QuantizeRows<SiluImpl::kReference, ScaleMap::kExperts>(p, rows, k, dtype,
-                                                                  padding_ctas, device, s);
   } else {
-    return QuantizeRows<SiluImpl::kFast, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
+    return QuantizeRows<SiluImpl::kSilu, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
                                                              device, s);
   }
 }

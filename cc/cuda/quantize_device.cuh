@@ -8,7 +8,7 @@
 // CPU backend and these kernels share one definition. Three pieces are faster equivalents of
 // format.h functions, each with its argument and each checked bit for bit against format.h on
 // every input by tests/gpu/quantize_lane_test.cu: hardware bf16/fp16 conversions (exact),
-// EncodeE2M1x2 (FloatToE2M1 on two products at once) and SiluF32Fast (SiluF32 without branches).
+// EncodeE2M1x2 (FloatToE2M1 on two products at once).
 #ifndef MXMOE_CUDA_QUANTIZE_DEVICE_CUH_
 #define MXMOE_CUDA_QUANTIZE_DEVICE_CUH_
 
@@ -97,42 +97,8 @@ __device__ __forceinline__ float Element(const Lane8& x, int i) {
   return T::ToFloat(i % 2 == 0 ? (x.w[i / 2] & 0xFFFFu) : (x.w[i / 2] >> 16));
 }
 
-// format::SiluF32(g) = g / (1 + format::ExpF32(-g)) in fewer instructions, with the same bits
-// (a NaN for a NaN). The kernels run it once per element, and format.h's early returns cost a
-// compare, a select or a branch each. ExpF32's polynomial path runs on -g clamped into its range
-// [-103.98, 88.72]; where format.h takes that path, the operations and values are identical.
-// Outside it:
-//   -g > 88.72: ExpF32 overflows to Inf and SiluF32 returns -0 (g < 0), selected at the end;
-//   -g < -103.98: ExpF32 returns 0; the clamped exp(-103.98) is below 2^-24, so 1 + e == 1
-//                 exactly and g / (1 + e) == g, as with 0;
-//   NaN: g / (1 + e) is NaN either way.
-// tests/gpu/quantize_lane_test.cu checks SiluF32Fast == format::SiluF32 on every fp32 input, so a
-// change to format.h that this copy misses fails there.
-__device__ __forceinline__ float SiluF32Fast(float g) {
-  const float x = fminf(fmaxf(-g, -103.98f), 88.72f);
-  const float n = rintf(MXMOE_MUL(x, 1.44269504088896341f));
-  float r = fmaf(n, -0.693145751953125f, x);
-  r = fmaf(n, -1.428606765330187045e-06f, r);
-  float p = 1.3888889e-3f;
-  p = fmaf(p, r, 8.3333333e-3f);
-  p = fmaf(p, r, 4.1666667e-2f);
-  p = fmaf(p, r, 1.6666667e-1f);
-  p = fmaf(p, r, 0.5f);
-  p = fmaf(p, r, 1.0f);
-  p = fmaf(p, r, 1.0f);
-  const int ni = static_cast<int>(n);
-  const int n1 = ni / 2;
-  const int n2 = ni - n1;
-  const float s1 = __uint_as_float(static_cast<uint32_t>(n1 + 127) << 23);
-  const float s2 = __uint_as_float(static_cast<uint32_t>(n2 + 127) << 23);
-  const float e = MXMOE_MUL(MXMOE_MUL(p, s1), s2);
-  const float q = g / MXMOE_ADD(1.0f, e);
-  return g < -88.72f ? -0.0f : q;
-}
-
-// Which SiLU the fused kernel computes: format::SiluF32 itself, or SiluF32Fast above (same bits,
-// fewer instructions; the default).
-enum class SiluImpl { kNone, kReference, kFast };
+// Whether a quantize kernel applies the fused SiLU-and-mul (format::SiluF32) first.
+enum class SiluImpl { kNone, kSilu };
 
 // y = silu(gate) * up in fp32 (one rounding for the product), rounded to T.
 template <typename T, SiluImpl kImpl>
@@ -145,9 +111,7 @@ __device__ __forceinline__ Lane8 SiluMul(const Lane8& gate, const Lane8& up) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const float g = Element<T>(gate, 2 * i + j);
-      const float silu =
-          kImpl == SiluImpl::kReference ? format::SiluF32(g) : SiluF32Fast(g);
-      v[j] = MXMOE_MUL(silu, Element<T>(up, 2 * i + j));
+      v[j] = MXMOE_MUL(format::SiluF32(g), Element<T>(up, 2 * i + j));
     }
     y.w[i] = T::FromFloat2(v[0], v[1]);
   }

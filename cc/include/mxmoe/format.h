@@ -210,12 +210,34 @@ MXMOE_HD float ExpF32(float x) {
   return MXMOE_MUL(MXMOE_MUL(p, s1), s2);
 }
 
-// silu(g) = g / (1 + exp(-g)), fp32, IEEE division (correctly rounded on host and device).
-// silu(-Inf) = -0, silu(+Inf) = +Inf, silu(NaN) = NaN.
+// silu(g) = g / (1 + ExpF32(-g)), fp32, IEEE division (correctly rounded on host and device).
+// silu(-Inf) = -0, silu(+Inf) = +Inf, silu(NaN) = NaN. Written without ExpF32's early returns
+// (the fused quantize kernel runs it per element): ExpF32's polynomial path runs on -g clamped
+// into its range [-103.98, 88.72], which is exactly ExpF32 inside the range; outside it
+//   -g > 88.72:   exp overflows, silu is -0 (selected at the end);
+//   -g < -103.98: exp(-103.98) < 2^-24, so 1 + e == 1 and g / (1 + e) == g, as with e = 0;
+//   NaN:          g / (1 + e) is NaN.
+// tests/gpu/quantize_lane_test.cu checks this against g / (1 + ExpF32(-g)) on every fp32 input.
 MXMOE_HD float SiluF32(float g) {
-  const float e = ExpF32(-g);
-  if (FloatBits(e) == 0x7F800000u) return BitsFloat(FloatBits(g) & 0x80000000u);
-  return g / MXMOE_ADD(1.0f, e);
+  const float x = fminf(fmaxf(-g, -103.98f), 88.72f);
+  const float n = rintf(MXMOE_MUL(x, 1.44269504088896341f));
+  float r = fmaf(n, -0.693145751953125f, x);
+  r = fmaf(n, -1.428606765330187045e-06f, r);
+  float p = 1.3888889e-3f;
+  p = fmaf(p, r, 8.3333333e-3f);
+  p = fmaf(p, r, 4.1666667e-2f);
+  p = fmaf(p, r, 1.6666667e-1f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
+  const int ni = static_cast<int>(n);
+  const int n1 = ni / 2;
+  const int n2 = ni - n1;
+  const float s1 = BitsFloat(static_cast<uint32_t>(n1 + 127) << 23);
+  const float s2 = BitsFloat(static_cast<uint32_t>(n2 + 127) << 23);
+  const float e = MXMOE_MUL(MXMOE_MUL(p, s1), s2);
+  const float q = g / MXMOE_ADD(1.0f, e);
+  return g < -88.72f ? -0.0f : q;
 }
 
 }  // namespace format

@@ -40,33 +40,13 @@ using OutArray = nb::ndarray<>;
 PyObject* error_base = nullptr;
 PyObject* error_classes[7] = {};
 
-const char* StatusName(mxmoe_status status) {
-  switch (status) {
-    case MXMOE_STATUS_OK:
-      return "OK";
-    case MXMOE_STATUS_INVALID_ARGUMENT:
-      return "INVALID_ARGUMENT";
-    case MXMOE_STATUS_UNSUPPORTED:
-      return "UNSUPPORTED";
-    case MXMOE_STATUS_MISALIGNED:
-      return "MISALIGNED";
-    case MXMOE_STATUS_WORKSPACE_TOO_SMALL:
-      return "WORKSPACE_TOO_SMALL";
-    case MXMOE_STATUS_CUDA_ERROR:
-      return "CUDA_ERROR";
-    case MXMOE_STATUS_INTERNAL:
-      return "INTERNAL";
-  }
-  return "UNKNOWN_STATUS";
-}
-
 [[noreturn]] void Raise(mxmoe_status status, const std::string& message) {
   const int index = static_cast<int>(status);
   PyObject* cls = (index > 0 && index < 7) ? error_classes[index] : error_base;
-  const std::string text = std::string(StatusName(status)) + ": " + message;
+  const std::string text = std::string(mxmoe_status_string(status)) + ": " + message;
   nb::object exc = nb::steal(PyObject_CallFunction(cls, "s", text.c_str()));
   if (!exc.is_valid()) throw nb::python_error();
-  nb::setattr(exc, "status", nb::str(StatusName(status)));
+  nb::setattr(exc, "status", nb::str(mxmoe_status_string(status)));
   nb::setattr(exc, "message", nb::str(message.c_str()));
   PyErr_SetObject(cls, exc.ptr());
   throw nb::python_error();

@@ -23,21 +23,12 @@
 
 #include "mxmoe/format.h"
 #include "mxmoe/mxmoe.h"
+#include "tests/cc/expect.h"
 
 namespace {
 
-int failures = 0;
+using mxmoe_test::failures;
 int cases = 0;
-
-#define EXPECT(cond, ...)                                                 \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      ++failures;                                                         \
-      fprintf(stderr, "%s:%d: FAILED (%s): ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                                       \
-      fprintf(stderr, "\n");                                              \
-    }                                                                     \
-  } while (0)
 
 constexpr mxmoe_device kCpu = {MXMOE_DEVICE_CPU, 0};
 constexpr mxmoe_device kCuda0 = {MXMOE_DEVICE_CUDA, 0};

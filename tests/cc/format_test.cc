@@ -11,22 +11,11 @@
 #include <random>
 
 #include "mxmoe/format.h"
+#include "tests/cc/expect.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond, ...)                                                 \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      ++failures;                                                         \
-      if (failures < 50) {                                                \
-        fprintf(stderr, "%s:%d: FAILED (%s): ", __FILE__, __LINE__, #cond); \
-        fprintf(stderr, __VA_ARGS__);                                     \
-        fprintf(stderr, "\n");                                            \
-      }                                                                   \
-    }                                                                     \
-  } while (0)
+using mxmoe_test::failures;
 
 using namespace mxmoe::format;
 

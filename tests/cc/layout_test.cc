@@ -18,29 +18,11 @@
 
 #include "mxmoe/format.h"
 #include "mxmoe/mxmoe.h"
+#include "tests/cc/expect.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond, ...)                                                 \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      ++failures;                                                         \
-      if (failures < 50) {                                                \
-        fprintf(stderr, "%s:%d: FAILED (%s): ", __FILE__, __LINE__, #cond); \
-        fprintf(stderr, __VA_ARGS__);                                     \
-        fprintf(stderr, "\n");                                            \
-      }                                                                   \
-    }                                                                     \
-  } while (0)
-
-#define EXPECT_OK(call, ...)                                                               \
-  do {                                                                                     \
-    const mxmoe_status status_ = (call);                                                   \
-    EXPECT(status_ == MXMOE_STATUS_OK, "%s -> %s: %s", #call, mxmoe_status_string(status_), \
-           mxmoe_last_error());                                                            \
-  } while (0)
+using mxmoe_test::failures;
 
 constexpr mxmoe_device kCpu = {MXMOE_DEVICE_CPU, 0};
 constexpr uint8_t kPoison = 0xAB;

@@ -17,20 +17,11 @@
 
 #include "mxmoe/format.h"
 #include "mxmoe/mxmoe.h"
+#include "tests/cc/expect.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond, ...)                                                     \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      ++failures;                                                             \
-      fprintf(stderr, "%s:%d: FAILED (%s): ", __FILE__, __LINE__, #cond);     \
-      fprintf(stderr, __VA_ARGS__);                                           \
-      fprintf(stderr, "\n");                                                  \
-    }                                                                         \
-  } while (0)
+using mxmoe_test::failures;
 
 constexpr mxmoe_device kCpu = {MXMOE_DEVICE_CPU, 0};
 

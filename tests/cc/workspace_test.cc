@@ -9,20 +9,11 @@
 #include <vector>
 
 #include "cc/src/workspace.h"
+#include "tests/cc/expect.h"
 
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond, ...)                                                 \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      ++failures;                                                         \
-      fprintf(stderr, "%s:%d: FAILED (%s): ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                                       \
-      fprintf(stderr, "\n");                                              \
-    }                                                                     \
-  } while (0)
+using mxmoe_test::failures;
 
 struct Slices {
   float* logits;

@@ -8,17 +8,13 @@ PREPARED; rows past expert_offsets[E] must stay untouched (poisoned). Skips with
 
 import pytest
 import torch
-from conftest import quick_mode
+from conftest import quick_mode, rel_l2
 
 from mxmoe import ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run through tools/gpu/run.sh)")
 
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
 def make_operands(counts, n, k, seed, extra_rows=0):

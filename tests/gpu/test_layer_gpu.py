@@ -10,17 +10,13 @@ import sys
 
 import pytest
 import torch
-from conftest import quick_mode
+from conftest import quick_mode, rel_l2
 
 import mxmoe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run through tools/gpu/run.sh)")
 
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
 def test_checkpoint_loads_onto_cuda_and_matches_cpu(tmp_path):

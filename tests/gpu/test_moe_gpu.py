@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import quick_mode
+from conftest import quick_mode, rel_l2
 
 import mxmoe
 from mxmoe import ops, reference
@@ -28,10 +28,6 @@ SHAPES = [
 if quick_mode():  # compute-sanitizer passes: small shapes only
     SHAPES = [("qwen3-30b-a3b/4e", 4, 2048, 768, 2), ("tiny", 4, 64, 32, 2)]
 
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
 def make_layer(e: int, h: int, i: int, seed: int):

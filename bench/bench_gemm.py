@@ -1,4 +1,4 @@
-"""Grouped-GEMM benchmark (DESIGN.md section 8, issue 4): mxmoe beside torch peers and floors.
+"""Grouped-GEMM benchmark (docs/design.md, Benchmark protocol): mxmoe beside torch peers and floors.
 
 One run on one GPU. For each model shape, each of the layer's two GEMMs (``w13``: N = 2I, K = H;
 ``w2``: N = H, K = I) and each token count T (rows = T * top_k routed by seeded random-normal

@@ -1,4 +1,4 @@
-"""Whole-layer MoE benchmark (DESIGN.md section 8, issue 5): mxmoe beside torch peers and floors.
+"""Whole-layer MoE benchmark (docs/design.md protocol): mxmoe beside torch peers and floors.
 
 One run on one GPU. For each model shape and token count T, the full layer (routing through
 output, same router logits for everyone) is timed for

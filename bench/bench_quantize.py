@@ -1,4 +1,4 @@
-"""Quantize-suite benchmark (DESIGN.md section 8, issue 3): achieved bandwidth of the CUDA
+"""Quantize-suite benchmark (docs/design.md, Benchmark protocol): achieved bandwidth of the CUDA
 per-expert quantizers next to the device-to-device copy bandwidth measured in the same run.
 
 For each model shape and T in {1, 16, 64, 256, 1024, 4096, 16384} (rows = T * top_k, routed

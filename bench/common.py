@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (DESIGN.md section 8 protocol).
+"""Helpers shared by the benchmark scripts (the protocol of docs/design.md).
 
 - ``SHAPES`` / ``TOKENS``: the three model shapes and the token counts every suite sweeps.
 - ``gpu_name`` / ``gpu_short_name`` / ``commit``: what a results file names.

@@ -1,4 +1,4 @@
-"""Draws one PNG per model shape from a bench/results JSON file (DESIGN.md section 8).
+"""Draws one PNG per model shape from a bench/results JSON file (docs/design.md).
 
 Time against tokens T (log-log) for every implementation in the file (`<impl>_ms` keys), with the
 floor (the larger of the MXFP4 weight-bytes floor and the FP8-peak floor) as a dashed line.

@@ -1,5 +1,5 @@
 // The CPU backend: the bit-exact reference implementation of every mxmoe entry point (the data
-// contract of DESIGN.md section 2, through mxmoe/format.h). Every function receives arguments
+// contract of docs/format.md, through mxmoe/format.h). Every function receives arguments
 // already validated by cc/src (shapes, dtypes, pointers, offsets, ids), runs synchronously on
 // the calling thread plus worker threads (cc/cpu/parallel.h), and writes only its outputs.
 //

@@ -1,4 +1,4 @@
-"""torch MoE peers that mxmoe is measured against (DESIGN.md section 8): same routing, no mxmoe.
+"""torch MoE peers that mxmoe is measured against (docs/design.md): same routing, no mxmoe.
 
   TorchBf16Moe  bf16 expert weights, two ``torch._grouped_mm`` calls;
   TorchFp8Moe   FP8 e4m3 weights (per output channel scales) and activations (rowwise scales,

@@ -1,4 +1,4 @@
-"""Pure-torch reference of the mxmoe data contract (DESIGN.md section 2), independent of the C++.
+"""Pure-torch reference of the mxmoe data contract (docs/format.md), independent of the C++.
 
 Everything here is written from the contract text, not from the C++ sources, so that the CPU
 backend can be checked against it bit for bit: quantization codes and scales, the swizzled scale

@@ -2,7 +2,7 @@
 // the same __host__ __device__ code the device setup kernel runs, compiled here by the host
 // compiler. No GPU is used or needed; this is the only executed test of the sm100 path (there is
 // no Blackwell GPU to run the kernel on), so it checks the setup against the data contract
-// (DESIGN.md section 2) from several sides:
+// (docs/format.md, Scale layouts) from several sides:
 //   1. per expert (m = 0, 1, 127, 128, 129; K = 2880 and 4096; N = 2880 and 4096): shape, the
 //      addresses of A rows, A scales, B, B scales and C rows, the row strides, and the
 //      scale-factor layouts, against the contract's formulas, with and without problem_sizes;
@@ -54,7 +54,7 @@ std::string Str(int64_t v) { return std::to_string(v); }
 int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 int64_t CeilDiv(int64_t x, int64_t d) { return (x + d - 1) / d; }
 
-// The contract's formula, written out again from DESIGN.md section 2 on purpose (not a call into
+// The contract's formula, written out again from docs/format.md on purpose (not a call into
 // the code under test or format.h).
 int64_t ContractSwizzledOffset(int64_t m, int64_t k, int64_t scale_cols) {
   const int64_t num_k_tiles = (scale_cols + 3) / 4;

@@ -3,7 +3,7 @@
 //     (to the even code), saturation at 6, all-zero and -0 blocks, subnormal inputs, scales
 //     clamped at 0 (and the 253 ceiling of finite inputs), NaN and Inf (mxmoe.h's documented
 //     rule), fp16 inputs;
-//   - random and adversarial rows against an independent reference written from the DESIGN.md
+//   - random and adversarial rows against an independent reference written from docs/format.md's
 //     text (log2/frexp and a nearest-grid search, not format.h's bit tricks);
 //   - dequantize: code * 2^(s-127) rounded to bf16/fp16/fp32, NaN scale, overflow to Inf.
 // Plain main(); prints every failure with its shape and returns nonzero.
@@ -76,7 +76,7 @@ void ExpectBlock(const char* name, const std::vector<float>& values, uint8_t exp
   }
 }
 
-// ---- independent reference (from DESIGN.md section 2's text) --------------------------------
+// ---- independent reference (from docs/format.md's text) --------------------------------
 
 // Scale byte: amax rounded up to a power of two when its mantissa (in [1, 2)) is >= 1.75,
 // exponent e (biased, fp32 style) -> s = max(e - 2, 0), min 254. Uses frexp, not bit patterns.

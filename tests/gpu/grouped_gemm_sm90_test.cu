@@ -43,7 +43,7 @@
 
 namespace {
 
-// E2M1 values per DESIGN.md section 2 (codes 0..7: 0 0.5 1 1.5 2 3 4 6), written out here so that
+// E2M1 values per docs/format.md (codes 0..7: 0 0.5 1 1.5 2 3 4 6), written out here so that
 // the reference does not depend on the code under test's helpers.
 double E2M1ToFloat(int code) {
   static const double kMag[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};

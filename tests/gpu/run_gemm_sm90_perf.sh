@@ -6,7 +6,7 @@
 # .gpu_pack/sm90/grouped_gemm_sm90_test_base (baseline). Each step is skipped when it could run
 # past BUDGET seconds (default 450). Usage: tests/gpu/run_gemm_sm90_perf.sh OUTDIR [steps]
 # steps: a comma list of correct,bench,exp,ncu,san,peers (default all but peers). peers:
-# bench/bench_gemm.py (torch bf16/FP8 peers, DESIGN.md section 8 protocol) with the new binary,
+# bench/bench_gemm.py (torch bf16/FP8 peers, docs/design.md protocol) with the new binary,
 # then again with the baseline binary (--no-torch) on the same routing, into OUTDIR/base.
 set -uo pipefail
 OUT=${1:?outdir}

@@ -1,6 +1,6 @@
 """Grouped GEMM (CPU backend) against the float64 matmul of the dequantized operands.
 
-Gate: relative L2 error <= 2e-3 for bf16 output (DESIGN.md section 3). The CPU backend computes
+Gate: relative L2 error <= 2e-3 for bf16 output (docs/format.md). The CPU backend computes
 essentially the exact product, so almost every element also equals the reference rounded once.
 Shapes: K = 2880, N = 2880, an empty expert, a one-row expert, E = 1, E = 256.
 """

@@ -1,4 +1,4 @@
-"""The pure-torch reference against the data contract's own examples (DESIGN.md section 2).
+"""The pure-torch reference against the data contract's own examples (docs/format.md).
 
 These pin the reference to the text of the contract, so that the CPU-backend tests that compare
 against it are meaningful.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build-host half of the GPU workflow (DESIGN.md section 7, docs/gpu-workflow.md): builds what a
+# Build-host half of the GPU workflow (docs/gpu-workflow.md): builds what a
 # GPU host without Bazel needs and packs it into one small folder, .gpu_pack/pack (git-ignored).
 #
 #   tools/gpu/pack.sh [--no-bazel] [--tests GLOB] [PACK_DIR]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU-host half of the GPU workflow (DESIGN.md section 7, docs/gpu-workflow.md). Run it from the
+# GPU-host half of the GPU workflow (docs/gpu-workflow.md). Run it from the
 # folder tools/gpu/pack.sh made (it is copied there as run.sh); it needs python3 with torch,
 # pytest and nanobind, g++, and compute-sanitizer (CUDA toolkit) - no Bazel, no network.
 #

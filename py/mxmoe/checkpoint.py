@@ -23,6 +23,13 @@ Files are read lazily: headers first (every name, shape and dtype is checked bef
 read), then one tensor at a time, copied straight into the stacked output on the target device,
 so peak memory is the layer plus one tensor.
 
+Untrusted files: safetensors files are parsed here (not memory-mapped), every header entry is
+checked against the file's size before anything is allocated, and tensors are read with plain
+reads, so a truncated, corrupt or hostile file (or one truncated while it is open) raises
+InvalidArgumentError naming the file, never SIGBUS or an allocation larger than the file; a
+failed load returns nothing (no partial layer). Expert ids may have leading zeros
+(``experts.007`` is expert 7).
+
 Limits:
 - One layer per call; fused-expert layouts (one [E, ...] tensor per projection, as in GPT-OSS's
   ``gate_up_proj_blocks``) and unquantized (bf16 ``weight``) experts are not read here: quantize
@@ -34,12 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mxmoe import ops
@@ -69,56 +76,251 @@ def _dtype_str(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# ---- The file layer: safetensors files read without mmap, index files, expert ids -------------
+
+# Bytes per element of every safetensors dtype (for the header's size check; torch need not know
+# the dtype). Sub-byte types ("F4", ...) are left out: a tensor of an unknown dtype is checked
+# only for its offsets, and fails with a clear message if it is ever loaded.
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+    "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+# safetensors itself refuses headers above 100 MB; a larger length field is a corrupt file.
+_MAX_HEADER_BYTES = 100 * 1000 * 1000
+# An index file maps names to shards; 64 MiB is far above any real model's.
+_MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+def _corrupt(path: str, what: str) -> Exception:
+    return ops._invalid(f"{path} is not a valid safetensors file: {what}")
+
+
+class _SafetensorsFile:
+    """One safetensors file: the header parsed and checked at open, tensors read on demand.
+
+    Reads with plain file reads instead of mmap (what safetensors' ``safe_open`` uses): a file
+    truncated or replaced while open then gives a short read and a clear error, never SIGBUS.
+    Every header entry is checked against the file's size before anything is allocated, so a
+    hostile header cannot make the loader allocate more than the file holds.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            # Unbuffered: a buffered reader would serve reads of a since-truncated file from bytes
+            # it cached earlier.
+            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+        except OSError as e:
+            raise ops._invalid(f"cannot open checkpoint file {path}: {e.strerror}") from None
+        try:
+            self._parse_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse_header(self) -> None:
+        path = self.path
+        size = os.fstat(self._file.fileno()).st_size
+        prefix = self._read_at(0, 8)
+        if len(prefix) < 8:
+            raise _corrupt(path, f"{size} bytes, shorter than the 8-byte header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise _corrupt(path, f"the header length field says {header_len} bytes but the file "
+                                 f"has {size} bytes (truncated, or not safetensors)")
+        raw = self._read_at(8, header_len)
+        if len(raw) < header_len:
+            raise _corrupt(path, f"read {len(raw)} of the {header_len} header bytes (truncated)")
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise _corrupt(path, f"the header is not valid JSON ({type(e).__name__}: "
+                                 f"{str(e)[:200]})") from None
+        if not isinstance(header, dict):
+            raise _corrupt(path, f"the header must be a JSON object, got {type(header).__name__}")
+        self._data_start = 8 + header_len
+        data_bytes = size - self._data_start
+        self._entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            self._entries[name] = self._check_entry(name, entry, data_bytes)
+
+    def _check_entry(self, name, entry, data_bytes):
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise _corrupt(self.path, f"{where}: the entry must be a JSON object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise _corrupt(self.path, f"{where}: dtype must be a string, got {dtype!r}")
+        if not isinstance(shape, list) or not all(
+                type(d) is int and d >= 0 for d in shape):  # type(): a bool is not a dim
+            raise _corrupt(self.path, f"{where}: shape must be a list of non-negative integers, "
+                                      f"got {str(shape)[:100]}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            raise _corrupt(self.path, f"{where}: data_offsets must be [begin, end], got "
+                                      f"{str(offsets)[:100]}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes:
+            raise _corrupt(self.path, f"{where}: data_offsets [{begin}, {end}] are outside the "
+                                      f"{data_bytes} data bytes of the file (truncated?)")
+        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
+        if itemsize is not None:
+            count = 1
+            for d in shape:
+                count *= d  # Python ints: a hostile shape cannot overflow, only mismatch
+            if count * itemsize != end - begin:
+                raise _corrupt(self.path, f"{where}: shape {shape} of {dtype} is "
+                                          f"{count * itemsize} bytes but data_offsets "
+                                          f"[{begin}, {end}] hold {end - begin}")
+        return tuple(shape), dtype, begin, end
+
+    def _read_at(self, offset: int, count: int, out: memoryview | None = None) -> bytes | int:
+        """Reads `count` bytes at `offset` (into `out` when given): fewer only at end of file."""
+        view = memoryview(bytearray(count)) if out is None else out
+        self._file.seek(offset)
+        done = 0
+        while done < count:
+            got = self._file.readinto(view[done:count])
+            if not got:
+                break
+            done += got
+        return bytes(view[:done]) if out is None else done
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        shape, dtype, _, _ = self._entries[name]
+        return shape, dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor as a new CPU tensor (at most the bytes its header entry declares)."""
+        shape, dtype, begin, end = self._entries[name]
+        torch_dtype = _SAFETENSORS_DTYPES.get(dtype)
+        if torch_dtype is None or dtype not in _SAFETENSORS_ITEMSIZE:
+            raise ops._invalid(f"{name} in {self.path} has dtype {dtype}, which this torch build "
+                               f"cannot hold")
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            done = self._read_at(self._data_start + begin, end - begin, memoryview(out.numpy()))
+            if done < end - begin:
+                raise ops._invalid(f"{self.path} was truncated while reading {name}: read {done} "
+                                   f"of {end - begin} bytes at offset "
+                                   f"{self._data_start + begin}")
+        return out.view(torch_dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _read_index(path: str) -> dict[str, str]:
+    """A *.safetensors.index.json -> tensor name -> shard path (each checked to exist)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise ops._invalid(f"cannot read checkpoint index {path}: {e.strerror}") from None
+    if len(raw) > _MAX_INDEX_BYTES:
+        raise ops._invalid(f"checkpoint index {path} is larger than {_MAX_INDEX_BYTES} bytes")
+    try:
+        index = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ops._invalid(f"checkpoint index {path} is not valid JSON ({type(e).__name__}: "
+                           f"{str(e)[:200]})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ops._invalid(f"{path} has no \"weight_map\" object (a safetensors index maps "
+                           f"tensor names to files)")
+    base = os.path.dirname(path)
+    shards: dict[str, str] = {}
+    checked: set[str] = set()
+    for name, file in weight_map.items():
+        if (not isinstance(file, str) or not file or os.path.isabs(file)
+                or os.path.normpath(file).startswith("..")):
+            raise ops._invalid(f"{path} maps {name!r} to {str(file)[:100]!r}; expected the name "
+                               f"of a shard beside the index")
+        shard = os.path.join(base, file)
+        if shard not in checked:
+            if not os.path.isfile(shard):
+                raise ops._invalid(f"{path} maps {name!r} to {file}, which does not exist")
+            checked.add(shard)
+        shards[name] = shard
+    return shards
+
+
 class _Tensors:
     """name -> (shape, dtype) and name -> tensor over a dict or safetensors files.
 
-    Files are opened once (headers only) and stay open until the ExitStack closes them.
+    Files are opened once (headers read and checked, see _SafetensorsFile) and stay open until
+    the ExitStack closes them. Every error names the file it comes from.
     """
 
     def __init__(self, path_or_tensors, stack: contextlib.ExitStack):
         self._dict: Mapping | None = None
-        self._handles: dict[str, tuple[object, str]] = {}  # name -> (safe_open handle, path)
+        self._files: dict[str, _SafetensorsFile] = {}  # name -> the file holding it
+        self._aliases: dict[str, str] = {}  # canonical expert name -> the name as stored
         if isinstance(path_or_tensors, Mapping):
             self._dict = path_or_tensors
             self.source = f"the tensor dict ({len(path_or_tensors)} tensors)"
             return
-        paths = _checkpoint_files(path_or_tensors)
+        paths, index = _checkpoint_files(path_or_tensors)
         self.source = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
         for path in paths:
-            handle = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not Mappings)
-                if name in self._handles:
-                    raise ops._invalid(f"{name} is stored twice: in {self._handles[name][1]} "
+            file = _SafetensorsFile(path)
+            stack.callback(file.close)
+            for name in file.keys():  # noqa: SIM118 (a file, not a dict)
+                if name in self._files:
+                    raise ops._invalid(f"{name} is stored twice: in {self._files[name].path} "
                                        f"and in {path}")
-                self._handles[name] = (handle, path)
+                self._files[name] = file
+        index_path, index_map = index if index is not None else ("", {})
+        for name, shard in index_map.items():
+            if name not in self._files or self._files[name].path != shard:
+                held = f"it is in {self._files[name].path}" if name in self._files else \
+                    "no shard holds it"
+                raise ops._invalid(f"{index_path} maps {name} to {shard}, but {held}")
 
     def names(self) -> list[str]:
-        return list(self._dict if self._dict is not None else self._handles)
+        return list(self._dict if self._dict is not None else self._files)
+
+    def alias(self, canonical: str, stored: str) -> None:
+        """Lets ``canonical`` (e.g. experts.7.x) find the tensor stored as ``stored``
+        (experts.007.x)."""
+        if canonical != stored:
+            self._aliases[canonical] = stored
+
+    def _stored(self, name: str) -> str:
+        return self._aliases.get(name, name)
 
     def describe(self, name: str) -> str:
-        """The name, and its file when there are files: for messages."""
+        """The name as stored, and its file when there are files: for messages."""
+        name = self._stored(name)
         if self._dict is not None:
             return name
-        return f"{name} (in {self._handles[name][1]})"
+        return f"{name} (in {self._files[name].path})"
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype | str]:
+        name = self._stored(name)
         if self._dict is not None:
             t = self._dict[name]
             if not isinstance(t, torch.Tensor):
                 raise ops._invalid(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             return tuple(t.shape), t.dtype
-        piece = self._handles[name][0].get_slice(name)
-        dtype = piece.get_dtype()
-        return tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype)
+        shape, dtype = self._files[name].meta(name)
+        return shape, _SAFETENSORS_DTYPES.get(dtype, dtype)
 
     def load(self, name: str) -> torch.Tensor:
+        name = self._stored(name)
         if self._dict is not None:
             return self._dict[name].detach()
-        return self._handles[name][0].get_tensor(name)
+        return self._files[name].read(name)
 
 
-def _checkpoint_files(path_or_paths) -> list[str]:
-    """A file, a directory of *.safetensors, a *.safetensors.index.json, or a list of files."""
+def _checkpoint_files(path_or_paths) -> tuple[list[str], tuple[str, dict[str, str]] | None]:
+    """A file, a directory of *.safetensors, a *.safetensors.index.json, or a list of files ->
+    (the files, (the index's path, its name -> file map) or None)."""
     if isinstance(path_or_paths, (str, os.PathLike)):
         path = os.fspath(path_or_paths)
         if os.path.isdir(path):
@@ -126,15 +328,10 @@ def _checkpoint_files(path_or_paths) -> list[str]:
                            if f.endswith(".safetensors"))
             if not files:
                 raise ops._invalid(f"the directory {path} holds no *.safetensors files")
-            return files
+            return files, None
         if path.endswith(".json"):
-            with open(path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ops._invalid(f"{path} has no \"weight_map\" (a safetensors index maps "
-                                   f"tensor names to files)")
-            base = os.path.dirname(path)
-            return [os.path.join(base, f) for f in sorted(set(weight_map.values()))]
+            index = _read_index(path)
+            return sorted(set(index.values())), (path, index)
         paths = [path]
     elif isinstance(path_or_paths, Sequence) and all(
             isinstance(p, (str, os.PathLike)) for p in path_or_paths):
@@ -147,22 +344,46 @@ def _checkpoint_files(path_or_paths) -> list[str]:
     for path in paths:
         if not os.path.isfile(path):
             raise ops._invalid(f"checkpoint file {path} does not exist")
-    return paths
+    return paths, None
+
+
+# Expert ids are decimal (ASCII digits only: \d would take other scripts' digits); more than 9
+# digits is no real layer's and cannot be a valid id of the C API (E <= 65536).
+_MAX_EXPERT_ID_DIGITS = 9
 
 
 def _expert_names(head: str, tensors: _Tensors) -> dict[int, set[str]]:
-    """expert id -> the '{proj}.{kind}' suffixes present as {head}{e}.{proj}.{kind}."""
-    pattern = re.compile(rf"{re.escape(head)}(\d+)\.([A-Za-z0-9_]+\.[A-Za-z0-9_]+)")
+    """expert id -> the '{proj}.{kind}' suffixes present as {head}{e}.{proj}.{kind}.
+
+    Ids written with leading zeros (experts.007.*) are the same expert as experts.7.*: the
+    canonical name is registered as an alias of the stored one; both spellings at once fail.
+    """
+    pattern = re.compile(rf"{re.escape(head)}([0-9]+)\.([A-Za-z0-9_]+\.[A-Za-z0-9_]+)")
     found: dict[int, set[str]] = {}
+    spelled: dict[str, str] = {}  # canonical name -> stored name
     for name in tensors.names():
         match = pattern.fullmatch(name)
-        if match:
-            found.setdefault(int(match.group(1)), set()).add(match.group(2))
+        if not match:
+            continue
+        digits, suffix = match.group(1), match.group(2)
+        if len(digits) > _MAX_EXPERT_ID_DIGITS:
+            raise ops._invalid(f"{tensors.describe(name)} has expert id {digits[:20]}"
+                               f"{'...' if len(digits) > 20 else ''}, beyond any layer's "
+                               f"experts (at most {_MAX_EXPERT_ID_DIGITS} digits)")
+        e = int(digits)
+        canonical = f"{head}{e}.{suffix}"
+        if canonical in spelled:
+            raise ops._invalid(f"expert {e} is stored twice: as "
+                               f"{tensors.describe(spelled[canonical])} and as "
+                               f"{tensors.describe(name)}")
+        spelled[canonical] = name
+        tensors.alias(canonical, name)
+        found.setdefault(e, set()).add(suffix)
     return found
 
 
 def _local_experts(expert_map, num_experts: int | None, found: dict[int, set[str]],
-                   head: str, tensors: _Tensors) -> tuple[int, list[int]]:
+                   head: str, tensors: _Tensors) -> tuple[int, Sequence[int]]:
     """-> (E_global, the global expert id of each local expert in local order)."""
     if expert_map is not None:
         m = ops._tensor(expert_map, "expert_map") if not isinstance(expert_map, Sequence) \
@@ -192,10 +413,17 @@ def _local_experts(expert_map, num_experts: int | None, found: dict[int, set[str
                     + (f"; names with '.experts.' look like {sample}" if sample else ""))
             global_experts = max(found) + 1
         else:
-            global_experts = int(num_experts)
+            try:
+                if isinstance(num_experts, bool):
+                    raise TypeError
+                global_experts = operator.index(num_experts)
+            except TypeError:
+                raise ops._invalid(f"num_experts must be an int, got {num_experts!r}") from None
             if global_experts < 1:
                 raise ops._invalid(f"num_experts must be >= 1, got {num_experts}")
-        order = list(range(global_experts))
+        # A range, not a list: a stray id (experts.100000000.*) must cost nothing before
+        # _check_present reports the experts it implies are missing.
+        order = range(global_experts)
         bound = f"num_experts={global_experts}"
     beyond = sorted(e for e in found if e >= global_experts)
     if beyond:
@@ -204,13 +432,23 @@ def _local_experts(expert_map, num_experts: int | None, found: dict[int, set[str
     return global_experts, order
 
 
-def _check_present(order: list[int], found: dict[int, set[str]], head: str,
+def _check_present(order: Sequence[int], found: dict[int, set[str]], head: str,
                    tensors: _Tensors) -> None:
     wanted = [f"{proj}.{kind}" for proj in PROJECTIONS for kind in _KINDS]
-    missing = [(e, w) for e in order for w in wanted if w not in found.get(e, set())]
-    if not missing:
+    # Work in proportion to the tensors found, not to len(order) (which a stray id can make
+    # 10^9): the first gap is at most len(found) + 1 experts in, the count is arithmetic.
+    first = None
+    for e in order:
+        absent = [w for w in wanted if w not in found.get(e, ())]
+        if absent:
+            first = (e, absent[0])
+            break
+    if first is None:
         return
-    e, suffix = missing[0]
+    kept = order if isinstance(order, range) else set(order)
+    total = len(order) * len(wanted) - sum(
+        sum(w in found[e] for w in wanted) for e in found if e in kept)
+    e, suffix = first
     name = f"{head}{e}.{suffix}"
     if e not in found:
         what = f"expert {e} is missing (no {head}{e}.* tensors)"
@@ -222,7 +460,7 @@ def _check_present(order: list[int], found: dict[int, set[str]], head: str,
         shape, dtype = tensors.meta(unquantized)
         hint = (f"; it has {unquantized} {ops._shape_str(shape)} {_dtype_str(dtype)}, an "
                 f"unquantized weight: quantize with MoELayer.from_float")
-    more = f" ({len(missing) - 1} more tensors missing)" if len(missing) > 1 else ""
+    more = f" ({total - 1} more tensors missing)" if total > 1 else ""
     raise ops._invalid(f"{what}: {name} not found in {tensors.source}{more}{hint}")
 
 

@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, TOKENS, commit, gpu_short_name, utc_now  # noqa: E402
+from common import SHAPES, TOKENS, commit, gpu_short_name, utc_now
 
-import mxmoe  # noqa: E402
-from mxmoe import parallel  # noqa: E402
+import mxmoe
+from mxmoe import parallel
 
 for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
     os.environ.setdefault(_var, "0" if _var == "NCCL_NVLS_ENABLE" else "1")
@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--cpu-threads", type=int, default=1)
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--note", default="", help="stored in the JSON (machine, load)")
     args = parser.parse_args()
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -177,7 +178,8 @@ def main() -> None:
         args.timing_tokens = TOKENS if cuda else [1, 16, 64]
 
     rank = int(os.environ.get("RANK", 0))
-    result = {"commit": commit(), "date": utc_now(), "torch": torch.__version__}
+    result = {"commit": commit(), "date": utc_now(), "torch": torch.__version__,
+              "note": args.note}
     if rank == 0:
         result["bytes"] = [traffic(name, t, w) for name in args.shapes for t in args.tokens
                            for w in args.byte_worlds]

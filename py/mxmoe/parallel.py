@@ -147,6 +147,12 @@ def _check_tokens(hidden, topk_ids, topk_weights, hidden_size: int, global_exper
     return x, ids, weights, lead
 
 
+def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of 0..n-1 in keys, int64 [n] (bincount would synchronise on a GPU)."""
+    counts = torch.zeros(n, dtype=torch.int64, device=keys.device)
+    return counts.scatter_add_(0, keys, torch.ones_like(keys))
+
+
 def _run_experts(weights: tuple, a_packed, a_scales, expert_offsets, blockscale_offsets,
                  dtype: torch.dtype) -> torch.Tensor:
     """Rows grouped by local expert, MXFP4 [R, H/2] + swizzled scales -> expert outputs [R, H].
@@ -392,7 +398,7 @@ class ExpertParallelMoE(torch.nn.Module):
         # Sort this rank's (token, slot) pairs by (destination, local expert, token, slot).
         key = self._send_key[ids.reshape(-1).to(torch.int64)]
         order = torch.sort(key, stable=True).indices
-        send_counts = torch.bincount(key, minlength=world * max_local)
+        send_counts = _count(key, world * max_local)
         # The count exchange also carries each rank's row width, so that a rank sending rows of
         # another dtype or size is caught on every rank before the payload exchange.
         width = self.dispatch_bytes_per_row(dtype)
@@ -433,10 +439,11 @@ class ExpertParallelMoE(torch.nn.Module):
         expert_of_row = torch.arange(num_local, device=device).repeat(world).repeat_interleave(
             recv_expert_counts.reshape(-1), output_size=rows)
         grouped_order = torch.sort(expert_of_row, stable=True).indices
-        expert_offsets, blockscale_offsets = ops.expert_offsets_from_counts(per_expert)
-        scale_rows = int(blockscale_offsets[-1])
-        expert_offsets = expert_offsets.to(device)
-        blockscale_offsets = blockscale_offsets.to(device)
+        # Offsets from the device copy of the counts (a host -> device copy would synchronise);
+        # the scale row count, an allocation size, from the host copy.
+        expert_offsets, blockscale_offsets = ops.expert_offsets_from_counts(
+            recv_expert_counts.sum(0))
+        scale_rows = int(((per_expert + 127) // 128 * 128).sum())
         if self.dispatch == "mxfp4":
             a_packed = recv[:, :h // 2][grouped_order]
             # Scale row j of expert e goes to row blockscale_offsets[e] + j of a linear [scale_rows,
@@ -620,7 +627,7 @@ class TensorParallelMoE(torch.nn.Module):
         t, top_k = ids.shape
         key = ids.reshape(-1).to(torch.int64)
         order = torch.sort(key, stable=True).indices
-        counts = torch.bincount(key, minlength=self.shard.num_experts)
+        counts = _count(key, self.shard.num_experts)
         expert_offsets, blockscale_offsets = ops.expert_offsets_from_counts(counts)
         a_packed, a_scales = ops.experts_quantize(x[order // top_k], expert_offsets,
                                                   blockscale_offsets)

@@ -9,10 +9,14 @@
 //     dtype (a scale 0xFF makes the element NaN). Essentially the exact product.
 //   - MoeForward: see moe_forward.cc's header for routing, order and rounding.
 //
-// Prepared weights (MXMOE_WEIGHT_FORMAT_PREPARED with backend CPU): one buffer holding the LINEAR
-// packed codes [E, n, k/2] followed immediately by the LINEAR scales [E, n, k/32]; its size is
-// E * n * (k/2 + k/32) bytes. It exists so that every backend accepts PREPARED weights; for the
-// CPU it is just the interchange format in one allocation.
+// Prepared weights (MXMOE_WEIGHT_FORMAT_PREPARED with backend CPU): the GEMM's decoded B panels
+// (panel.h): for each expert, ceil(n / 8) panels of 8 weight rows, each 32-block stored as 256
+// bytes of biased twice-values in the kernels' interleaved order, then 8 scale bytes per block;
+// E * ceil(n / 8) * (k / 32) * 264 bytes (about 1.03 bytes per weight, 1.9x the LINEAR bytes).
+// The GEMM reads it without decoding; LINEAR/SWIZZLED weights are decoded per call.
+//
+// Threads: parallel.h (a persistent pool, MXMOE_CPU_THREADS). Calls may come from any number of
+// threads at once.
 #ifndef MXMOE_CPU_CPU_BACKEND_H_
 #define MXMOE_CPU_CPU_BACKEND_H_
 
@@ -34,9 +38,17 @@ mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args& args);
 size_t PrepareWeightsSize(const mxmoe_expert_weights& weights);
 mxmoe_status PrepareWeights(const mxmoe_prepare_weights_args& args);
 
-// The CPU GEMM needs no caller workspace (its tile buffers are per-thread host allocations).
+// The CPU GEMM needs no caller workspace (its scratch is host memory allocated per call, before
+// anything is written to c: a failed call leaves c untouched).
 size_t GroupedGemmWorkspaceSize(const mxmoe_grouped_gemm_args& args);
 mxmoe_status GroupedGemm(const mxmoe_grouped_gemm_args& args);
+
+namespace internal {
+// Tests only: makes every following GroupedGemm throw std::bad_alloc at `where` until reset with
+// kNone (kScratch: the scratch allocation; kDecodeWorker: a worker decoding A).
+enum class GemmFailure : int { kNone = 0, kScratch = 1, kDecodeWorker = 2 };
+void SetGemmFailureForTesting(GemmFailure where);
+}  // namespace internal
 
 mxmoe_status MoeForwardWorkspaceSize(const mxmoe_moe_forward_args& args, size_t* bytes);
 mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,

@@ -1,5 +1,6 @@
-// One MXFP4 block (32 elements along K) on the CPU: quantize (the contract's rule, via format.h)
-// and decode. Every CPU entry point that produces or reads MXFP4 goes through these functions.
+// One MXFP4 block (32 elements along K) on the CPU: quantize (the contract's rule, via format.h),
+// decode, and the double scale factors of the GEMM. Every CPU entry point that produces or reads
+// MXFP4 goes through these functions (the GEMM's decoded layouts are in panel.h).
 #ifndef MXMOE_CPU_MXFP4_BLOCK_H_
 #define MXMOE_CPU_MXFP4_BLOCK_H_
 
@@ -7,6 +8,7 @@
 #include <string.h>
 
 #include <cmath>
+#include <limits>
 
 #include "mxmoe/format.h"
 #include "mxmoe/mxmoe.h"
@@ -50,6 +52,27 @@ inline void DequantizeBlock(const uint8_t* packed, uint8_t scale, float* out) {
     out[2 * i] = MXMOE_MUL(format::E2M1ToFloat(packed[i] & 0xF), scale_value);
     out[2 * i + 1] = MXMOE_MUL(format::E2M1ToFloat(packed[i] >> 4), scale_value);
   }
+}
+
+// 2^(s - 127) * multiplier in double for every scale byte s (exact), quiet NaN for 0xFF.
+struct ScaleFactorTable {
+  double value[256];
+  explicit ScaleFactorTable(double multiplier) {
+    for (int s = 0; s < 255; ++s) value[s] = std::ldexp(multiplier, s - 127);
+    value[255] = std::numeric_limits<double>::quiet_NaN();
+  }
+};
+
+// The GEMM's factor of an A block: 2^(s - 127) / 4 (the 1/4 turns a product of twice-values back
+// into a product of values).
+inline double AFactor(uint8_t scale) {
+  static const ScaleFactorTable table(0.25);
+  return table.value[scale];
+}
+// The GEMM's factor of a B block: 2^(s - 127).
+inline double BFactor(uint8_t scale) {
+  static const ScaleFactorTable table(1.0);
+  return table.value[scale];
 }
 
 // Byte index of scale (row, col) of one [rows, cols] scale matrix in `layout`.

@@ -1,77 +1,69 @@
-// A minimal parallel-for for the CPU backend: std::thread workers pulling chunks of an index
-// range from an atomic counter (dynamic scheduling, so uneven experts balance themselves).
+// The CPU backend's parallel-for over one persistent thread pool.
 //
-// Limits: threads are started per call (no pool; calls are coarse: one per operation stage),
-// capped at std::thread::hardware_concurrency() and, if set, at the MXMOE_CPU_THREADS environment
-// variable. An exception thrown by `fn` in any worker is rethrown in the caller after all workers
-// have joined, so the C API boundary can turn it into a status.
+// Thread count: MXMOE_CPU_THREADS if it is an integer in [1, 1024], else
+// std::thread::hardware_concurrency(); read once, at the first CPU call that runs in parallel
+// (changing the variable later has no effect). The pool holds that many threads minus one: the
+// calling thread always works on its own call too.
+//
+// Concurrency: any number of threads may call ParallelFor at once (C API calls from several
+// threads, or a nested ParallelFor inside fn); each call is a job that idle pool threads join,
+// and because the caller drains its own job, a call never waits for pool threads to become free.
+// After fork() the child runs every call on the calling thread alone (the pool's threads do not
+// exist there). The pool is never destroyed (no joins at process exit).
+//
+// Failure: an exception thrown by fn in any participant stops the job early and is rethrown in
+// the caller once every participant has left, so the C API boundary turns it into a status.
+// ParallelFor itself allocates nothing and throws nothing of its own.
 #ifndef MXMOE_CPU_PARALLEL_H_
 #define MXMOE_CPU_PARALLEL_H_
 
 #include <stdint.h>
-#include <stdlib.h>
 
 #include <algorithm>
-#include <atomic>
-#include <exception>
-#include <mutex>
-#include <system_error>
-#include <thread>
-#include <vector>
 
 namespace mxmoe {
 namespace cpu {
 
-inline int MaxThreads() {
-  int threads = static_cast<int>(std::thread::hardware_concurrency());
-  if (threads <= 0) threads = 1;
-  if (const char* env = getenv("MXMOE_CPU_THREADS")) {
-    const int requested = atoi(env);
-    if (requested > 0) threads = std::min(threads, requested);
-  }
-  return threads;
-}
+// Participants a call can have at most (pool threads + the caller); ids passed to fn are below it.
+int MaxThreads();
 
-// Calls fn(begin, end) over disjoint chunks covering [0, count). A chunk holds at least
-// `min_chunk` items (callers choose it so that one chunk is worth a thread's start-up).
+namespace internal {
+using ChunkFn = void (*)(const void* context, int slot, int64_t begin, int64_t end);
+// Runs fn(context, slot, begin, end) over chunks of `chunk` items covering [0, count), on at most
+// `max_slots` participants; `slot` is unique among the participants of this call, in
+// [0, max_slots).
+void RunParallel(int64_t count, int64_t chunk, int max_slots, ChunkFn fn, const void* context);
+}  // namespace internal
+
+// Calls fn(slot, begin, end) over disjoint chunks covering [0, count), each of at least
+// `min_chunk` items (callers choose it so that one chunk is worth waking a thread), with `slot`
+// in [0, MaxThreads()) unique among the threads running this call at once: an index into
+// per-thread scratch allocated before the call.
 template <typename Fn>
-void ParallelFor(int64_t count, int64_t min_chunk, const Fn& fn) {
+void ParallelForWithSlot(int64_t count, int64_t min_chunk, const Fn& fn) {
   if (count <= 0) return;
   min_chunk = std::max<int64_t>(min_chunk, 1);
   const int64_t max_useful = (count + min_chunk - 1) / min_chunk;
   const int threads = static_cast<int>(std::min<int64_t>(MaxThreads(), max_useful));
   if (threads <= 1) {
-    fn(int64_t{0}, count);
+    fn(0, int64_t{0}, count);
     return;
   }
   // About 4 chunks per thread: enough to balance, few enough to keep chunks long.
   const int64_t chunk = std::max(min_chunk, (count + 4 * threads - 1) / (4 * threads));
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto worker = [&] {
-    try {
-      for (;;) {
-        const int64_t begin = next.fetch_add(chunk);
-        if (begin >= count) break;
-        fn(begin, std::min(count, begin + chunk));
-      }
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-      next.store(count);  // stop the others early
-    }
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  try {
-    for (int i = 0; i < threads - 1; ++i) pool.emplace_back(worker);
-  } catch (const std::system_error&) {
-    // Could not start more threads: the ones running (and this one) still drain the range.
-  }
-  worker();
-  for (std::thread& t : pool) t.join();
-  if (error) std::rethrow_exception(error);
+  internal::RunParallel(
+      count, chunk, threads,
+      [](const void* context, int slot, int64_t begin, int64_t end) {
+        (*static_cast<const Fn*>(context))(slot, begin, end);
+      },
+      &fn);
+}
+
+// Calls fn(begin, end) over disjoint chunks covering [0, count) (see ParallelForWithSlot).
+template <typename Fn>
+void ParallelFor(int64_t count, int64_t min_chunk, const Fn& fn) {
+  ParallelForWithSlot(count, min_chunk,
+                      [&fn](int, int64_t begin, int64_t end) { fn(begin, end); });
 }
 
 }  // namespace cpu

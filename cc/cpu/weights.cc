@@ -1,12 +1,13 @@
 // CPU expert-weight quantization ([E, n, k] bf16/fp16 -> MXFP4, LINEAR or per-expert swizzled
-// scales) and the CPU's PREPARED format (LINEAR codes, then LINEAR scales, in one buffer; see
-// cpu_backend.h).
+// scales) and the CPU's PREPARED format: the GEMM's decoded B panels (panel.h), written once.
 #include <stdint.h>
 #include <string.h>
 
 #include "cc/cpu/cpu_backend.h"
 #include "cc/cpu/element_io.h"
 #include "cc/cpu/mxfp4_block.h"
+#include "cc/cpu/panel.h"
+#include "cc/cpu/parallel.h"
 #include "cc/cpu/quantize_rows.h"
 
 namespace mxmoe {
@@ -34,19 +35,25 @@ mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args& args) {
 }
 
 size_t PrepareWeightsSize(const mxmoe_expert_weights& weights) {
-  const int64_t rows = int64_t{weights.num_experts} * weights.n;
-  return static_cast<size_t>(rows * (weights.k / 2 + weights.k / kBlock));
+  // E * ceil(n / 8) panels of PanelBytes(k / 32) bytes; saturates (no buffer can be that large).
+  const uint64_t panels =
+      static_cast<uint64_t>(weights.num_experts) * static_cast<uint64_t>((weights.n + 7) / 8);
+  const uint64_t panel_bytes = static_cast<uint64_t>(PanelBytes(weights.k / kBlock));
+  uint64_t bytes = 0;
+  if (__builtin_mul_overflow(panels, panel_bytes, &bytes) || bytes > SIZE_MAX) return SIZE_MAX;
+  return static_cast<size_t>(bytes);
 }
 
 mxmoe_status PrepareWeights(const mxmoe_prepare_weights_args& args) {
   const mxmoe_expert_weights& w = args.weights;
-  const int64_t rows = int64_t{w.num_experts} * w.n;
-  const int64_t packed_bytes = rows * (w.k / 2);
-  if (packed_bytes > 0) memcpy(args.prepared, w.packed, static_cast<size_t>(packed_bytes));
-  const int64_t scale_bytes = rows * (w.k / kBlock);
-  if (scale_bytes > 0) {
-    memcpy(args.prepared + packed_bytes, w.scales, static_cast<size_t>(scale_bytes));
-  }
+  if (w.k == 0) return MXMOE_STATUS_OK;  // no panel bytes at all
+  const int64_t panels = (w.n + kPanelCols - 1) / kPanelCols;
+  const int64_t panel_bytes = PanelBytes(w.k / kBlock);
+  ParallelFor(int64_t{w.num_experts} * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      DecodePanel(w, i / panels, i % panels, args.prepared + i * panel_bytes);
+    }
+  });
   return MXMOE_STATUS_OK;
 }
 

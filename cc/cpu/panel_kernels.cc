@@ -1,0 +1,272 @@
+// The CPU GEMM's panel kernels (see panel.h for the layouts and the arithmetic they share): a
+// portable loop, SSE2 (the x86-64 baseline) and AVX2, chosen at run time. The AVX2 functions are
+// compiled for AVX2 through function attributes (the rest of the library stays baseline x86-64)
+// and only called when the CPU reports AVX2. No kernel uses FMA: every product is exact and
+// every sum is rounded on its own, as in the portable loop.
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+#include <initializer_list>
+
+#include "cc/cpu/panel.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define MXMOE_CPU_X86 1
+#include <immintrin.h>
+#endif
+
+namespace mxmoe {
+namespace cpu {
+
+const CodeByte* CodeByteTable() {
+  struct Table {
+    CodeByte entries[256];
+    Table() {
+      for (int byte = 0; byte < 256; ++byte) {
+        const int lo = format::E2M1TwiceValue(byte & 0xF);
+        const int hi = format::E2M1TwiceValue(byte >> 4);
+        entries[byte] = {{static_cast<uint8_t>(lo + kCodeBias), static_cast<uint8_t>(hi + kCodeBias)},
+                         {static_cast<int8_t>(lo), static_cast<int8_t>(hi)},
+                         static_cast<int8_t>(lo + hi)};
+      }
+    }
+  };
+  static const Table table;
+  return table.entries;
+}
+
+void PadPanelColumn(int64_t blocks, int col, uint8_t* panel) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int i = 0; i < kBlock; ++i) panel[PanelCodeIndex(b, col, i)] = kCodeBias;
+    panel[PanelScaleIndex(blocks, b, col)] = kPaddingScale;
+  }
+}
+
+namespace {
+
+void ScalarKernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
+                  const double* a_factors, const int32_t* a_corrections, int num_rows,
+                  double* acc) {
+  const int64_t k = blocks * kBlock;
+  for (int r = 0; r < num_rows; ++r) {
+    const int8_t* a = a_codes + r * k;
+    for (int c = 0; c < kPanelCols; ++c) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int i = 0; i < kBlock; ++i) {
+          dot += (int32_t{panel[PanelCodeIndex(b, c, i)]} - kCodeBias) * a[b * kBlock + i];
+        }
+        const double factor = a_factors[r * blocks + b] * BFactor(panel[PanelScaleIndex(blocks, b, c)]);
+        sum += static_cast<double>(dot) * factor;
+      }
+      acc[r * kPanelCols + c] = sum;
+    }
+  }
+  (void)a_corrections;  // the portable loop removes the bias per product instead
+}
+
+#if defined(MXMOE_CPU_X86)
+
+inline int32_t Load4(const int8_t* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
+// SSE2: per A row and block, 16-bit multiply-adds of zero-extended codes by the sign-extended A
+// group (repeated for two columns), reduced to 8 column dots.
+void Sse2Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
+                const double* a_factors, const int32_t* a_corrections, int num_rows,
+                double* acc) {
+  const int64_t k = blocks * kBlock;
+  const __m128i zero = _mm_setzero_si128();
+  for (int r = 0; r < num_rows; ++r) {
+    const int8_t* a = a_codes + r * k;
+    __m128d sum[4] = {_mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd(), _mm_setzero_pd()};
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* codes = panel + b * kPanelBlockCodeBytes;
+      __m128i part[4] = {zero, zero, zero, zero};  // int32 pairs of columns 01, 23, 45, 67
+      for (int q = 0; q < 8; ++q) {
+        const __m128i a8 = _mm_cvtsi32_si128(Load4(a + b * kBlock + 4 * q));
+        const __m128i a4 = _mm_unpacklo_epi8(a8, _mm_cmpgt_epi8(zero, a8));
+        const __m128i a_pair = _mm_unpacklo_epi64(a4, a4);
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * q));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 32 * q + 16));
+        part[0] = _mm_add_epi32(part[0], _mm_madd_epi16(_mm_unpacklo_epi8(lo, zero), a_pair));
+        part[1] = _mm_add_epi32(part[1], _mm_madd_epi16(_mm_unpackhi_epi8(lo, zero), a_pair));
+        part[2] = _mm_add_epi32(part[2], _mm_madd_epi16(_mm_unpacklo_epi8(hi, zero), a_pair));
+        part[3] = _mm_add_epi32(part[3], _mm_madd_epi16(_mm_unpackhi_epi8(hi, zero), a_pair));
+      }
+      const __m128i correction = _mm_set1_epi32(a_corrections[r * blocks + b]);
+      __m128i dots[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m128 x = _mm_castsi128_ps(part[2 * h]);
+        const __m128 y = _mm_castsi128_ps(part[2 * h + 1]);
+        const __m128i even = _mm_castps_si128(_mm_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)));
+        const __m128i odd = _mm_castps_si128(_mm_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+        dots[h] = _mm_sub_epi32(_mm_add_epi32(even, odd), correction);
+      }
+      const __m128d fa = _mm_set1_pd(a_factors[r * blocks + b]);
+      const uint8_t* s = panel + PanelScaleIndex(blocks, b, 0);
+      for (int p = 0; p < 4; ++p) {
+        const __m128i d = p % 2 == 0 ? dots[p / 2] : _mm_unpackhi_epi64(dots[p / 2], dots[p / 2]);
+        const __m128d fb = _mm_set_pd(BFactor(s[2 * p + 1]), BFactor(s[2 * p]));
+        sum[p] = _mm_add_pd(sum[p], _mm_mul_pd(_mm_cvtepi32_pd(d), _mm_mul_pd(fa, fb)));
+      }
+    }
+    for (int p = 0; p < 4; ++p) _mm_storeu_pd(acc + r * kPanelCols + 2 * p, sum[p]);
+  }
+}
+
+// 2^(s - 127) for 4 scale bytes (as int64 lanes), NaN for 0xFF: the double's exponent field
+// built directly, so it equals BFactor bit for bit.
+__attribute__((target("avx2"))) inline __m256d ScaleFactors4(__m256i s, __m256i nan_bits) {
+  const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(s, _mm256_set1_epi64x(1023 - 127)), 52);
+  const __m256i is_nan = _mm256_cmpeq_epi64(s, _mm256_set1_epi64x(0xFF));
+  return _mm256_castsi256_pd(_mm256_blendv_epi8(bits, nan_bits, is_nan));
+}
+
+// AVX2: per block, the panel's 8 code registers (one per 4-element group, 8 columns each) meet
+// each A row's broadcast groups with unsigned-by-signed byte multiply-adds; the 16-bit partial
+// sums stay below 2^15 (8 groups * 2 * 24 * 12 = 4608), then one 16-bit multiply-add by 1 gives
+// the 8 column dots in int32 lanes: no horizontal reduction.
+template <int kRows>
+__attribute__((target("avx2"))) void Avx2KernelRows(const uint8_t* panel, int64_t blocks,
+                                                    const int8_t* a_codes,
+                                                    const double* a_factors,
+                                                    const int32_t* a_corrections, double* acc) {
+  const int64_t k = blocks * kBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  double nan_value = BFactor(0xFF);
+  int64_t nan_int;
+  memcpy(&nan_int, &nan_value, sizeof(nan_int));
+  const __m256i nan_bits = _mm256_set1_epi64x(nan_int);
+  __m256d sum_lo[kRows];
+  __m256d sum_hi[kRows];
+  for (int r = 0; r < kRows; ++r) sum_lo[r] = sum_hi[r] = _mm256_setzero_pd();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* codes = panel + b * kPanelBlockCodeBytes;
+    const __m128i s8 =
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + PanelScaleIndex(blocks, b, 0)));
+    const __m256d fb_lo = ScaleFactors4(_mm256_cvtepu8_epi64(s8), nan_bits);
+    const __m256d fb_hi = ScaleFactors4(_mm256_cvtepu8_epi64(_mm_srli_si128(s8, 4)), nan_bits);
+    __m256i part[kRows];
+    for (int q = 0; q < 8; ++q) {
+      const __m256i codes_q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * q));
+      for (int r = 0; r < kRows; ++r) {
+        const __m256i a_q = _mm256_set1_epi32(Load4(a_codes + r * k + b * kBlock + 4 * q));
+        const __m256i p = _mm256_maddubs_epi16(codes_q, a_q);
+        part[r] = q == 0 ? p : _mm256_add_epi16(part[r], p);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const __m256i dots = _mm256_sub_epi32(_mm256_madd_epi16(part[r], ones),
+                                            _mm256_set1_epi32(a_corrections[r * blocks + b]));
+      const __m256d fa = _mm256_set1_pd(a_factors[r * blocks + b]);
+      const __m256d d_lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(dots));
+      const __m256d d_hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(dots, 1));
+      sum_lo[r] = _mm256_add_pd(sum_lo[r], _mm256_mul_pd(d_lo, _mm256_mul_pd(fa, fb_lo)));
+      sum_hi[r] = _mm256_add_pd(sum_hi[r], _mm256_mul_pd(d_hi, _mm256_mul_pd(fa, fb_hi)));
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    _mm256_storeu_pd(acc + r * kPanelCols, sum_lo[r]);
+    _mm256_storeu_pd(acc + r * kPanelCols + 4, sum_hi[r]);
+  }
+}
+
+void Avx2Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
+                const double* a_factors, const int32_t* a_corrections, int num_rows,
+                double* acc) {
+  switch (num_rows) {
+    case 1:
+      return Avx2KernelRows<1>(panel, blocks, a_codes, a_factors, a_corrections, acc);
+    case 2:
+      return Avx2KernelRows<2>(panel, blocks, a_codes, a_factors, a_corrections, acc);
+    case 3:
+      return Avx2KernelRows<3>(panel, blocks, a_codes, a_factors, a_corrections, acc);
+    default:
+      return Avx2KernelRows<4>(panel, blocks, a_codes, a_factors, a_corrections, acc);
+  }
+}
+
+#endif  // MXMOE_CPU_X86
+
+bool CpuRuns(KernelIsa isa) {
+  switch (isa) {
+    case KernelIsa::kScalar:
+      return true;
+#if defined(MXMOE_CPU_X86)
+    case KernelIsa::kSse2:
+      return true;
+    case KernelIsa::kAvx2:
+      return __builtin_cpu_supports("avx2");
+#endif
+    default:
+      return false;
+  }
+}
+
+KernelIsa ChooseKernelIsa() {
+  if (const char* env = getenv("MXMOE_CPU_KERNEL")) {
+    for (KernelIsa isa : {KernelIsa::kScalar, KernelIsa::kSse2, KernelIsa::kAvx2}) {
+      if (strcmp(env, KernelIsaName(isa)) == 0 && CpuRuns(isa)) return isa;
+    }
+  }
+  for (KernelIsa isa : {KernelIsa::kAvx2, KernelIsa::kSse2}) {
+    if (CpuRuns(isa)) return isa;
+  }
+  return KernelIsa::kScalar;
+}
+
+std::atomic<int> g_forced_isa{-1};
+
+}  // namespace
+
+const char* KernelIsaName(KernelIsa isa) {
+  switch (isa) {
+    case KernelIsa::kScalar:
+      return "scalar";
+    case KernelIsa::kSse2:
+      return "sse2";
+    case KernelIsa::kAvx2:
+      return "avx2";
+  }
+  return "unknown";
+}
+
+PanelKernel PanelKernelFor(KernelIsa isa) {
+  if (!CpuRuns(isa)) return nullptr;
+  switch (isa) {
+    case KernelIsa::kScalar:
+      return ScalarKernel;
+#if defined(MXMOE_CPU_X86)
+    case KernelIsa::kSse2:
+      return Sse2Kernel;
+    case KernelIsa::kAvx2:
+      return Avx2Kernel;
+#endif
+    default:
+      return nullptr;
+  }
+}
+
+KernelIsa SelectedKernelIsa() {
+  const int forced = g_forced_isa.load(std::memory_order_relaxed);
+  if (forced >= 0) return static_cast<KernelIsa>(forced);
+  static const KernelIsa chosen = ChooseKernelIsa();
+  return chosen;
+}
+
+namespace internal {
+void SetKernelIsaForTesting(KernelIsa isa) {
+  g_forced_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+void ResetKernelIsaForTesting() { g_forced_isa.store(-1, std::memory_order_relaxed); }
+}  // namespace internal
+
+}  // namespace cpu
+}  // namespace mxmoe

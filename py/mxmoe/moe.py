@@ -2,8 +2,9 @@
 
 The weights are buffers (they move with ``.to()`` and are saved in ``state_dict``) in the public
 LINEAR interchange format: w13 [E, 2I, H/2] + scales [E, 2I, H/32] (rows [0, I) gate, [I, 2I)
-up) and w2 [E, H, I/2] + scales [E, H, I/32]. On a GPU backend the layer converts them once into
-the backend's prepared layout and caches the result per device (dropped when the module moves).
+up) and w2 [E, H, I/2] + scales [E, H, I/32]. On every backend the layer converts them once into
+the backend's prepared layout (on the CPU: decoded panels, ~1.9x the LINEAR bytes) and caches the
+result per device (dropped when the module moves).
 
 Three ways to build one:
 
@@ -181,8 +182,6 @@ class MoELayer(torch.nn.Module):
         """(w13, w13_scales, w2, w2_scales) in the fastest format the backend reads."""
         device = self.w13_packed.device
         linear = (self.w13_packed, self.w13_scales, self.w2_packed, self.w2_scales)
-        if device.type != "cuda":
-            return linear
         if device not in self._prepared:
             try:
                 w13 = ops.prepare_weights(self.w13_packed, self.w13_scales)

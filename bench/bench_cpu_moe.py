@@ -13,14 +13,16 @@ random-normal router logits for everyone) is timed for
 Times are medians of wall-clock (time.perf_counter) calls after warm-up, `<impl>_ms`, next to
 the medians of the process CPU time of the same calls (all threads), `<impl>_cpu_ms`: on a
 shared, oversubscribed host the wall times mostly measure the scheduler, the CPU times the work.
-Calls cycle over ROTATIONS router-logit sets so that successive calls route to different experts. mxmoe and torch
-use the same thread count (torch.get_num_threads(), passed to mxmoe as MXMOE_CPU_THREADS). The
-prepared and LINEAR mxmoe outputs are checked to be bit-identical in every row.
+Calls cycle over ROTATIONS router-logit sets so that successive calls route to different experts.
+mxmoe and torch use the same thread count (--threads, default torch.get_num_threads(), passed
+to mxmoe as MXMOE_CPU_THREADS). The prepared and LINEAR mxmoe outputs are checked to be
+bit-identical in every row. torch's per-expert loops spin in OpenMP barriers, so their CPU time
+includes waiting when the host is oversubscribed; --threads 1 avoids that.
 
 The host may be shared: the load average (os.getloadavg) is recorded before and after each row.
 
 Usage: python bench/bench_cpu_moe.py [--out bench/results] [--shapes small qwen3-30b-a3b]
-         [--tokens 1 16 64 256] [--min-seconds 2]
+         [--tokens 1 16 64 256] [--min-seconds 1] [--threads N]
 Writes OUT/cpu-moe.json (keys gpu = "cpu: <model name>", commit, date, threads, rows) and prints a
 table last.
 """

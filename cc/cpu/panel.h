@@ -102,15 +102,15 @@ using PanelKernel = void (*)(const uint8_t* panel, int64_t blocks, const int8_t*
                              const double* a_factors, const int32_t* a_corrections, int num_rows,
                              double* acc);
 
-enum class KernelIsa : int { kScalar = 0, kSse2 = 1, kAvx2 = 2 };
+enum class KernelIsa : int { kScalar = 0, kSse2 = 1, kAvx2 = 2, kAvx512 = 3 };
 
 // The kernel for `isa`, or nullptr when this build or this CPU cannot run it.
 PanelKernel PanelKernelFor(KernelIsa isa);
 
-// The kernel the GEMM uses: MXMOE_CPU_KERNEL=scalar|sse2|avx2 if set and runnable (read once),
-// else the best this CPU runs (AVX2 where __builtin_cpu_supports says so, else SSE2 on x86-64,
-// else the portable loop). All give identical bits; the variable exists for testing and
-// benchmarking.
+// The kernel the GEMM uses: MXMOE_CPU_KERNEL=scalar|sse2|avx2|avx512vnni if set and runnable
+// (read once), else the best this CPU runs (AVX-512 VNNI, else AVX2, where
+// __builtin_cpu_supports says so, else SSE2 on x86-64, else the portable loop). All give
+// identical bits; the variable exists for testing and benchmarking.
 KernelIsa SelectedKernelIsa();
 const char* KernelIsaName(KernelIsa isa);
 

@@ -422,7 +422,8 @@ void TestPrepareWeights() {
   const int64_t n = 8, k = 64;
   std::vector<uint8_t> packed(experts * n * k / 2, 0x11);
   std::vector<uint8_t> scales(experts * n * k / 32, 127);
-  const size_t needed = packed.size() + scales.size();
+  // The CPU's prepared size: E * ceil(n / 8) panels of (k / 32) * (256 + 8) bytes.
+  const size_t needed = experts * ((n + 7) / 8) * (k / 32) * 264;
   std::vector<uint8_t> prepared = Poisoned(needed);
   const std::vector<Output> outs = {{"prepared", &prepared}};
   mxmoe_prepare_weights_args base = {};

@@ -1,11 +1,12 @@
 // The CPU backend's performance machinery against its own portable reference: every panel kernel
-// (portable loop, SSE2, AVX2 where the CPU has it) on random decoded operands gives the portable
-// loop's bits; whole grouped GEMMs give identical bits for every kernel and every weight format
-// (LINEAR, SWIZZLED_128X4, PREPARED) at awkward shapes (K = 2880, n not a multiple of 8, an empty
-// expert, one row, NaN scales), also from 4 threads calling at once; MXMOE_CPU_THREADS is
-// honoured; ParallelFor covers every index once and passes exceptions on; and a GEMM that fails
-// (injected out-of-memory in the scratch allocation or in a decoding worker) returns INTERNAL
-// with c untouched. (grouped_gemm_test.cc checks the GEMM against an independent float64 loop.)
+// (portable loop, SSE2, AVX2 and AVX-512 VNNI where the CPU has them) on random decoded operands
+// gives the portable loop's bits; whole grouped GEMMs give identical bits for every kernel and
+// every weight format (LINEAR, SWIZZLED_128X4, PREPARED) at awkward shapes (K = 2880, n not a
+// multiple of 8, an empty expert, one row, 130 rows, NaN scales), also from 4 threads calling at
+// once; MXMOE_CPU_THREADS is honoured; ParallelFor covers every index once, survives nesting and
+// passes exceptions on; and a GEMM that fails (injected out-of-memory in the scratch allocation
+// or in a decoding worker) returns INTERNAL with c untouched. (grouped_gemm_test.cc checks the
+// GEMM against an independent float64 loop.)
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,7 +35,8 @@ constexpr int kThreadsSetting = 3;
 
 std::vector<KernelIsa> RunnableIsas() {
   std::vector<KernelIsa> isas;
-  for (KernelIsa isa : {KernelIsa::kScalar, KernelIsa::kSse2, KernelIsa::kAvx2}) {
+  for (KernelIsa isa :
+       {KernelIsa::kScalar, KernelIsa::kSse2, KernelIsa::kAvx2, KernelIsa::kAvx512}) {
     if (mxmoe::cpu::PanelKernelFor(isa) != nullptr) isas.push_back(isa);
   }
   return isas;

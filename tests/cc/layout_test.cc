@@ -7,7 +7,7 @@
 //   - mxmoe_experts_quantize and mxmoe_silu_mul_experts_quantize against per-expert
 //     mxmoe_quantize calls (experts with 0, 1, 129 rows), untouched rows past the offsets;
 //   - mxmoe_quantize_weights (LINEAR and per-expert SWIZZLED) and mxmoe_prepare_weights' CPU
-//     format (LINEAR codes then LINEAR scales).
+//     format (the GEMM's decoded panels, checked byte by byte against docs/format.md).
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -356,7 +356,9 @@ void TestQuantizeWeightsAndPrepare() {
              "quantize_weights layout %d: expert %d scales differ", layout, e);
     }
   }
-  // CPU prepared format: LINEAR codes then LINEAR scales.
+  // CPU prepared format (docs/format.md): per expert, ceil(n / 8) panels of 8 weight rows; per
+  // 32-block 256 bytes, element i of panel column c at (i / 4) * 32 + c * 4 + i % 4 holding its
+  // twice-value + 12, then 8 scale bytes per block; padding columns value 0, scale 127.
   mxmoe_prepare_weights_args prep = {};
   prep.weights = {experts, n, k, MXMOE_WEIGHT_FORMAT_LINEAR, 0, want.packed.data(),
                   want.scales.data()};
@@ -364,16 +366,39 @@ void TestQuantizeWeightsAndPrepare() {
   prep.device = kCpu;
   size_t bytes = 0;
   EXPECT_OK(mxmoe_prepare_weights_size(&prep, &bytes));
-  EXPECT(bytes == want.packed.size() + want.scales.size(), "prepared size %zu, expected %zu",
-         bytes, want.packed.size() + want.scales.size());
+  const int64_t blocks = k / 32;
+  const int64_t panels = (n + 7) / 8;
+  const int64_t panel_bytes = blocks * (256 + 8);
+  EXPECT(bytes == static_cast<size_t>(experts * panels * panel_bytes),
+         "prepared size %zu, expected %lld", bytes, (long long)(experts * panels * panel_bytes));
   std::vector<uint8_t> prepared(bytes + 8, kPoison);
   prep.prepared = prepared.data();
   prep.prepared_bytes = bytes;
   EXPECT_OK(mxmoe_prepare_weights(&prep, nullptr));
-  EXPECT(memcmp(prepared.data(), want.packed.data(), want.packed.size()) == 0 &&
-             memcmp(prepared.data() + want.packed.size(), want.scales.data(),
-                    want.scales.size()) == 0,
-         "prepared buffer is not codes followed by scales");
+  int64_t wrong = 0;
+  for (int32_t e = 0; e < experts; ++e) {
+    for (int64_t j = 0; j < panels * 8; ++j) {
+      const uint8_t* panel = prepared.data() + (e * panels + j / 8) * panel_bytes;
+      const int c = static_cast<int>(j % 8);
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t b = i / 32;
+        const int e_in = static_cast<int>(i % 32);
+        int want_value = 12;
+        if (j < n) {
+          const uint8_t byte = want.packed[((e * n + j) * k + i) / 2];
+          const uint8_t code = i % 2 ? byte >> 4 : byte & 0xF;
+          want_value = mxmoe::format::E2M1TwiceValue(code) + 12;
+        }
+        wrong += panel[b * 256 + (e_in / 4) * 32 + c * 4 + e_in % 4] != want_value;
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t want_scale = j < n ? want.scales[(e * n + j) * blocks + b] : 127;
+        wrong += panel[blocks * 256 + b * 8 + c] != want_scale;
+      }
+    }
+  }
+  EXPECT(wrong == 0, "%lld prepared bytes differ from the documented panel layout",
+         (long long)wrong);
   EXPECT(prepared[bytes] == kPoison, "prepare_weights wrote past prepared_bytes");
 }
 

@@ -44,7 +44,10 @@ def _serve(rank: int, world: int, init_file: str, tasks, results) -> None:
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
         # Every size 2..world as the group of the first ranks (new_group is collective).
-        groups = {n: dist.new_group(list(range(n))) for n in range(2, world)}
+        # (new_group's default timeout is 30 minutes, not the world group's.)
+        groups = {n: dist.new_group(list(range(n)),
+                                    timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+                  for n in range(2, world)}
         groups[world] = dist.group.WORLD
         results.put((rank, True, "ready"))
     except Exception:  # reported to the test process

@@ -73,10 +73,14 @@ cc_library(
     includes = ["include"],
 )
 
+# The launcher Bazel writes for a py_binary is a Python script run through its shebang before
+# it execs interpreter_path; Bazel 4's default "#!/usr/bin/env python" fails on machines that have
+# only python3 (stock Debian 12).
 py_runtime(
     name = "py3_runtime",
     interpreter_path = "%s",
     python_version = "PY3",
+    stub_shebang = "#!/usr/bin/env python3",
 )
 
 py_runtime_pair(

@@ -235,8 +235,23 @@ def main(argv):
           f"{rel_l2(out, unquantized):.3e}")
 
 
+# absl's own --help exits 1, and it prints the whole usage text before a UsageError's message;
+# here asking for help succeeds and a usage error is its one line (plus a hint) on stderr.
+_HELP_FLAGS = {"-h", "-?", "-help", "--help", "--helpshort", "--helpfull"}
+
+
+def _main_reporting_usage_errors(argv):
+    try:
+        return main(argv)
+    except app.UsageError as error:
+        print(f"demo: error: {error}\n(--help lists the flags)", file=sys.stderr)
+        return 1
+
+
 def run():
-    app.run(main)
+    if _HELP_FLAGS.intersection(sys.argv[1:]):
+        app.usage(shorthelp="--helpfull" not in sys.argv, writeto_stdout=True, exitcode=0)
+    app.run(_main_reporting_usage_errors)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@
 #include <limits>
 #include <vector>
 
+#include "cc/base/workspace.h"
 #include "cc/cpu/cpu_backend.h"
 #include "cc/cpu/element_io.h"
 #include "cc/cpu/mxfp4_block.h"
 #include "cc/cpu/parallel.h"
-#include "cc/src/workspace.h"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -55,11 +55,6 @@ struct MoeWorkspace {
   uint8_t* intermediate_scales;  // [scale_rows, round_up(I/32, 4)] swizzled per expert
 };
 
-// Largest possible blockscale_offsets[E]: every non-empty expert pads by at most 127 rows.
-int64_t MaxScaleRows(int64_t max_rows, int64_t num_experts) {
-  return max_rows + (format::kSwizzleRows - 1) * std::min(num_experts, max_rows);
-}
-
 mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, WorkspaceCarver* carver,
                                MoeWorkspace* ws) {
   const size_t t = static_cast<size_t>(args.num_tokens);
@@ -69,7 +64,7 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, WorkspaceCarv
   const size_t e_local = static_cast<size_t>(args.num_local_experts);
   const size_t act = static_cast<size_t>(DtypeBytes(args.activation_dtype));
   const size_t scale_rows = static_cast<size_t>(
-      MaxScaleRows(static_cast<int64_t>(slots), args.num_local_experts));
+      format::MaxScaleRows(static_cast<int64_t>(slots), args.num_local_experts));
   const size_t hidden_scale_cols =
       static_cast<size_t>(format::RoundUp(args.hidden_size / kBlock, format::kSwizzleCols));
   const size_t inter_scale_cols =

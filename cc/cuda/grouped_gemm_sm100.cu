@@ -24,13 +24,13 @@
 
 #include <limits>
 
-#include "cc/cuda/cuda_check.h"
-#include "cc/cuda/device_info.h"
+#include "cc/base/cuda_check.h"
+#include "cc/base/status.h"
+#include "cc/base/workspace.h"
+#include "cc/cuda/device.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/grouped_gemm_sm100_instances.h"
 #include "cc/cuda/grouped_gemm_sm100_setup.h"
-#include "cc/src/status.h"
-#include "cc/src/workspace.h"
 
 namespace mxmoe {
 namespace cuda {
@@ -43,7 +43,8 @@ using sm100::PreparedWeightsLayoutSm100;
 
 // TMA needs 16-byte aligned global addresses; every per-expert address is a base plus a multiple
 // of 16 bytes (k % 32 == 0, n % 8 == 0, scale atoms of 512 bytes), so aligned bases suffice.
-constexpr uintptr_t kTmaAlignment = 16;
+constexpr size_t kTmaAlignment = 16;
+constexpr char kGemmOp[] = "grouped_gemm (sm100)";
 
 // linear [E, rows, cols] -> swizzled [E, round_up(rows,128), round_up(cols,4)], padding 0.
 // One thread per output byte, so the writes are coalesced; reads are 4 consecutive bytes per
@@ -51,8 +52,8 @@ constexpr uintptr_t kTmaAlignment = 16;
 __global__ void SwizzleWeightScalesKernel(const uint8_t* __restrict__ linear,
                                           uint8_t* __restrict__ swizzled, int64_t num_experts,
                                           int64_t rows, int64_t cols) {
-  const int64_t expert_bytes = sm100::RoundUpTo(rows, format::kSwizzleRows) *
-                               sm100::RoundUpTo(cols, format::kSwizzleCols);
+  const int64_t expert_bytes = format::RoundUp(rows, format::kSwizzleRows) *
+                               format::RoundUp(cols, format::kSwizzleCols);
   const int64_t total = num_experts * expert_bytes;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -70,35 +71,12 @@ mxmoe_status LaunchSwizzleWeightScales(const uint8_t* linear, uint8_t* swizzled,
   const int64_t total = num_experts * format::SwizzledBytes(rows, cols);
   if (total == 0) return MXMOE_STATUS_OK;
   constexpr int kThreads = 256;
-  const int64_t blocks = sm100::CeilDiv(total, kThreads);
+  const int64_t blocks = format::CeilDiv(total, kThreads);
   SwizzleWeightScalesKernel<<<static_cast<unsigned>(blocks < 8192 ? blocks : 8192), kThreads, 0,
                               stream>>>(linear, swizzled, num_experts, rows, cols);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
 }
-
-// Makes `device_id` current for the scope of a call and restores the caller's device after.
-class ScopedDevice {
- public:
-  ScopedDevice() = default;
-  ScopedDevice(const ScopedDevice&) = delete;
-  ScopedDevice& operator=(const ScopedDevice&) = delete;
-  ~ScopedDevice() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  mxmoe_status Enter(int device_id) {
-    int current = 0;
-    MXMOE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&current));
-    if (current != device_id) {
-      MXMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_id));
-      previous_ = current;
-    }
-    return MXMOE_STATUS_OK;
-  }
-
- private:
-  int previous_ = -1;
-};
 
 // Makes `device` current (for this scope) after checking that it is compute capability 10.x and
 // can run this build's sm_100a code: arch-specific "a" code runs on 10.0 only, so a 10.3 part
@@ -125,21 +103,6 @@ mxmoe_status EnterDeviceSm100(const mxmoe_device& device, const char* op, Scoped
     return Fail(MXMOE_STATUS_UNSUPPORTED, op, " (sm100): this build carries sm_100a code only, ",
                 "which CUDA device ", device.id, " (compute capability ", major, ".", minor,
                 ") cannot run: ", cudaGetErrorName(err));
-  }
-  return MXMOE_STATUS_OK;
-}
-
-mxmoe_status SmCount(int device_id, int* sm_count) {
-  MXMOE_CUDA_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, device_id));
-  return MXMOE_STATUS_OK;
-}
-
-mxmoe_status CheckAligned(const void* ptr, const char* name) {
-  if (reinterpret_cast<uintptr_t>(ptr) % kTmaAlignment != 0) {
-    return Fail(MXMOE_STATUS_MISALIGNED, "grouped_gemm (sm100): ", name,
-                " must be 16-byte aligned for TMA, got address ",
-                static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(ptr)));
   }
   return MXMOE_STATUS_OK;
 }
@@ -253,7 +216,8 @@ mxmoe_status PrepareWeightsSm100(const mxmoe_prepare_weights_args& args, void* s
                 "prepare_weights (sm100): prepared, weights.packed and weights.scales must be "
                 "non-null");
   }
-  MXMOE_RETURN_IF_ERROR(CheckAligned(args.prepared, "prepared"));
+  MXMOE_RETURN_IF_ERROR(
+      CheckAligned(args.prepared, kTmaAlignment, "prepare_weights (sm100)", "prepared"));
   ScopedDevice scoped_device;
   MXMOE_RETURN_IF_ERROR(EnterDeviceSm100(args.device, "prepare_weights", &scoped_device));
 
@@ -277,7 +241,7 @@ mxmoe_status PrepareWeightsSm100(const mxmoe_prepare_weights_args& args, void* s
 mxmoe_status GroupedGemmSm100WorkspaceSize(const mxmoe_grouped_gemm_args& args, size_t* bytes) {
   MXMOE_RETURN_IF_ERROR(CheckGemmArgs(args));
   int sm_count = 0;
-  MXMOE_RETURN_IF_ERROR(SmCount(args.device.id, &sm_count));
+  MXMOE_RETURN_IF_ERROR(MultiprocessorCount(args.device.id, &sm_count));
   WorkspaceCarver measure;
   uint8_t* weight_scales = nullptr;
   uint8_t* instance = nullptr;
@@ -300,17 +264,17 @@ mxmoe_status GroupedGemmSm100(const mxmoe_grouped_gemm_args& args, void* workspa
   const uint8_t* b_packed = b.packed;
   const uint8_t* b_scales =
       b.format == MXMOE_WEIGHT_FORMAT_PREPARED ? b.packed + prepared.scales_offset : b.scales;
-  MXMOE_RETURN_IF_ERROR(CheckAligned(args.a, "a"));
-  MXMOE_RETURN_IF_ERROR(CheckAligned(args.a_scales, "a_scales"));
-  MXMOE_RETURN_IF_ERROR(CheckAligned(b_packed, "b.packed"));
-  MXMOE_RETURN_IF_ERROR(CheckAligned(args.c, "c"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(args.a, kTmaAlignment, kGemmOp, "a"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(args.a_scales, kTmaAlignment, kGemmOp, "a_scales"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(b_packed, kTmaAlignment, kGemmOp, "b.packed"));
+  MXMOE_RETURN_IF_ERROR(CheckAligned(args.c, kTmaAlignment, kGemmOp, "c"));
   if (b.format != MXMOE_WEIGHT_FORMAT_LINEAR) {
-    MXMOE_RETURN_IF_ERROR(CheckAligned(b_scales, "b.scales"));
+    MXMOE_RETURN_IF_ERROR(CheckAligned(b_scales, kTmaAlignment, kGemmOp, "b.scales"));
   }
   ScopedDevice scoped_device;
   MXMOE_RETURN_IF_ERROR(EnterDeviceSm100(args.device, "grouped_gemm", &scoped_device));
   int sm_count = 0;
-  MXMOE_RETURN_IF_ERROR(SmCount(args.device.id, &sm_count));
+  MXMOE_RETURN_IF_ERROR(MultiprocessorCount(args.device.id, &sm_count));
 
   WorkspaceCarver carver(workspace, workspace_bytes);
   uint8_t* swizzled_weight_scales = nullptr;

@@ -27,11 +27,11 @@
 
 #include <cuda_runtime.h>
 
-#include "cc/cuda/cuda_check.h"
+#include "cc/base/cuda_check.h"
+#include "cc/base/status.h"
+#include "cc/base/workspace.h"
 #include "cc/cuda/grouped_gemm_sm100_instances.h"
 #include "cc/cuda/grouped_gemm_sm100_setup.h"
-#include "cc/src/status.h"
-#include "cc/src/workspace.h"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/detail/sm100_blockscaled_layout.hpp"

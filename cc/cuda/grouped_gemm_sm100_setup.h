@@ -53,13 +53,9 @@ constexpr int kTileK = 128;
 // Bytes of one 128-row x 4-scale-column atom of the swizzled scale layout.
 constexpr int64_t kScaleAtomBytes = format::kSwizzleTileBytes;  // 512
 
-// constexpr (unlike format.h's helpers) so the kernel can static_assert on the twin.
-MXMOE_HD constexpr int64_t CeilDiv(int64_t x, int64_t d) { return (x + d - 1) / d; }
-MXMOE_HD constexpr int64_t RoundUpTo(int64_t x, int64_t m) { return CeilDiv(x, m) * m; }
-
 // Width in bytes (= scale columns, padded to 4) of one row of swizzled scales of a K-wide matrix.
 MXMOE_HD constexpr int64_t SwizzledScaleRowBytes(int64_t k) {
-  return RoundUpTo(k / format::kBlockSize, format::kSwizzleCols);
+  return format::RoundUp(k / format::kBlockSize, format::kSwizzleCols);
 }
 
 // The dynamic values of CUTLASS's SM100 scale-factor layout for one operand of one expert
@@ -72,8 +68,9 @@ struct ScaleLayoutSm100 {
 
 MXMOE_HD constexpr ScaleLayoutSm100 MakeScaleLayoutSm100(int64_t rows, int64_t k) {
   ScaleLayoutSm100 layout{};
-  layout.mn_tiles = static_cast<int32_t>(CeilDiv(rows, format::kSwizzleRows));
-  layout.k_tiles = static_cast<int32_t>(CeilDiv(k, format::kBlockSize * format::kSwizzleCols));
+  layout.mn_tiles = static_cast<int32_t>(format::CeilDiv(rows, format::kSwizzleRows));
+  layout.k_tiles =
+      static_cast<int32_t>(format::CeilDiv(k, format::kBlockSize * format::kSwizzleCols));
   layout.mn_tile_stride = static_cast<int64_t>(layout.k_tiles) * kScaleAtomBytes;
   return layout;
 }
@@ -97,7 +94,7 @@ MXMOE_HD constexpr int64_t ScaleLayoutOffsetSm100(const ScaleLayoutSm100& layout
 // col >= cols (the caller writes 0 there).
 MXMOE_HD constexpr void SwizzledPositionSm100(int64_t offset, int64_t scale_cols, int64_t* row,
                                     int64_t* col) {
-  const int64_t k_tiles = CeilDiv(scale_cols, format::kSwizzleCols);
+  const int64_t k_tiles = format::CeilDiv(scale_cols, format::kSwizzleCols);
   const int64_t atom = offset / kScaleAtomBytes;
   const int64_t r = offset % kScaleAtomBytes;  // = (m%32)*16 + ((m/32)%4)*4 + k%4
   *row = (atom / k_tiles) * 128 + ((r % 16) / 4) * 32 + r / 16;
@@ -127,10 +124,10 @@ MXMOE_HD constexpr PreparedWeightsLayoutSm100 MakePreparedWeightsLayoutSm100(
     int64_t num_experts, int64_t n, int64_t k) {
   PreparedWeightsLayoutSm100 layout{};
   layout.expert_packed_bytes = n * (k / 2);
-  layout.expert_scale_bytes = RoundUpTo(n, format::kSwizzleRows) * SwizzledScaleRowBytes(k);
+  layout.expert_scale_bytes = format::RoundUp(n, format::kSwizzleRows) * SwizzledScaleRowBytes(k);
   layout.packed_offset = 0;
   layout.packed_bytes = num_experts * layout.expert_packed_bytes;
-  layout.scales_offset = RoundUpTo(layout.packed_bytes, 256);
+  layout.scales_offset = format::RoundUp(layout.packed_bytes, 256);
   layout.scales_bytes = num_experts * layout.expert_scale_bytes;
   layout.total_bytes = layout.scales_offset + layout.scales_bytes;
   return layout;
@@ -196,7 +193,7 @@ MXMOE_HD ExpertSetupSm100 ComputeExpertSetupSm100(const GroupedGemmSm100Problem&
 
   const bool in_bounds = first_row >= 0 && m >= 0 && m <= span && first_row + m <= p.rows &&
                          first_scale_row >= 0 &&
-                         first_scale_row + RoundUpTo(m, format::kSwizzleRows) <=
+                         first_scale_row + format::RoundUp(m, format::kSwizzleRows) <=
                              p.a_scale_rows;
   if (!in_bounds) m = 0;
 

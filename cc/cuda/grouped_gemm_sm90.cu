@@ -16,12 +16,15 @@
 
 #include <mutex>
 
-#include "cc/cuda/cuda_check.h"
+#include "cc/base/cuda_check.h"
+#include "cc/base/status.h"
+#include "cc/cuda/device.h"
+#include "cc/cuda/dispatch.h"
+#include "cc/cuda/expert_search.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/grouped_gemm_sm90_heuristics.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
-#include "cc/src/status.h"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -34,9 +37,7 @@ using sm90::kNumTables;
 using sm90::kPanelRows;
 using sm90::kRecordBytes;
 
-constexpr size_t kSliceAlign = 1024;
-
-size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+constexpr int64_t kSliceAlign = 1024;
 
 // ---- weight preparation ---------------------------------------------------------------------
 
@@ -195,11 +196,7 @@ __global__ void __launch_bounds__(256)
       continue;
     }
     // Expert of this row: largest e with expert_offsets[e] <= row.
-    int lo = 0, hi = num_experts;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (eo[mid] <= row) lo = mid; else hi = mid;
-    }
+    const int lo = ExpertOfRow(eo, num_experts, row);
     const int64_t scale_row = bso[lo] + (row - eo[lo]);
     const int64_t soff = format::SwizzledOffset(scale_row, 4 * c, scale_cols);
     uint32_t sw;
@@ -281,16 +278,16 @@ WorkspaceLayout Layout(const mxmoe_grouped_gemm_args& args) {
   size_t at = 0;
   l.a8_offset = at;
   l.a8_bytes = static_cast<size_t>(args.rows) * chunks * kChunkK;
-  at = AlignUp(at + l.a8_bytes, kSliceAlign);
+  at = format::RoundUp(at + l.a8_bytes, kSliceAlign);
   l.factor_offset = at;
   l.factor_bytes = static_cast<size_t>(chunks) * FactorStride(args.rows) * 4;
-  at = AlignUp(at + l.factor_bytes, kSliceAlign);
+  at = format::RoundUp(at + l.factor_bytes, kSliceAlign);
   l.prepared_offset = at;
   l.prepared_bytes =
       args.b.format == MXMOE_WEIGHT_FORMAT_PREPARED
           ? 0
           : static_cast<size_t>(sm90::PreparedBytes(args.num_experts, args.n, args.k));
-  at = AlignUp(at + l.prepared_bytes, kSliceAlign);
+  at = format::RoundUp(at + l.prepared_bytes, kSliceAlign);
   l.total = at + kSliceAlign;  // slack: the caller's pointer is aligned up to kSliceAlign
   return l;
 }
@@ -347,6 +344,8 @@ mxmoe_status PrepareWeightsSm90(const mxmoe_prepare_weights_args& args, void* st
     return Fail(MXMOE_STATUS_MISALIGNED,
                 "prepare_weights (sm90): prepared must be 16-byte aligned");
   }
+  ScopedDevice scoped;
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   return LaunchPrepare(w.packed, w.scales, w.format == MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4,
                        w.num_experts, w.n, w.k, args.prepared, static_cast<cudaStream_t>(stream));
 }
@@ -401,8 +400,10 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
     return Fail(MXMOE_STATUS_WORKSPACE_TOO_SMALL, op, ": workspace_bytes ", workspace_bytes, " < ",
                 layout.total);
   }
+  ScopedDevice scoped;
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   uint8_t* ws = reinterpret_cast<uint8_t*>(
-      AlignUp(reinterpret_cast<uintptr_t>(workspace), kSliceAlign));
+      format::RoundUp(reinterpret_cast<uintptr_t>(workspace), kSliceAlign));
   uint8_t* a8 = ws + layout.a8_offset;
   float* factor = reinterpret_cast<float*>(ws + layout.factor_offset);
   const uint8_t* weights = args.b.packed;
@@ -414,10 +415,8 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
     weights = out;
   }
 
-  int device = 0, num_sms = 0;
-  MXMOE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  MXMOE_CUDA_RETURN_IF_ERROR(
-      cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  int num_sms = 0;
+  MXMOE_RETURN_IF_ERROR(MultiprocessorCount(args.device.id, &num_sms));
 
   const int num_chunks = static_cast<int>(sm90::NumChunks(args.k));
   const int64_t factor_stride = FactorStride(args.rows);
@@ -473,14 +472,9 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
 namespace sm90 {
 
 mxmoe_status LaunchGemmKernel(int block_n, const GemmKernelLaunch& launch, cudaStream_t stream) {
-  switch (block_n) {
-    case 16: return LaunchGemmKernelN<16>(launch, stream);
-    case 32: return LaunchGemmKernelN<32>(launch, stream);
-    case 64: return LaunchGemmKernelN<64>(launch, stream);
-    case 128: return LaunchGemmKernelN<128>(launch, stream);
-    default:
-      return Fail(MXMOE_STATUS_UNSUPPORTED, "grouped_gemm (sm90): no kernel for block_n ", block_n);
-  }
+  return DispatchValue<16, 32, 64, 128>(block_n, "grouped_gemm (sm90) block_n", [&](auto n) {
+    return LaunchGemmKernelN<decltype(n)::value>(launch, stream);
+  });
 }
 
 }  // namespace sm90

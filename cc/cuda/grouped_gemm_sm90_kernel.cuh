@@ -25,7 +25,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "cc/cuda/cuda_check.h"
+#include "cc/base/cuda_check.h"
+#include "cc/cuda/expert_search.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
 #include "cc/cuda/grouped_gemm_sm90_wgmma.h"
@@ -163,12 +164,7 @@ template <int kBlockN>
 __device__ __forceinline__ Tile DecodeTile(int t, const int32_t* eo, const int32_t* prefix,
                                            int num_experts, int weight_tiles) {
   // Largest e with prefix[e] <= t; experts with no tiles have prefix[e] == prefix[e+1].
-  int lo = 0, hi = num_experts;  // prefix[lo] <= t < prefix[hi]
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (prefix[mid] <= t) lo = mid; else hi = mid;
-  }
-  const int e = lo;
+  const int e = ExpertOfRow(prefix, num_experts, t);
   const int m = max(0, eo[e + 1] - eo[e]);
   const int local = t - prefix[e];
   const int j = local / weight_tiles;

@@ -51,10 +51,8 @@ constexpr int kRecordBytes = kCodeBytes + kScaleBytes;  // 4352, a multiple of 1
 constexpr int kNumTables = 20;    // E4M3 tables for d = -13 .. 6 (index d + 13)
 constexpr int kTableOffset = 13;
 
-MXMOE_HD int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-MXMOE_HD int64_t NumPanels(int64_t n) { return CeilDiv(n, kPanelRows); }
-MXMOE_HD int64_t NumChunks(int64_t k) { return CeilDiv(k, kChunkK); }
+MXMOE_HD int64_t NumPanels(int64_t n) { return format::CeilDiv(n, kPanelRows); }
+MXMOE_HD int64_t NumChunks(int64_t k) { return format::CeilDiv(k, kChunkK); }
 
 MXMOE_HD int64_t PreparedBytes(int64_t num_experts, int64_t n, int64_t k) {
   return num_experts * NumPanels(n) * NumChunks(k) * kRecordBytes;

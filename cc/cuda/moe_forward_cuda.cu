@@ -21,10 +21,10 @@
 
 #include <cstdint>
 
-#include "cc/cuda/cuda_check.h"
+#include "cc/base/cuda_check.h"
+#include "cc/base/status.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/quantize.h"
-#include "cc/src/status.h"
 #include "mxmoe/format.h"
 
 namespace mxmoe {

@@ -38,11 +38,14 @@
 #include <string.h>
 
 #include <algorithm>
-#include <atomic>
+#include <type_traits>
 
-#include "cc/cuda/cuda_check.h"
+#include "cc/base/cuda_check.h"
+#include "cc/base/status.h"
+#include "cc/cuda/device.h"
+#include "cc/cuda/dispatch.h"
+#include "cc/cuda/expert_search.h"
 #include "cc/cuda/quantize_device.cuh"
-#include "cc/src/status.h"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -54,7 +57,6 @@ using quant::FastDivmod;
 using quant::Fp16;
 using quant::kElemsPerLane;
 using quant::kLanesPerBlock;
-using quant::SiluImpl;
 
 constexpr int kThreads = 256;
 // Dequantize: lanes per thread and per CTA.
@@ -118,16 +120,7 @@ __device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, i
     if (row > INT32_MAX) return -1;
     const int32_t r = static_cast<int32_t>(row);
     // Largest e in [0, E) with offsets[e] <= r: skips empty experts that start at r.
-    int lo = 0;
-    int hi = p.num_experts;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) >> 1;
-      if (s_offsets[mid] <= r) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
+    const int lo = ExpertOfRow(s_offsets, p.num_experts, r);
     const int32_t begin = s_offsets[lo];
     const int32_t end = s_offsets[lo + 1];
     if (r < begin || r >= end) return -1;
@@ -187,7 +180,7 @@ __device__ void LoadExpertOffsets(const RowsParams& p, int32_t* s_offsets) {
   __syncthreads();
 }
 
-template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits>
+template <typename T, bool kSilu, ScaleMap kMap, int kUnits>
 __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams p) {
   // kExperts: expert_offsets [E+1] then blockscale_offsets [E+1].
   extern __shared__ int32_t s_offsets[];
@@ -215,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
     const uint16_t* row_ptr = static_cast<const uint16_t*>(p.input) +
                               (p.row_begin + row_in_launch[i]) * p.input_row_elems;
     gate_or_x[i] = quant::LoadStreaming16(row_ptr + lane_in_row[i] * kElemsPerLane);
-    if constexpr (kSilu != SiluImpl::kNone) {
+    if constexpr (kSilu) {
       up[i] = quant::LoadStreaming16(row_ptr + p.up_offset_elems + lane_in_row[i] * kElemsPerLane);
     }
   }
@@ -237,8 +230,8 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
 #pragma unroll
   for (int i = 0; i < kUnits; ++i) {
     quant::Lane8 x;
-    if constexpr (kSilu != SiluImpl::kNone) {
-      x = quant::SiluMul<T, kSilu>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
+    if constexpr (kSilu) {
+      x = quant::SiluMul<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
     } else {
       x = quant::AsLane8(gate_or_x[i]);
     }
@@ -391,34 +384,6 @@ __global__ void __launch_bounds__(kThreads) UnswizzleScalesKernel(const SwizzleP
 
 // ---- Host side -------------------------------------------------------------------------------
 
-// Makes `device` current for the launch and restores the caller's device afterwards (a stream
-// belongs to one device; launching on another fails).
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) : device_(device) {}
-  mxmoe_status Enter() {
-    MXMOE_CUDA_RETURN_IF_ERROR(cudaGetDevice(&previous_));
-    if (previous_ != device_) MXMOE_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
-    return MXMOE_STATUS_OK;
-  }
-  ~ScopedDevice() {
-    if (previous_ >= 0 && previous_ != device_) cudaSetDevice(previous_);
-  }
-
- private:
-  int device_;
-  int previous_ = -1;
-};
-
-mxmoe_status CheckAligned(const void* ptr, int alignment, const char* op, const char* name) {
-  if (reinterpret_cast<uintptr_t>(ptr) % alignment != 0) {
-    return Fail(MXMOE_STATUS_MISALIGNED, op, ": ", name, " must be ", alignment,
-                "-byte aligned for the CUDA kernel, got address ",
-                static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(ptr)));
-  }
-  return MXMOE_STATUS_OK;
-}
-
 // Lanes per launch. MXMOE_QUANTIZE_LANES_PER_LAUNCH lowers the limit: a test knob that exercises
 // split launches on small inputs (read per call; getenv costs far less than a launch).
 int64_t MaxUnitsPerLaunch() {
@@ -434,23 +399,6 @@ int32_t CtasFor(int64_t units, int units_per_thread) {
   return static_cast<int32_t>((units + per_cta - 1) / per_cta);
 }
 
-// Multiprocessor count of `device`, queried once per device (132 if the query fails).
-int MultiprocessorCount(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) return 132;
-  int count = cache[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        count <= 0) {
-      cudaGetLastError();  // clear it: a failed query must not surface at the next launch check
-      count = 132;
-    }
-    cache[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-}
-
 // Lanes per thread (the kernel's kUnits). Small problems (the kUnits = 4 grid would not fill
 // every SM twice): 1, so that each thread's serial chain (load, search, SiLU, store) is short and
 // the work spreads over as many SMs as possible (H100: 20-45% faster than 4 at T <= 64). Otherwise,
@@ -460,18 +408,18 @@ int MultiprocessorCount(int device) {
 // 2 (40 registers, against 64 for 4 and 110 for 8; 2 and 4 measured within 3% of each other, 8
 // 15% slower). MXMOE_QUANTIZE_UNITS=1|2|4|8 overrides the choice (a benchmark knob, read per call;
 // bench/bench_quantize.py records the variants).
-int UnitsPerThread(int64_t lanes, bool silu, int device) {
+int UnitsPerThread(int64_t lanes, bool silu, int sm_count) {
   if (const char* env = getenv("MXMOE_QUANTIZE_UNITS")) {
     const int v = atoi(env);
     if (v == 1 || v == 2 || v == 4 || v == 8) return v;
   }
-  const int64_t threads_per_sm_pair = int64_t{2} * MultiprocessorCount(device) * kThreads;
+  const int64_t threads_per_sm_pair = int64_t{2} * sm_count * kThreads;
   if (lanes < threads_per_sm_pair * 4) return 1;
   if (silu) return 2;
   return lanes >= threads_per_sm_pair * 8 * 8 ? 8 : 4;
 }
 
-template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits>
+template <typename T, bool kSilu, ScaleMap kMap, int kUnits>
 mxmoe_status LaunchRows(const RowsParams& p, int32_t data_ctas, size_t smem,
                         cudaStream_t stream) {
   QuantizeRowsKernel<T, kSilu, kMap, kUnits>
@@ -480,26 +428,19 @@ mxmoe_status LaunchRows(const RowsParams& p, int32_t data_ctas, size_t smem,
   return MXMOE_STATUS_OK;
 }
 
-template <typename T, SiluImpl kSilu, ScaleMap kMap>
+template <typename T, bool kSilu, ScaleMap kMap>
 mxmoe_status LaunchRowsWithUnits(const RowsParams& p, int units_per_thread, size_t smem,
                                  cudaStream_t stream) {
   const int32_t data_ctas = CtasFor(p.units, units_per_thread);
   if (p.padding_ctas + data_ctas == 0) return MXMOE_STATUS_OK;
-  switch (units_per_thread) {
-    case 1:
-      return LaunchRows<T, kSilu, kMap, 1>(p, data_ctas, smem, stream);
-    case 2:
-      return LaunchRows<T, kSilu, kMap, 2>(p, data_ctas, smem, stream);
-    case 8:
-      return LaunchRows<T, kSilu, kMap, 8>(p, data_ctas, smem, stream);
-    default:
-      return LaunchRows<T, kSilu, kMap, 4>(p, data_ctas, smem, stream);
-  }
+  return DispatchValue<1, 2, 4, 8>(units_per_thread, "units per thread", [&](auto units) {
+    return LaunchRows<T, kSilu, kMap, decltype(units)::value>(p, data_ctas, smem, stream);
+  });
 }
 
 // Quantizes `rows` rows of `base` (k = 8 * lanes per row) in launches of at most
 // MaxUnitsPerLaunch() lanes; the padding CTAs go with the first launch.
-template <SiluImpl kSilu, ScaleMap kMap>
+template <bool kSilu, ScaleMap kMap>
 mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtype,
                           int32_t padding_ctas, int device, cudaStream_t stream) {
   const int64_t lanes_per_row = k / kElemsPerLane;
@@ -513,8 +454,9 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
       static_cast<int32_t>(format::RoundUp(base.scale_cols, format::kSwizzleCols));
   const size_t smem =
       kMap == ScaleMap::kExperts ? (static_cast<size_t>(base.num_experts) + 1) * 8 : 0;
-  const int units_per_thread =
-      UnitsPerThread(rows * lanes_per_row, kSilu != SiluImpl::kNone, device);
+  int sm_count = 0;
+  MXMOE_RETURN_IF_ERROR(MultiprocessorCount(device, &sm_count));
+  const int units_per_thread = UnitsPerThread(rows * lanes_per_row, kSilu, sm_count);
   const int64_t rows_per_launch = std::max<int64_t>(1, MaxUnitsPerLaunch() / lanes_per_row);
   bool first = true;
   for (int64_t row_begin = 0; row_begin < rows || first; row_begin += rows_per_launch) {
@@ -524,11 +466,10 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
     p.units = static_cast<uint32_t>(launch_rows * lanes_per_row);
     p.padding_ctas = first ? padding_ctas : 0;
     first = false;
-    const mxmoe_status status =
-        dtype == MXMOE_DTYPE_BF16
-            ? LaunchRowsWithUnits<Bf16, kSilu, kMap>(p, units_per_thread, smem, stream)
-            : LaunchRowsWithUnits<Fp16, kSilu, kMap>(p, units_per_thread, smem, stream);
-    MXMOE_RETURN_IF_ERROR(status);
+    MXMOE_RETURN_IF_ERROR(DispatchActivationDtype(dtype, "input dtype", [&](auto input_dtype) {
+      using T = std::conditional_t<decltype(input_dtype)::value == MXMOE_DTYPE_BF16, Bf16, Fp16>;
+      return LaunchRowsWithUnits<T, kSilu, kMap>(p, units_per_thread, smem, stream);
+    }));
   }
   return MXMOE_STATUS_OK;
 }
@@ -552,8 +493,8 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
   MXMOE_RETURN_IF_ERROR(CheckAligned(input, 16, op, "input"));
   MXMOE_RETURN_IF_ERROR(CheckAligned(packed, 4, op, "packed"));
   if (swizzled) MXMOE_RETURN_IF_ERROR(CheckAligned(scales, 4, op, "scales"));
-  ScopedDevice scoped(device);
-  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  ScopedDevice scoped;
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(device));
 
   RowsParams p{};
   p.input = input;
@@ -562,7 +503,7 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
   p.input_row_elems = k;
   const auto s = static_cast<cudaStream_t>(stream);
   if (!swizzled) {
-    return QuantizeRows<SiluImpl::kNone, ScaleMap::kLinear>(p, rows, k, dtype, 0, device, s);
+    return QuantizeRows<false, ScaleMap::kLinear>(p, rows, k, dtype, 0, device, s);
   }
   p.group_rows = group_rows;
   p.group_bytes = format::SwizzledBytes(group_rows, k / format::kBlockSize);
@@ -571,7 +512,7 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
       group_rows % format::kSwizzleRows == 0
           ? 0
           : static_cast<int32_t>(std::min<int64_t>(groups, kMaxPaddingCtas));
-  return QuantizeRows<SiluImpl::kNone, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas,
+  return QuantizeRows<false, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas,
                                                                  device, s);
 }
 
@@ -591,8 +532,8 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
   MXMOE_RETURN_IF_ERROR(CheckAligned(input, 16, op, "input"));
   MXMOE_RETURN_IF_ERROR(CheckAligned(packed, 4, op, "packed"));
   MXMOE_RETURN_IF_ERROR(CheckAligned(scales, 4, op, "scales"));
-  ScopedDevice scoped(device);
-  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  ScopedDevice scoped;
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(device));
 
   RowsParams p{};
   p.input = input;
@@ -609,10 +550,10 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
   const int32_t padding_ctas = std::min<int32_t>(num_experts, kMaxPaddingCtas);
   const auto s = static_cast<cudaStream_t>(stream);
   if constexpr (!kSilu) {
-    return QuantizeRows<SiluImpl::kNone, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
+    return QuantizeRows<false, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
                                                              device, s);
   } else {
-    return QuantizeRows<SiluImpl::kSilu, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
+    return QuantizeRows<true, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
                                                              device, s);
   }
 }
@@ -674,8 +615,8 @@ mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {
   }
   MXMOE_RETURN_IF_ERROR(CheckAligned(args.packed, 4, op, "packed"));
   MXMOE_RETURN_IF_ERROR(CheckAligned(args.output, 16, op, "output"));
-  ScopedDevice scoped(args.device.id);
-  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  ScopedDevice scoped;
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   DequantizeParams p{};
   p.packed = args.packed;
   p.scales = args.scales;
@@ -684,17 +625,10 @@ mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {
   p.scale_cols = static_cast<int32_t>(args.k / format::kBlockSize);
   p.swizzled = args.scale_layout == MXMOE_SCALE_LAYOUT_SWIZZLED_128X4;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (args.output_dtype) {
-    case MXMOE_DTYPE_BF16:
-      return LaunchDequantize<MXMOE_DTYPE_BF16>(p, args.rows, lanes_per_row, s);
-    case MXMOE_DTYPE_FP16:
-      return LaunchDequantize<MXMOE_DTYPE_FP16>(p, args.rows, lanes_per_row, s);
-    case MXMOE_DTYPE_FP32:
-      return LaunchDequantize<MXMOE_DTYPE_FP32>(p, args.rows, lanes_per_row, s);
-    default:
-      return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op,
-                  ": output dtype must be bf16, fp16 or fp32, got ", args.output_dtype);
-  }
+  return DispatchValue<MXMOE_DTYPE_BF16, MXMOE_DTYPE_FP16, MXMOE_DTYPE_FP32>(
+      args.output_dtype, "output dtype", [&](auto output_dtype) {
+        return LaunchDequantize<decltype(output_dtype)::value>(p, args.rows, lanes_per_row, s);
+      });
 }
 
 mxmoe_status SwizzleScales(const mxmoe_swizzle_scales_args& args, void* stream) {
@@ -703,8 +637,8 @@ mxmoe_status SwizzleScales(const mxmoe_swizzle_scales_args& args, void* stream) 
   const int64_t words = args.batch * p.swizzled_bytes / 4;
   if (words == 0) return MXMOE_STATUS_OK;
   MXMOE_RETURN_IF_ERROR(CheckAligned(args.output, 4, "swizzle_scales", "output"));
-  ScopedDevice scoped(args.device.id);
-  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  ScopedDevice scoped;
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   SwizzleScalesKernel<<<GridStrideCtas(words), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
@@ -715,8 +649,8 @@ mxmoe_status UnswizzleScales(const mxmoe_swizzle_scales_args& args, void* stream
                   format::SwizzledBytes(args.rows, args.cols)};
   const int64_t bytes = args.batch * args.rows * args.cols;
   if (bytes == 0) return MXMOE_STATUS_OK;
-  ScopedDevice scoped(args.device.id);
-  MXMOE_RETURN_IF_ERROR(scoped.Enter());
+  ScopedDevice scoped;
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   UnswizzleScalesKernel<<<GridStrideCtas(bytes), kThreads, 0,
                           static_cast<cudaStream_t>(stream)>>>(p);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();

@@ -97,13 +97,9 @@ __device__ __forceinline__ float Element(const Lane8& x, int i) {
   return T::ToFloat(i % 2 == 0 ? (x.w[i / 2] & 0xFFFFu) : (x.w[i / 2] >> 16));
 }
 
-// Whether a quantize kernel applies the fused SiLU-and-mul (format::SiluF32) first.
-enum class SiluImpl { kNone, kSilu };
-
-// y = silu(gate) * up in fp32 (one rounding for the product), rounded to T.
-template <typename T, SiluImpl kImpl>
+// y = silu(gate) * up in fp32 (format::SiluF32; one rounding for the product), rounded to T.
+template <typename T>
 __device__ __forceinline__ Lane8 SiluMul(const Lane8& gate, const Lane8& up) {
-  static_assert(kImpl != SiluImpl::kNone, "SiluMul needs a SiLU");
   Lane8 y;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

@@ -6,8 +6,8 @@
 
 #include <string>
 
-#include "cc/cuda/device_info.h"
-#include "cc/src/status.h"
+#include "cc/base/status.h"
+#include "cc/cuda/device.h"
 
 namespace mxmoe {
 namespace {

@@ -6,12 +6,12 @@
 #include <new>
 #include <stdexcept>
 
+#include "cc/base/status.h"
 #include "cc/cpu/cpu_backend.h"
-#include "cc/cuda/device_info.h"
+#include "cc/cuda/device.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/quantize.h"
 #include "cc/src/backend.h"
-#include "cc/src/status.h"
 #include "cc/src/validate.h"
 #include "mxmoe/mxmoe.h"
 

@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "cc/cuda/device_info.h"
+#include "cc/base/status.h"
+#include "cc/cuda/device.h"
 #include "cc/src/backend.h"
-#include "cc/src/status.h"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -574,7 +574,7 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
                 a.num_tokens, " * ", a.top_k);
   }
   const int64_t slots = a.num_tokens * a.top_k;
-  if (slots + 127 * std::min<int64_t>(slots, a.num_local_experts) > kInt32Max) {
+  if (format::MaxScaleRows(slots, a.num_local_experts) > kInt32Max) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "num_tokens * top_k = ", slots,
                 " routed rows plus their 128-row scale padding must fit int32");
   }

@@ -381,10 +381,11 @@ def _check_offsets(x: torch.Tensor, expert_offsets, blockscale_offsets):
 
 def _default_scale_rows(rows: int, num_experts: int, blockscale_offsets: torch.Tensor) -> int:
     # On the CPU the exact count is free; on a GPU reading it would synchronise, so take the
-    # bound sum(round_up(m_e, 128)) <= rows + 127 * E, rounded down to a multiple of 128.
+    # bound sum(round_up(m_e, 128)) <= rows + 127 * min(rows, E), rounded down to a multiple of
+    # 128 (format::MaxScaleRows in format.h, the same rule).
     if blockscale_offsets.device.type == "cpu":
         return max(0, int(blockscale_offsets[-1]))
-    return (rows + 127 * num_experts) // 128 * 128
+    return (rows + 127 * min(rows, num_experts)) // 128 * 128
 
 
 def _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mul: bool):
@@ -430,7 +431,7 @@ def experts_quantize(x, expert_offsets, blockscale_offsets,
         [E+1] int32, cumulative round_up(m_e, 128) (see ``expert_offsets_from_counts``).
     scale_rows : int, optional
         Rows of the scale output; default blockscale_offsets[E] on the CPU, and the bound
-        round_down(rows + 127*E, 128) on a GPU (no synchronisation).
+        round_down(rows + 127*min(rows, E), 128) on a GPU (no synchronisation).
 
     Returns
     -------

@@ -1,14 +1,17 @@
 // mxmoe/format.h against independent references: the E2M1 value table, E8M0 scale values,
 // bf16/fp16 conversions (exhaustive over 16-bit patterns, and random fp32 values against
-// round-to-nearest-even computed in double), ExpF32's accuracy against double exp and SiluF32's
-// special values. format.h is shared by the CPU backend and the CUDA kernels, so a mistake here
+// round-to-nearest-even computed in double), ExpF32's accuracy against double exp, SiluF32's
+// special values and its agreement with g / (1 + ExpF32(-g)), and the integer helpers (RoundUp,
+// CeilDiv, the MaxScaleRows bound against an exhaustive maximum). format.h is shared by the CPU backend and the CUDA kernels, so a mistake here
 // would be invisible to CPU-vs-GPU comparisons.
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
+#include <algorithm>
 #include <random>
+#include <vector>
 
 #include "mxmoe/format.h"
 #include "tests/cc/expect.h"
@@ -165,6 +168,50 @@ void TestExpAndSilu() {
     silu_worst = fmax(silu_worst, err);
   }
   EXPECT(silu_worst < 1e-6, "SiluF32 worst relative error %g", silu_worst);
+  // SiluF32 skips ExpF32's early returns; on a spread of inputs it still equals the definition
+  // g / (1 + ExpF32(-g)) bit for bit (the GPU lane test checks every fp32 input).
+  std::mt19937 rng(7);
+  for (int i = 0; i < 1000000; ++i) {
+    const float g = BitsFloat(static_cast<uint32_t>(rng()));
+    if (IsNaN(g) || g < -88.72f) continue;  // NaN: both NaN; below -88.72 silu is -0 by choice
+    const float want = g / (1.0f + ExpF32(-g));
+    EXPECT(FloatBits(SiluF32(g)) == FloatBits(want), "SiluF32(%a) = %a, g / (1 + ExpF32(-g)) = %a",
+           g, SiluF32(g), want);
+  }
+}
+
+// RoundUp / CeilDiv, and MaxScaleRows against the exact maximum of sum(round_up(m_e, 128)) over
+// every split of `rows` rows among E experts (dynamic programming over small cases): the bound
+// must hold for every split and be reached by one.
+void TestIntegerHelpers() {
+  static_assert(CeilDiv(0, 128) == 0 && CeilDiv(1, 128) == 1 && CeilDiv(128, 128) == 1 &&
+                    CeilDiv(129, 128) == 2,
+                "CeilDiv");
+  static_assert(RoundUp(0, 4) == 0 && RoundUp(90, 4) == 92 && RoundUp(92, 4) == 92, "RoundUp");
+  constexpr int kMaxRows = 300;
+  for (int experts = 1; experts <= 4; ++experts) {
+    // best[r] = largest sum of round_up(m_e, 128) with sum(m_e) = r over the experts so far.
+    std::vector<int64_t> best(kMaxRows + 1, -1);
+    best[0] = 0;
+    for (int e = 0; e < experts; ++e) {
+      std::vector<int64_t> next(kMaxRows + 1, -1);
+      for (int r = 0; r <= kMaxRows; ++r) {
+        for (int m = 0; m <= r; ++m) {
+          if (best[r - m] >= 0) next[r] = std::max(next[r], best[r - m] + RoundUp(m, 128));
+        }
+      }
+      best = next;
+    }
+    for (int rows = 0; rows <= kMaxRows; ++rows) {
+      EXPECT(MaxScaleRows(rows, experts) == best[rows],
+             "MaxScaleRows(%d, %d) = %lld, the largest sum of round_up(m_e, 128) is %lld", rows,
+             experts, static_cast<long long>(MaxScaleRows(rows, experts)),
+             static_cast<long long>(best[rows]));
+    }
+  }
+  // Many experts, few rows: at most `rows` experts are non-empty.
+  EXPECT(MaxScaleRows(3, 65536) == 3 * 128, "MaxScaleRows(3, 65536) = %lld",
+         static_cast<long long>(MaxScaleRows(3, 65536)));
 }
 
 }  // namespace
@@ -174,6 +221,7 @@ int main() {
   TestScaleValues();
   TestHalfConversions();
   TestExpAndSilu();
+  TestIntegerHelpers();
   if (failures != 0) {
     fprintf(stderr, "format_test: %d failure(s)\n", failures);
     return 1;

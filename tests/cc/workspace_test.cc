@@ -1,4 +1,4 @@
-// WorkspaceCarver (cc/src/workspace.h): measured size == what carving needs at any base
+// WorkspaceCarver (cc/base/workspace.h): measured size == what carving needs at any base
 // alignment, slices 256-byte aligned and disjoint, overflow fails with WORKSPACE_TOO_SMALL naming
 // the slice, empty slices take no space.
 #include <stdint.h>
@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "cc/src/workspace.h"
+#include "cc/base/workspace.h"
 #include "tests/cc/expect.h"
 
 namespace {

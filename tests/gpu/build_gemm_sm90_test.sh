@@ -11,7 +11,7 @@ OBJS=()
 for src in cc/cuda/grouped_gemm_sm90.cu cc/cuda/grouped_gemm_sm90_n16.cu \
            cc/cuda/grouped_gemm_sm90_n32.cu cc/cuda/grouped_gemm_sm90_n64.cu \
            cc/cuda/grouped_gemm_sm90_n128.cu cc/cuda/grouped_gemm_sm90_heuristics.cu \
-           tests/gpu/grouped_gemm_sm90_test.cu; do
+           cc/cuda/device.cu tests/gpu/grouped_gemm_sm90_test.cu; do
   obj=/tmp/sm90/obj/$(basename "$src").o
   if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ -n "$(find cc/cuda cc/include -newer "$obj" -name '*.h*' -o -newer "$obj" -name '*.cuh' | head -1)" ]; then
     "${NVCC[@]}" -Xptxas -v -c "$src" -o "$obj" 2> "/tmp/sm90/obj/$(basename "$src").ptxas.txt" \
@@ -19,7 +19,7 @@ for src in cc/cuda/grouped_gemm_sm90.cu cc/cuda/grouped_gemm_sm90_n16.cu \
   fi
   OBJS+=("$obj")
 done
-for src in cc/src/status.cc cc/cpu/grouped_gemm.cc; do
+for src in cc/base/status.cc cc/cpu/grouped_gemm.cc; do
   obj=/tmp/sm90/obj/$(basename "$src").o
   nice g++ -std=c++17 -O2 -I. -Icc/include -c "$src" -o "$obj"
   OBJS+=("$obj")

@@ -34,11 +34,11 @@
 #include <thread>
 #include <vector>
 
+#include "cc/base/status.h"
 #include "cc/cpu/cpu_backend.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/grouped_gemm_sm90_heuristics.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
-#include "cc/src/status.h"
 #include "mxmoe/format.h"
 
 namespace {

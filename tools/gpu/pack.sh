@@ -45,7 +45,7 @@ build_library_without_bazel() {
     2>/dev/null | head -1)"
   mkdir -p "${obj}"
   local objects=()
-  for src in cc/src/*.cc cc/cpu/*.cc; do
+  for src in cc/base/*.cc cc/src/*.cc cc/cpu/*.cc; do
     local o="${obj}/$(echo "${src}" | tr / _).o"
     if [[ ! -f "${o}" || "${src}" -nt "${o}" ]]; then
       nice g++ -std=c++17 -O2 -fPIC -pthread -I. -Icc/include -I/usr/local/cuda/include \

@@ -122,9 +122,14 @@ MXMOE_HD float ScaleToFloat(uint8_t s) {
   return s > 0 ? BitsFloat(static_cast<uint32_t>(s) << 23) : BitsFloat(1u << 22);
 }
 
-// ---- Swizzled 128x4 scale layout -------------------------------------------------------------
+// ---- Integer helpers --------------------------------------------------------------------------
 
-MXMOE_HD int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// x / d rounded up and x rounded up to a multiple of m, for x >= 0 and d, m >= 1 (constexpr, so
+// kernels can static_assert with them).
+MXMOE_HD constexpr int64_t CeilDiv(int64_t x, int64_t d) { return (x + d - 1) / d; }
+MXMOE_HD constexpr int64_t RoundUp(int64_t x, int64_t m) { return CeilDiv(x, m) * m; }
+
+// ---- Swizzled 128x4 scale layout -------------------------------------------------------------
 
 // Byte offset of scale (row m, scale column k) of a matrix with `scale_cols` = K/32 columns.
 MXMOE_HD int64_t SwizzledOffset(int64_t m, int64_t k, int64_t scale_cols) {
@@ -136,6 +141,16 @@ MXMOE_HD int64_t SwizzledOffset(int64_t m, int64_t k, int64_t scale_cols) {
 // Bytes of a swizzled [rows, scale_cols] matrix, padding included.
 MXMOE_HD int64_t SwizzledBytes(int64_t rows, int64_t scale_cols) {
   return RoundUp(rows, kSwizzleRows) * RoundUp(scale_cols, kSwizzleCols);
+}
+
+// Scale rows that always suffice for `rows` activation rows grouped over `num_experts` experts
+// without reading the per-expert counts: blockscale_offsets[E] = sum of round_up(m_e, 128)
+// exceeds the rows by at most 127 per non-empty expert, and at most min(rows, E) experts are
+// non-empty. The sum is a multiple of 128, so the bound is rounded down to one (the one rounding
+// rule: py/mxmoe/ops.py's default scale_rows on a GPU follows it).
+MXMOE_HD constexpr int64_t MaxScaleRows(int64_t rows, int64_t num_experts) {
+  return (rows + (kSwizzleRows - 1) * (rows < num_experts ? rows : num_experts)) / kSwizzleRows *
+         kSwizzleRows;
 }
 
 // ---- bf16 / fp16 ---------------------------------------------------------------------------
@@ -183,12 +198,11 @@ MXMOE_HD uint16_t FloatToFp16(float f) {
 
 // ---- SiLU --------------------------------------------------------------------------------------
 
-// exp(x) in fp32 from +, *, fmaf and bit operations only, so host and device agree bit for bit
-// (the libraries' expf differ by an ulp between glibc and CUDA). Max error about 2 ulp.
-MXMOE_HD float ExpF32(float x) {
-  if (IsNaN(x)) return x;
-  if (x > 88.72f) return BitsFloat(0x7F800000u);
-  if (x < -103.98f) return 0.0f;
+// exp(x) for x already in [-103.98, 88.72] (ExpF32's range; NaN-free), from +, *, fmaf and bit
+// operations only, so host and device agree bit for bit (the libraries' expf differ by an ulp
+// between glibc and CUDA). Max error about 2 ulp. The one exp polynomial: ExpF32 and SiluF32
+// both call it.
+MXMOE_HD float ExpF32InRange(float x) {
   const float n = rintf(MXMOE_MUL(x, 1.44269504088896341f));
   // r = x - n*ln2, in two steps (Cody-Waite); fmaf is exactly rounded everywhere.
   float r = fmaf(n, -0.693145751953125f, x);
@@ -210,32 +224,24 @@ MXMOE_HD float ExpF32(float x) {
   return MXMOE_MUL(MXMOE_MUL(p, s1), s2);
 }
 
+// exp(x) in fp32 for every input: NaN stays NaN, overflow gives +Inf, underflow 0.
+MXMOE_HD float ExpF32(float x) {
+  if (IsNaN(x)) return x;
+  if (x > 88.72f) return BitsFloat(0x7F800000u);
+  if (x < -103.98f) return 0.0f;
+  return ExpF32InRange(x);
+}
+
 // silu(g) = g / (1 + ExpF32(-g)), fp32, IEEE division (correctly rounded on host and device).
 // silu(-Inf) = -0, silu(+Inf) = +Inf, silu(NaN) = NaN. Written without ExpF32's early returns
-// (the fused quantize kernel runs it per element): ExpF32's polynomial path runs on -g clamped
-// into its range [-103.98, 88.72], which is exactly ExpF32 inside the range; outside it
+// (the fused quantize kernel runs it per element): the polynomial runs on -g clamped into its
+// range [-103.98, 88.72], which is exactly ExpF32 inside the range; outside it
 //   -g > 88.72:   exp overflows, silu is -0 (selected at the end);
 //   -g < -103.98: exp(-103.98) < 2^-24, so 1 + e == 1 and g / (1 + e) == g, as with e = 0;
 //   NaN:          g / (1 + e) is NaN.
 // tests/gpu/quantize_lane_test.cu checks this against g / (1 + ExpF32(-g)) on every fp32 input.
 MXMOE_HD float SiluF32(float g) {
-  const float x = fminf(fmaxf(-g, -103.98f), 88.72f);
-  const float n = rintf(MXMOE_MUL(x, 1.44269504088896341f));
-  float r = fmaf(n, -0.693145751953125f, x);
-  r = fmaf(n, -1.428606765330187045e-06f, r);
-  float p = 1.3888889e-3f;
-  p = fmaf(p, r, 8.3333333e-3f);
-  p = fmaf(p, r, 4.1666667e-2f);
-  p = fmaf(p, r, 1.6666667e-1f);
-  p = fmaf(p, r, 0.5f);
-  p = fmaf(p, r, 1.0f);
-  p = fmaf(p, r, 1.0f);
-  const int ni = static_cast<int>(n);
-  const int n1 = ni / 2;
-  const int n2 = ni - n1;
-  const float s1 = BitsFloat(static_cast<uint32_t>(n1 + 127) << 23);
-  const float s2 = BitsFloat(static_cast<uint32_t>(n2 + 127) << 23);
-  const float e = MXMOE_MUL(MXMOE_MUL(p, s1), s2);
+  const float e = ExpF32InRange(fminf(fmaxf(-g, -103.98f), 88.72f));
   const float q = g / MXMOE_ADD(1.0f, e);
   return g < -88.72f ? -0.0f : q;
 }

@@ -1,4 +1,4 @@
-#include "cc/src/status.h"
+#include "cc/base/status.h"
 
 namespace mxmoe {
 namespace {

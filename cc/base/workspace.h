@@ -13,15 +13,15 @@
 //   WorkspaceCarver carver(workspace, workspace_bytes);
 //   float* logits;
 //   MXMOE_RETURN_IF_ERROR(carver.Carve("logits", t * e, &logits));
-#ifndef MXMOE_SRC_WORKSPACE_H_
-#define MXMOE_SRC_WORKSPACE_H_
+#ifndef MXMOE_BASE_WORKSPACE_H_
+#define MXMOE_BASE_WORKSPACE_H_
 
 #include <stddef.h>
 #include <stdint.h>
 
 #include <limits>
 
-#include "cc/src/status.h"
+#include "cc/base/status.h"
 #include "mxmoe/mxmoe.h"
 
 namespace mxmoe {
@@ -85,4 +85,4 @@ class WorkspaceCarver {
 
 }  // namespace mxmoe
 
-#endif  // MXMOE_SRC_WORKSPACE_H_
+#endif  // MXMOE_BASE_WORKSPACE_H_

@@ -1,7 +1,7 @@
 // Internal status helpers: the thread-local last-error message behind mxmoe_last_error(), and
 // the RETURN_IF_ERROR-style macros every layer uses. Nothing here crosses the C API.
-#ifndef MXMOE_SRC_STATUS_H_
-#define MXMOE_SRC_STATUS_H_
+#ifndef MXMOE_BASE_STATUS_H_
+#define MXMOE_BASE_STATUS_H_
 
 #include <string>
 #include <type_traits>
@@ -46,4 +46,4 @@ mxmoe_status Fail(mxmoe_status status, const Parts&... parts) {
     if (mxmoe_status_ != MXMOE_STATUS_OK) return mxmoe_status_; \
   } while (0)
 
-#endif  // MXMOE_SRC_STATUS_H_
+#endif  // MXMOE_BASE_STATUS_H_

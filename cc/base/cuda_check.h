@@ -1,11 +1,11 @@
 // CUDA-side status helper: turns a failed CUDA runtime call into MXMOE_STATUS_CUDA_ERROR with the
 // call, the error name and the location in the last-error message.
-#ifndef MXMOE_CUDA_CUDA_CHECK_H_
-#define MXMOE_CUDA_CUDA_CHECK_H_
+#ifndef MXMOE_BASE_CUDA_CHECK_H_
+#define MXMOE_BASE_CUDA_CHECK_H_
 
 #include <cuda_runtime.h>
 
-#include "cc/src/status.h"
+#include "cc/base/status.h"
 
 #define MXMOE_CUDA_RETURN_IF_ERROR(expr)                                                     \
   do {                                                                                       \
@@ -20,4 +20,4 @@
 // After a kernel launch: catches launch-configuration errors without synchronising.
 #define MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR() MXMOE_CUDA_RETURN_IF_ERROR(cudaGetLastError())
 
-#endif  // MXMOE_CUDA_CUDA_CHECK_H_
+#endif  // MXMOE_BASE_CUDA_CHECK_H_

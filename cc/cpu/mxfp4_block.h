@@ -19,10 +19,16 @@ namespace cpu {
 constexpr int kBlock = format::kBlockSize;        // 32 elements
 constexpr int kPackedBlockBytes = kBlock / 2;     // 16 bytes of E2M1 codes
 
+// The AVX-512 form of QuantizeBlockPortable (panel_kernels.cc), or nullptr where the CPU lacks
+// AVX-512 (or MXMOE_CPU_KERNEL asks for another kernel): same bits, checked by
+// tests/cc/cpu_kernels_test.cc.
+using QuantizeBlockFn = uint8_t (*)(const float* x, uint8_t* packed);
+QuantizeBlockFn VectorQuantizeBlock();
+
 // Quantizes x[0..31] into packed[0..15] (element 2i in the low nibble) and returns the E8M0
 // scale byte. A block holding a NaN: scale 0xFF and all 16 bytes 0. Otherwise the rule of
 // format.h literally: +-Inf makes amax Inf, hence scale 253, and saturates to +-6.
-inline uint8_t QuantizeBlock(const float* x, uint8_t* packed) {
+inline uint8_t QuantizeBlockPortable(const float* x, uint8_t* packed) {
   float amax = 0.0f;
   bool has_nan = false;
   for (int i = 0; i < kBlock; ++i) {
@@ -42,6 +48,11 @@ inline uint8_t QuantizeBlock(const float* x, uint8_t* packed) {
     packed[i] = static_cast<uint8_t>(lo | (hi << 4));
   }
   return scale;
+}
+
+inline uint8_t QuantizeBlock(const float* x, uint8_t* packed) {
+  static const QuantizeBlockFn vector = VectorQuantizeBlock();
+  return vector != nullptr ? vector(x, packed) : QuantizeBlockPortable(x, packed);
 }
 
 // Decodes a block to fp32: code value * 2^(scale - 127), one fp32 multiply (exact unless it

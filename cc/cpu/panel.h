@@ -119,6 +119,8 @@ namespace internal {
 // kernel with ResetKernelIsaForTesting().
 void SetKernelIsaForTesting(KernelIsa isa);
 void ResetKernelIsaForTesting();
+// The AVX-512 block quantizer where the CPU runs it, else nullptr (whatever is selected).
+QuantizeBlockFn QuantizeBlockAvx512ForTesting();
 }  // namespace internal
 
 }  // namespace cpu

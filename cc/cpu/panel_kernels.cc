@@ -11,6 +11,7 @@
 #include <atomic>
 #include <initializer_list>
 
+#include "cc/cpu/mxfp4_block.h"
 #include "cc/cpu/panel.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -265,6 +266,52 @@ MXMOE_AVX512_TARGET void Avx512KernelRows(const uint8_t* panel, int64_t blocks,
   for (int r = 0; r < kRows; ++r) _mm512_storeu_pd(acc + r * kPanelCols, sum[r]);
 }
 
+
+// QuantizeBlockPortable on 32 lanes: the same NaN test, the same amax (a maximum is exact), the
+// scale rule of format.h (scalar, once per block), the same fp32 products and the 7 threshold
+// comparisons of format::FloatToE2M1 as lane masks.
+MXMOE_AVX512_TARGET uint8_t QuantizeBlockAvx512(const float* x, uint8_t* packed) {
+  const __m512 lo = _mm512_loadu_ps(x);
+  const __m512 hi = _mm512_loadu_ps(x + 16);
+  if ((_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) != 0) {
+    memset(packed, 0, kPackedBlockBytes);
+    return format::kScaleNaN;
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const uint8_t scale = format::ScaleFromAmax(amax);
+  const __m512 multiplier = _mm512_set1_ps(format::QuantMultiplier(scale));
+  __m128i codes[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m512 v = _mm512_mul_ps(h == 0 ? lo : hi, multiplier);
+    const __m512 a = _mm512_abs_ps(v);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i mag = _mm512_setzero_si512();
+    mag = _mm512_mask_add_epi32(mag, _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.25f), _CMP_GT_OQ),
+                                mag, one);
+    mag = _mm512_mask_add_epi32(mag, _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.75f), _CMP_GE_OQ),
+                                mag, one);
+    mag = _mm512_mask_add_epi32(mag, _mm512_cmp_ps_mask(a, _mm512_set1_ps(1.25f), _CMP_GT_OQ),
+                                mag, one);
+    mag = _mm512_mask_add_epi32(mag, _mm512_cmp_ps_mask(a, _mm512_set1_ps(1.75f), _CMP_GE_OQ),
+                                mag, one);
+    mag = _mm512_mask_add_epi32(mag, _mm512_cmp_ps_mask(a, _mm512_set1_ps(2.5f), _CMP_GT_OQ),
+                                mag, one);
+    mag = _mm512_mask_add_epi32(mag, _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.5f), _CMP_GE_OQ),
+                                mag, one);
+    mag = _mm512_mask_add_epi32(mag, _mm512_cmp_ps_mask(a, _mm512_set1_ps(5.0f), _CMP_GT_OQ),
+                                mag, one);
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 28),
+                                          _mm512_set1_epi32(8));
+    codes[h] = _mm512_cvtepi32_epi8(_mm512_or_si512(mag, sign));
+  }
+  // Bytes 2i and 2i+1 (elements) -> one byte, element 2i in the low nibble.
+  const __m256i pairs = _mm256_set_m128i(codes[1], codes[0]);
+  const __m256i merged = _mm256_or_si256(_mm256_and_si256(pairs, _mm256_set1_epi16(0x0F)),
+                                         _mm256_slli_epi16(_mm256_srli_epi16(pairs, 8), 4));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(packed), _mm256_cvtepi16_epi8(merged));
+  return scale;
+}
+
 #pragma GCC diagnostic pop
 
 void Avx512Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
@@ -319,6 +366,22 @@ KernelIsa ChooseKernelIsa() {
 std::atomic<int> g_forced_isa{-1};
 
 }  // namespace
+
+QuantizeBlockFn VectorQuantizeBlock() {
+#if defined(MXMOE_CPU_X86)
+  if (SelectedKernelIsa() == KernelIsa::kAvx512) return QuantizeBlockAvx512;
+#endif
+  return nullptr;
+}
+
+namespace internal {
+QuantizeBlockFn QuantizeBlockAvx512ForTesting() {
+#if defined(MXMOE_CPU_X86)
+  if (CpuRuns(KernelIsa::kAvx512)) return QuantizeBlockAvx512;
+#endif
+  return nullptr;
+}
+}  // namespace internal
 
 const char* KernelIsaName(KernelIsa isa) {
   switch (isa) {

@@ -7,7 +7,9 @@
 // passes exceptions on; and a GEMM that fails (injected out-of-memory in the scratch allocation
 // or in a decoding worker) returns INTERNAL with c untouched. (grouped_gemm_test.cc checks the
 // GEMM against an independent float64 loop.)
+#include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,6 +102,39 @@ void TestKernelsAgree(std::mt19937& rng) {
       }
     }
   }
+}
+
+// The vector block quantizer (where the CPU has AVX-512) against the portable one: random blocks
+// over many binades with NaN, +-Inf, zeros of both signs, subnormals, and values on the E2M1
+// rounding thresholds.
+void TestQuantizeBlockAgrees(std::mt19937& rng) {
+  const mxmoe::cpu::QuantizeBlockFn vector =
+      mxmoe::cpu::internal::QuantizeBlockAvx512ForTesting();
+  if (vector == nullptr) {
+    printf("no AVX-512 block quantizer on this CPU\n");
+    return;
+  }
+  const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, 1e-45f, -1e-40f, 0.25f, 0.75f,
+                            1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.0f, -0.25f, -5.0f, 3e38f};
+  std::uniform_real_distribution<float> binade(-140.0f, 128.0f);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  int wrong = 0;
+  for (int trial = 0; trial < 20000; ++trial) {
+    float x[32];
+    const float block_scale = exp2f(binade(rng));
+    for (float& v : x) {
+      const uint32_t pick = rng() % 16;
+      v = pick == 0 ? specials[rng() % (sizeof(specials) / sizeof(specials[0]))] * block_scale
+                    : normal(rng) * block_scale;
+    }
+    if (trial % 50 == 0) x[rng() % 32] = NAN;
+    uint8_t want[16], got[16];
+    memset(got, 0x5A, sizeof(got));
+    const uint8_t want_scale = mxmoe::cpu::QuantizeBlockPortable(x, want);
+    const uint8_t got_scale = vector(x, got);
+    wrong += got_scale != want_scale || memcmp(got, want, sizeof(want)) != 0;
+  }
+  EXPECT(wrong == 0, "%d of 20000 blocks quantize differently with AVX-512", wrong);
 }
 
 struct Gemm {
@@ -304,6 +339,7 @@ int main() {
   setenv("MXMOE_CPU_THREADS", "3", 1);  // before the first CPU call: read once
   std::mt19937 rng(20261201);
   TestKernelsAgree(rng);
+  TestQuantizeBlockAgrees(rng);
   const std::vector<Gemm> problems = Problems(rng);
   TestParallelFor();
   TestGemmsAgree(problems);

@@ -9,6 +9,10 @@
 // the expert offsets, kept in shared memory), then quantizes and stores. kUnits (lanes per thread;
 // see UnitsPerThread) is 2 to 8 for large problems and 1 for small ones (more threads, each with a
 // short serial chain: the launch latency is what counts there).
+// Variants behind benchmark knobs (see VariantFromEnv; the defaults are the measured baseline):
+// the fast SiLU, the SiLU table (persistent data CTAs, each building a 32 KB shared-memory table
+// of format::SiluF32 over bf16 gate values, then looping over tiles) and the packed bf16
+// encoding; all give the same bits.
 // Swizzled layouts have padding: CTAs launched before the data CTAs (so that they overlap with
 // them instead of forming a tail) zero the padding rows of each matrix's last 128-row tile; the
 // lane that writes a row's last scale also zeroes that row's padding columns.
@@ -57,6 +61,7 @@ using quant::FastDivmod;
 using quant::Fp16;
 using quant::kElemsPerLane;
 using quant::kLanesPerBlock;
+using quant::SiluImpl;
 
 constexpr int kThreads = 256;
 // Dequantize: lanes per thread and per CTA.
@@ -90,6 +95,7 @@ struct RowsParams {
   int64_t row_begin;          // first row of this launch
   uint32_t units;             // lanes in this launch (launch rows * k / 8)
   uint32_t padding_ctas;      // CTAs [0, padding_ctas) zero scale padding, the others quantize
+  uint32_t tiles;             // kThreads * kUnits lanes each (persistent kernels loop over them)
   FastDivmod lanes_per_row;   // k / 8
   int64_t input_row_elems;    // elements from one input row to the next: k, or 2k for SiLU
   int64_t up_offset_elems;    // SiLU: where `up` starts in a row (= k)
@@ -180,21 +186,16 @@ __device__ void LoadExpertOffsets(const RowsParams& p, int32_t* s_offsets) {
   __syncthreads();
 }
 
-template <typename T, bool kSilu, ScaleMap kMap, int kUnits>
-__global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams p) {
-  // kExperts: expert_offsets [E+1] then blockscale_offsets [E+1].
-  extern __shared__ int32_t s_offsets[];
-  // Swizzled maps: scale byte offset of (row first_row + i, column 0), -1 = skip the row.
-  __shared__ int64_t s_row_scale_base[Tile<kUnits>::kMaxRows];
-
-  if (blockIdx.x < p.padding_ctas) {
-    if constexpr (kMap != ScaleMap::kLinear) ZeroScalePaddingRows<kMap>(p);
-    return;
-  }
-
+// Quantizes the kThreads * kUnits lanes from cta_unit0 on. kLoadOffsets: load the expert offsets
+// into shared memory here (after issuing the input loads); otherwise the caller has.
+// s_silu_table: SiluImpl::kTable's table in shared memory, else unused.
+template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits, quant::Encode kEncode,
+          bool kLoadOffsets>
+__device__ __forceinline__ void QuantizeTile(const RowsParams& p, int32_t* s_offsets,
+                                             int64_t* s_row_scale_base,
+                                             const float* s_silu_table, uint32_t cta_unit0) {
   // 1. All loads first. Lanes past the end re-read the last lane (in bounds) so that every lane of
   //    the warp takes part in the block reductions; they store nothing.
-  const uint32_t cta_unit0 = (blockIdx.x - p.padding_ctas) * uint32_t{Tile<kUnits>::kLanes};
   const uint32_t lanes_per_row = p.lanes_per_row.divisor;
   uint4 gate_or_x[kUnits];
   uint4 up[kUnits];
@@ -208,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
     const uint16_t* row_ptr = static_cast<const uint16_t*>(p.input) +
                               (p.row_begin + row_in_launch[i]) * p.input_row_elems;
     gate_or_x[i] = quant::LoadStreaming16(row_ptr + lane_in_row[i] * kElemsPerLane);
-    if constexpr (kSilu) {
+    if constexpr (kSilu != SiluImpl::kNone) {
       up[i] = quant::LoadStreaming16(row_ptr + p.up_offset_elems + lane_in_row[i] * kElemsPerLane);
     }
   }
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
   // 2. Scale base of every row this CTA touches (experts: binary search in shared memory).
   uint32_t first_row = 0;
   if constexpr (kMap != ScaleMap::kLinear) {
-    if constexpr (kMap == ScaleMap::kExperts) LoadExpertOffsets(p, s_offsets);
+    if constexpr (kMap == ScaleMap::kExperts && kLoadOffsets) LoadExpertOffsets(p, s_offsets);
     first_row = p.lanes_per_row.Div(cta_unit0);
     const uint32_t last_row = p.lanes_per_row.Div(
         min(cta_unit0 + uint32_t{Tile<kUnits>::kLanes}, p.units) - 1);
@@ -230,12 +231,21 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
 #pragma unroll
   for (int i = 0; i < kUnits; ++i) {
     quant::Lane8 x;
-    if constexpr (kSilu) {
+    if constexpr (kSilu == SiluImpl::kTable) {
+      x = quant::SiluMulTable(s_silu_table, quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
+    } else if constexpr (kSilu == SiluImpl::kFast) {
+      bool in_domain;
+      x = quant::SiluMulFast<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]), &in_domain);
+      if (!in_domain) {  // rare (|gate| < 2^-64, zeros included, or > 64): the reference SiLU
+        x = quant::SiluMul<T>(quant::AsLane8(gate_or_x[i]),
+                                               quant::AsLane8(up[i]));
+      }
+    } else if constexpr (kSilu == SiluImpl::kSilu) {
       x = quant::SiluMul<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
     } else {
       x = quant::AsLane8(gate_or_x[i]);
     }
-    const quant::QuantizedLane q = quant::QuantizeLane<T>(x);
+    const quant::QuantizedLane q = quant::QuantizeLane<T, kEncode>(x);
 
     const bool in_range = cta_unit0 + i * kThreads + threadIdx.x < p.units;
     const int64_t row = p.row_begin + row_in_launch[i];
@@ -262,6 +272,44 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
         }
       }
     }
+  }
+}
+
+// Shared-memory bytes before SiluImpl::kTable's table (the expert offsets, 16-byte aligned).
+__host__ __device__ constexpr size_t SiluTableOffset(int32_t num_experts) {
+  return (static_cast<size_t>(num_experts + 1) * 8 + 15) / 16 * 16;
+}
+
+template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits, quant::Encode kEncode>
+__global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams p) {
+  // kExperts: expert_offsets [E+1] then blockscale_offsets [E+1]; SiluImpl::kTable: then, from
+  // SiluTableOffset on, the SiLU table.
+  extern __shared__ int32_t s_offsets[];
+  // Swizzled maps: scale byte offset of (row first_row + i, column 0), -1 = skip the row.
+  __shared__ int64_t s_row_scale_base[Tile<kUnits>::kMaxRows];
+
+  if (blockIdx.x < p.padding_ctas) {
+    if constexpr (kMap != ScaleMap::kLinear) ZeroScalePaddingRows<kMap>(p);
+    return;
+  }
+  if constexpr (kSilu == SiluImpl::kTable) {
+    // Persistent: each data CTA builds the table once and takes tiles blockIdx, + data CTAs, ...
+    static_assert(kMap == ScaleMap::kExperts, "the SiLU kernels map rows to experts");
+    float* s_silu_table = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(s_offsets) +
+                                                   SiluTableOffset(p.num_experts));
+    quant::BuildSiluTable(s_silu_table, threadIdx.x, kThreads);
+    LoadExpertOffsets(p, s_offsets);  // synchronises: the table is complete too
+    const uint32_t data_ctas = gridDim.x - p.padding_ctas;
+    for (uint32_t tile = blockIdx.x - p.padding_ctas; tile < p.tiles; tile += data_ctas) {
+      QuantizeTile<T, kSilu, kMap, kUnits, kEncode, false>(p, s_offsets, s_row_scale_base,
+                                                           s_silu_table,
+                                                           tile * uint32_t{Tile<kUnits>::kLanes});
+      __syncthreads();  // s_row_scale_base is rewritten by the next tile
+    }
+  } else {
+    QuantizeTile<T, kSilu, kMap, kUnits, kEncode, true>(
+        p, s_offsets, s_row_scale_base, nullptr,
+        (blockIdx.x - p.padding_ctas) * uint32_t{Tile<kUnits>::kLanes});
   }
 }
 
@@ -419,23 +467,104 @@ int UnitsPerThread(int64_t lanes, bool silu, int sm_count) {
   return lanes >= threads_per_sm_pair * 8 * 8 ? 8 : 4;
 }
 
-template <typename T, bool kSilu, ScaleMap kMap, int kUnits>
+// Kernel variants under test (benchmark knobs, read per call; defaults are the measured
+// baseline). MXMOE_QUANTIZE_SILU=fast selects SiluImpl::kFast for the fused SiLU kernels;
+// MXMOE_QUANTIZE_SILU=table selects SiluImpl::kTable for bf16 input when every persistent CTA
+// gets at least kTableMinTilesPerCta tiles (building the table costs about as much as 23 tiles'
+// SiLUs of one thread), kFast otherwise; MXMOE_QUANTIZE_ENCODE=bf16 the packed bf16 encoding for
+// bf16 input; MXMOE_QUANTIZE_TABLE_CTAS_PER_SM=1..8 the kTable kernels' persistent CTAs per SM
+// (default 4: each builds its own table); MXMOE_QUANTIZE_TABLE_MIN_TILES=N replaces
+// kTableMinTilesPerCta (0: the table for any size; tests). All give the same bits as the defaults
+// (tests/gpu/quantize_lane_test.cu; the GPU pytest suite compares with the CPU backend under
+// each).
+constexpr int kTableCtasPerSm = 4;
+constexpr int64_t kTableMinTilesPerCta = 8;
+
+bool EnvIs(const char* name, const char* value) {
+  const char* env = getenv(name);
+  return env != nullptr && strcmp(env, value) == 0;
+}
+
+struct KernelVariant {
+  bool fast_silu;
+  bool table_silu;
+  bool bf16_encode;
+  int32_t table_ctas;  // persistent data CTAs of the kTable kernels
+  int64_t table_min_tiles_per_cta;
+};
+
+KernelVariant VariantFromEnv(int sm_count) {
+  int table_ctas_per_sm = kTableCtasPerSm;
+  if (const char* env = getenv("MXMOE_QUANTIZE_TABLE_CTAS_PER_SM")) {
+    const int v = atoi(env);
+    if (v >= 1 && v <= 8) table_ctas_per_sm = v;
+  }
+  int64_t min_tiles = kTableMinTilesPerCta;
+  if (const char* env = getenv("MXMOE_QUANTIZE_TABLE_MIN_TILES")) {
+    const long long v = atoll(env);
+    if (v >= 0) min_tiles = v;
+  }
+  return {EnvIs("MXMOE_QUANTIZE_SILU", "fast"), EnvIs("MXMOE_QUANTIZE_SILU", "table"),
+          EnvIs("MXMOE_QUANTIZE_ENCODE", "bf16"), table_ctas_per_sm * sm_count, min_tiles};
+}
+
+template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits, quant::Encode kEncode>
 mxmoe_status LaunchRows(const RowsParams& p, int32_t data_ctas, size_t smem,
                         cudaStream_t stream) {
-  QuantizeRowsKernel<T, kSilu, kMap, kUnits>
+  QuantizeRowsKernel<T, kSilu, kMap, kUnits, kEncode>
       <<<p.padding_ctas + data_ctas, kThreads, smem, stream>>>(p);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
 }
 
-template <typename T, bool kSilu, ScaleMap kMap>
-mxmoe_status LaunchRowsWithUnits(const RowsParams& p, int units_per_thread, size_t smem,
-                                 cudaStream_t stream) {
-  const int32_t data_ctas = CtasFor(p.units, units_per_thread);
+template <typename T, SiluImpl kSilu, ScaleMap kMap, quant::Encode kEncode>
+mxmoe_status LaunchRowsWithUnits(RowsParams p, int units_per_thread, size_t smem,
+                                 int32_t persistent_ctas, cudaStream_t stream) {
+  int32_t data_ctas = CtasFor(p.units, units_per_thread);
+  p.tiles = static_cast<uint32_t>(data_ctas);
+  if constexpr (kSilu == SiluImpl::kTable) {
+    data_ctas = std::min(data_ctas, persistent_ctas);
+    smem = SiluTableOffset(p.num_experts) + quant::kSiluTableBytes;
+  }
   if (p.padding_ctas + data_ctas == 0) return MXMOE_STATUS_OK;
   return DispatchValue<1, 2, 4, 8>(units_per_thread, "units per thread", [&](auto units) {
-    return LaunchRows<T, kSilu, kMap, decltype(units)::value>(p, data_ctas, smem, stream);
+    return LaunchRows<T, kSilu, kMap, decltype(units)::value, kEncode>(p, data_ctas, smem,
+                                                                       stream);
   });
+}
+
+// Picks the kernel variant: SiLU implementation (kSilu is kNone or kSilu here) and encoding.
+template <typename T, SiluImpl kSilu, ScaleMap kMap>
+mxmoe_status LaunchRowsVariant(const RowsParams& p, int units_per_thread, size_t smem,
+                               KernelVariant variant, cudaStream_t stream) {
+  if constexpr (kSilu == SiluImpl::kSilu) {
+    if (variant.table_silu) {
+      variant.table_silu = false;
+      if constexpr (std::is_same<T, Bf16>::value && kMap == ScaleMap::kExperts) {
+        const int64_t tiles = CtasFor(p.units, units_per_thread);
+        const size_t table_smem = SiluTableOffset(p.num_experts) + quant::kSiluTableBytes;
+        if (tiles >= variant.table_min_tiles_per_cta * variant.table_ctas &&
+            table_smem <= 48 * 1024) {
+          return LaunchRowsVariant<T, SiluImpl::kTable, kMap>(p, units_per_thread, smem, variant,
+                                                              stream);
+        }
+      }
+      variant.fast_silu = true;
+    }
+    if (variant.fast_silu) {
+      variant.fast_silu = false;
+      return LaunchRowsVariant<T, SiluImpl::kFast, kMap>(p, units_per_thread, smem, variant,
+                                                         stream);
+    }
+  }
+  if constexpr (std::is_same<T, Bf16>::value) {
+    if (variant.bf16_encode) {
+      return LaunchRowsWithUnits<T, kSilu, kMap, quant::Encode::kBf16Packed>(
+          p, units_per_thread, smem, variant.table_ctas, stream);
+    }
+  }
+  return LaunchRowsWithUnits<T, kSilu, kMap, quant::Encode::kFloat>(p, units_per_thread, smem,
+                                                                    variant.table_ctas, stream);
 }
 
 // Quantizes `rows` rows of `base` (k = 8 * lanes per row) in launches of at most
@@ -457,6 +586,8 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
   int sm_count = 0;
   MXMOE_RETURN_IF_ERROR(MultiprocessorCount(device, &sm_count));
   const int units_per_thread = UnitsPerThread(rows * lanes_per_row, kSilu, sm_count);
+  const KernelVariant variant = VariantFromEnv(sm_count);
+  constexpr SiluImpl kImpl = kSilu ? SiluImpl::kSilu : SiluImpl::kNone;
   const int64_t rows_per_launch = std::max<int64_t>(1, MaxUnitsPerLaunch() / lanes_per_row);
   bool first = true;
   for (int64_t row_begin = 0; row_begin < rows || first; row_begin += rows_per_launch) {
@@ -468,7 +599,7 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
     first = false;
     MXMOE_RETURN_IF_ERROR(DispatchActivationDtype(dtype, "input dtype", [&](auto input_dtype) {
       using T = std::conditional_t<decltype(input_dtype)::value == MXMOE_DTYPE_BF16, Bf16, Fp16>;
-      return LaunchRowsWithUnits<T, kSilu, kMap>(p, units_per_thread, smem, stream);
+      return LaunchRowsVariant<T, kImpl, kMap>(p, units_per_thread, smem, variant, stream);
     }));
   }
   return MXMOE_STATUS_OK;

@@ -6,9 +6,15 @@
 //      fp16, and fp32 -> bf16 / fp16 (round to nearest even) for every fp32 bit pattern
 //      (NaN excluded: a NaN block is zeroed whatever its bits);
 //   3. FastDivmod against '/' for the divisors the kernels meet and edge numerators;
+//   1b. ScaleEncodeE2M1x2Bf16 (the packed bf16 encoding, quant::Encode::kBf16Packed) ==
+//      format::FloatToE2M1(x * 2^(127-s)) for every bf16 x and every scale s <= 253;
 //   3b. format::SiluF32 == g / (1 + ExpF32(-g)) bit for bit on every fp32 input (NaN: both NaN);
+//   3c. quant::SiluFastF32 == format::SiluF32 bit for bit on every fp32 input of its domain
+//      (2^-64 <= |g| <= 64), and its domain flag is set exactly there; the SiLU table path
+//      (quant::SiluTableF32 over quant::BuildSiluTable) == format::SiluF32 for every bf16;
 //   4. QuantizeLane (4 lanes per 32-element block, warp shuffles) against a per-block reference
-//      built from format.h only (the CPU backend's QuantizeBlock), on random and hard blocks.
+//      built from format.h only (the CPU backend's QuantizeBlock), on random and hard blocks, for
+//      both encodings of bf16 blocks.
 // A standalone program for the GPU host (tools/gpu/run.sh runs it; built by
 // tests/gpu/build_quantize_lane_test.sh). MXMOE_GPU_TEST_QUICK=1 samples instead of enumerating
 // (compute-sanitizer runs). Prints "N passed, M failed"; exit code != 0 on any failure.
@@ -84,6 +90,27 @@ __global__ void EncodeKernel(bool fp16, uint64_t stride, Mismatch* m) {
   }
 }
 
+// The packed bf16 encoding: index = s << 16 | x as in EncodeKernel, scales 0..253.
+__global__ void EncodeBf16Kernel(uint64_t stride, Mismatch* m) {
+  const uint64_t total = 254ull << 16;
+  for (uint64_t i = (blockIdx.x * uint64_t{blockDim.x} + threadIdx.x) * stride; i < total;
+       i += uint64_t{gridDim.x} * blockDim.x * stride) {
+    const uint32_t s = static_cast<uint32_t>(i >> 16);
+    const uint32_t x = static_cast<uint32_t>(i & 0xFFFF);
+    const uint32_t x2 = (x * 40503u + 12345u) & 0xFFFF;
+    bool ok0, ok1;
+    const float v0 = ProductFor(false, x, s, &ok0);
+    const float v1 = ProductFor(false, x2, s, &ok1);
+    if (!ok0) continue;
+    const uint32_t mult = quant::FloatBits16(fmt::QuantMultiplier(static_cast<uint8_t>(s)));
+    const uint32_t got = quant::ScaleEncodeE2M1x2Bf16(x | (ok1 ? x2 << 16 : 0u),
+                                                      mult | (mult << 16));
+    const uint32_t want =
+        fmt::FloatToE2M1(v0) | (ok1 ? uint32_t{fmt::FloatToE2M1(v1)} << 16 : 0u);
+    if (got != want) Record(m, i, got, want);
+  }
+}
+
 __global__ void Fp16ToFloatKernel(Mismatch* m) {
   const uint32_t h = blockIdx.x * blockDim.x + threadIdx.x;
   if (h > 0xFFFF) return;
@@ -132,6 +159,41 @@ __global__ void SiluKernel(uint64_t stride, Mismatch* m) {
   }
 }
 
+// Every fp32 bit pattern: SiluFastF32 against format::SiluF32 where its domain flag is set, and
+// the flag against the domain's definition.
+__global__ void SiluFastKernel(uint64_t stride, Mismatch* m, Mismatch* flag) {
+  const uint64_t total = 1ull << 32;
+  for (uint64_t i = (blockIdx.x * uint64_t{blockDim.x} + threadIdx.x) * stride; i < total;
+       i += uint64_t{gridDim.x} * blockDim.x * stride) {
+    const float g = __uint_as_float(static_cast<uint32_t>(i));
+    bool in_domain = true;
+    const float got = quant::SiluFastF32(g, &in_domain);
+    const bool want_in = fabsf(g) >= 0x1p-64f && fabsf(g) <= 64.0f;  // false for NaN
+    if (in_domain != want_in) Record(flag, i, in_domain, want_in);
+    if (!want_in) continue;
+    const float want = fmt::SiluF32(g);
+    if (__float_as_uint(got) != __float_as_uint(want)) {
+      Record(m, i, __float_as_uint(got), __float_as_uint(want));
+    }
+  }
+}
+
+// Every bf16 gate value: the SiLU table path (table built in shared memory as the kernels do)
+// against format::SiluF32 (NaN: both NaN).
+__global__ void SiluTableKernel(Mismatch* m) {
+  __shared__ float table[quant::kSiluTableEntries];
+  quant::BuildSiluTable(table, threadIdx.x, blockDim.x);
+  __syncthreads();
+  for (uint32_t h = blockIdx.x * blockDim.x + threadIdx.x; h <= 0xFFFFu;
+       h += gridDim.x * blockDim.x) {
+    const float got = quant::SiluTableF32(table, h);
+    const float want = fmt::SiluF32(__uint_as_float(h << 16));
+    const bool same = __float_as_uint(got) == __float_as_uint(want) ||
+                      (fmt::IsNaN(got) && fmt::IsNaN(want));
+    if (!same) Record(m, h, __float_as_uint(got), __float_as_uint(want));
+  }
+}
+
 // FastDivmod::Make runs on the host (as in the kernels' launchers); Div on the device.
 __global__ void DivmodKernel(const FastDivmod* divisors, int num_divisors,
                              const uint32_t* numerators, int num_numerators, Mismatch* m) {
@@ -147,7 +209,7 @@ __global__ void DivmodKernel(const FastDivmod* divisors, int num_divisors,
   }
 }
 
-template <typename T>
+template <typename T, quant::Encode kEncode>
 __global__ void LaneKernel(const uint16_t* blocks, int num_blocks, uint32_t* codes,
                            uint8_t* scales) {
   // 4 lanes per block: lane 4b + j holds elements 8j .. 8j+7 of block b.
@@ -155,7 +217,7 @@ __global__ void LaneKernel(const uint16_t* blocks, int num_blocks, uint32_t* cod
   const int block = min(lane_global / 4, num_blocks - 1);
   const int j = lane_global % 4;
   const uint4 raw = *reinterpret_cast<const uint4*>(blocks + block * 32 + j * 8);
-  const quant::QuantizedLane q = quant::QuantizeLane<T>(quant::AsLane8(raw));
+  const quant::QuantizedLane q = quant::QuantizeLane<T, kEncode>(quant::AsLane8(raw));
   if (lane_global / 4 < num_blocks) {
     codes[block * 4 + j] = q.codes;
     if (j == 0) scales[block] = q.scale;
@@ -215,7 +277,7 @@ void ReportDevice(const char* name, Mismatch* device_tally) {
   Report(name, m);
 }
 
-void CheckLanes(bool fp16, int num_blocks, std::mt19937* rng) {
+void CheckLanes(bool fp16, bool packed, int num_blocks, std::mt19937* rng) {
   std::vector<uint16_t> blocks(static_cast<size_t>(num_blocks) * 32);
   std::uniform_int_distribution<int> bits(0, 0xFFFF);
   std::uniform_int_distribution<int> kind(0, 5);
@@ -244,9 +306,14 @@ void CheckLanes(bool fp16, int num_blocks, std::mt19937* rng) {
   const int threads = 256;
   const int grid = (lanes + threads - 1) / threads;
   if (fp16) {
-    LaneKernel<Fp16><<<grid, threads>>>(d_blocks, num_blocks, d_codes, d_scales);
+    LaneKernel<Fp16, quant::Encode::kFloat><<<grid, threads>>>(d_blocks, num_blocks, d_codes,
+                                                               d_scales);
+  } else if (packed) {
+    LaneKernel<Bf16, quant::Encode::kBf16Packed><<<grid, threads>>>(d_blocks, num_blocks,
+                                                                    d_codes, d_scales);
   } else {
-    LaneKernel<Bf16><<<grid, threads>>>(d_blocks, num_blocks, d_codes, d_scales);
+    LaneKernel<Bf16, quant::Encode::kFloat><<<grid, threads>>>(d_blocks, num_blocks, d_codes,
+                                                               d_scales);
   }
   CHECK_CUDA(cudaGetLastError());
   std::vector<uint32_t> codes(static_cast<size_t>(num_blocks) * 4);
@@ -274,7 +341,10 @@ void CheckLanes(bool fp16, int num_blocks, std::mt19937* rng) {
       m.want = want_scale;
     }
   }
-  Report(fp16 ? "QuantizeLane fp16 blocks" : "QuantizeLane bf16 blocks", m);
+  Report(fp16     ? "QuantizeLane fp16 blocks"
+         : packed ? "QuantizeLane bf16 blocks, packed bf16 encoding"
+                  : "QuantizeLane bf16 blocks",
+         m);
   CHECK_CUDA(cudaFree(d_blocks));
   CHECK_CUDA(cudaFree(d_codes));
   CHECK_CUDA(cudaFree(d_scales));
@@ -307,6 +377,13 @@ int main() {
   }
   {
     Mismatch* m = NewMismatch();
+    EncodeBf16Kernel<<<grid, 256>>>(quick ? 257 : 1, m);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(cudaDeviceSynchronize());
+    ReportDevice("ScaleEncodeE2M1x2Bf16 == FloatToE2M1, every bf16 x every scale <= 253", m);
+  }
+  {
+    Mismatch* m = NewMismatch();
     Fp16ToFloatKernel<<<256, 256>>>(m);
     CHECK_CUDA(cudaGetLastError());
     CHECK_CUDA(cudaDeviceSynchronize());
@@ -327,6 +404,22 @@ int main() {
     CHECK_CUDA(cudaGetLastError());
     CHECK_CUDA(cudaDeviceSynchronize());
     ReportDevice("format::SiluF32 == its definition, every fp32", m);
+  }
+  {
+    Mismatch* m = NewMismatch();
+    Mismatch* flag = NewMismatch();
+    SiluFastKernel<<<grid, 256>>>(quick ? 65537 : 1, m, flag);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(cudaDeviceSynchronize());
+    ReportDevice("quant::SiluFastF32 == format::SiluF32, every fp32 of its domain", m);
+    ReportDevice("quant::SiluFastF32 domain flag, every fp32", flag);
+  }
+  {
+    Mismatch* m = NewMismatch();
+    SiluTableKernel<<<64, 256>>>(m);
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(cudaDeviceSynchronize());
+    ReportDevice("quant::SiluTableF32 == format::SiluF32, every bf16", m);
   }
   {
     std::vector<uint32_t> divisors;
@@ -368,8 +461,9 @@ int main() {
     CHECK_CUDA(cudaFree(d_num));
   }
   std::mt19937 rng(42);
-  CheckLanes(false, quick ? 1024 : 1 << 18, &rng);
-  CheckLanes(true, quick ? 1024 : 1 << 18, &rng);
+  CheckLanes(false, false, quick ? 1024 : 1 << 18, &rng);
+  CheckLanes(false, true, quick ? 1024 : 1 << 18, &rng);
+  CheckLanes(true, false, quick ? 1024 : 1 << 18, &rng);
 
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;

@@ -377,10 +377,15 @@ def test_experts_quantize_bit_exact(dtype, num_experts, pattern, k, silu, kind):
     ("MXMOE_QUANTIZE_UNITS", "2"),
     ("MXMOE_QUANTIZE_UNITS", "4"),
     ("MXMOE_QUANTIZE_UNITS", "8"),
+    ("MXMOE_QUANTIZE_SILU", "fast"),
+    ("MXMOE_QUANTIZE_SILU", "table"),
+    ("MXMOE_QUANTIZE_ENCODE", "bf16"),
 ])
 def test_kernel_variants_bit_exact(monkeypatch, knob, value):
-    """Every kernel variant the size heuristic or a knob can pick (lanes per thread)."""
+    """Every kernel variant the size heuristic or a knob can pick (lanes per thread, the fast
+    SiLU, the SiLU table at any size, the packed bf16 encoding)."""
     monkeypatch.setenv(knob, value)
+    monkeypatch.setenv("MXMOE_QUANTIZE_TABLE_MIN_TILES", "0")
     seed = _seed("variants", knob, value)
     gen = torch.Generator().manual_seed(seed)
     counts = expert_counts("mixed", 12, gen)

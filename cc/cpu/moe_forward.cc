@@ -203,7 +203,8 @@ mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,
   // 4. Gather and quantize the hidden rows.
   const int64_t hidden_row_bytes = hidden * act_bytes;
   const uint8_t* hidden_states = static_cast<const uint8_t*>(args.hidden_states);
-  ParallelFor(rows, 64, [&](int64_t begin, int64_t end) {
+  // hidden = 0: no bytes to gather, and ws.activations is then NULL (memcpy(NULL, ...) is UB).
+  ParallelFor(hidden_row_bytes > 0 ? rows : 0, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       memcpy(ws.activations + r * hidden_row_bytes,
              hidden_states + ws.token_of_row[r] * hidden_row_bytes,

@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
+#include <deque>
+#include <mutex>
 #include <string>
 
 #include "cc/base/status.h"
@@ -12,10 +15,24 @@
 namespace mxmoe {
 namespace {
 
+// The value of MXMOE_BACKEND ("" when unset), read once per process, at the first backend
+// selection. getenv races with a setenv on another thread (ASan saw getenv crash while a thread
+// changed the environment), and no lock of ours can order a caller's setenv; reading once also
+// keeps one process on one backend choice.
+std::atomic<const std::string*> backend_env{nullptr};
+
+const std::string& BackendEnv() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (backend_env.load() == nullptr) ReloadBackendEnvForTesting();
+  });
+  return *backend_env.load();
+}
+
 // MXMOE_BACKEND parsed: AUTO when unset, empty or "auto".
 mxmoe_status BackendOverride(mxmoe_backend* backend) {
-  const char* env = getenv("MXMOE_BACKEND");
-  if (env == nullptr || env[0] == '\0' || strcmp(env, "auto") == 0) {
+  const char* env = BackendEnv().c_str();
+  if (env[0] == '\0' || strcmp(env, "auto") == 0) {
     *backend = MXMOE_BACKEND_AUTO;
   } else if (strcmp(env, "cpu") == 0) {
     *backend = MXMOE_BACKEND_CPU;
@@ -31,6 +48,17 @@ mxmoe_status BackendOverride(mxmoe_backend* backend) {
 }
 
 }  // namespace
+
+void ReloadBackendEnvForTesting() {
+  // Every value read stays alive (a deque never moves its elements): another thread may still
+  // be reading the previous one.
+  static std::mutex mutex;
+  static std::deque<std::string> values;
+  std::lock_guard<std::mutex> lock(mutex);
+  const char* env = getenv("MXMOE_BACKEND");
+  values.emplace_back(env != nullptr ? env : "");
+  backend_env.store(&values.back());
+}
 
 std::string DeviceString(const mxmoe_device& device) {
   std::string type;

@@ -23,8 +23,13 @@ mxmoe_status CheckDevice(const mxmoe_device& device);
 //           MXMOE_BACKEND=cpu -> UNSUPPORTED; =sm90|sm100 on a device of another capability ->
 //           UNSUPPORTED; no visible CUDA device -> UNSUPPORTED; id beyond the device count ->
 //           INVALID_ARGUMENT.
-// An unknown MXMOE_BACKEND value is INVALID_ARGUMENT.
+// An unknown MXMOE_BACKEND value is INVALID_ARGUMENT. MXMOE_BACKEND is read once per process, at
+// the first call that selects a backend; later changes to the environment have no effect.
 mxmoe_status ResolveBackend(const mxmoe_device& device, mxmoe_backend* backend);
+
+// Re-reads MXMOE_BACKEND: for tests that try several values in one process. Racy against a
+// concurrent setenv like any getenv, so never called by the library itself.
+void ReloadBackendEnvForTesting();
 
 }  // namespace mxmoe
 

@@ -1,8 +1,9 @@
 // The extern "C" entry points of mxmoe.h: each clears the thread's last error, validates its
-// arguments completely (validate.h), chooses the backend and calls mxmoe::cpu::X or
-// mxmoe::cuda::X. No C++ exception crosses this boundary: anything thrown below becomes
-// MXMOE_STATUS_INTERNAL with a message. Outputs (including *bytes of the size queries) are
-// written only after validation passed.
+// arguments completely (validate.h), returns OK at once when there is no output byte to write
+// (WritesNothing), chooses the backend and calls mxmoe::cpu::X or mxmoe::cuda::X. No C++
+// exception crosses this boundary: anything thrown below becomes MXMOE_STATUS_INTERNAL with a
+// message. Outputs (including *bytes of the size queries) are written only after validation
+// passed.
 #include <new>
 #include <stdexcept>
 
@@ -139,6 +140,7 @@ mxmoe_status mxmoe_quantize(const mxmoe_quantize_args* args, void* stream) {
     if (args == nullptr) return mxmoe::NullArgs();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateQuantize(*args, &backend));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::Quantize(*args)
                                         : mxmoe::cuda::Quantize(*args, stream);
   });
@@ -149,6 +151,7 @@ mxmoe_status mxmoe_dequantize(const mxmoe_dequantize_args* args, void* stream) {
     if (args == nullptr) return mxmoe::NullArgs();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateDequantize(*args, &backend));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::Dequantize(*args)
                                         : mxmoe::cuda::Dequantize(*args, stream);
   });
@@ -159,6 +162,7 @@ mxmoe_status mxmoe_experts_quantize(const mxmoe_experts_quantize_args* args, voi
     if (args == nullptr) return mxmoe::NullArgs();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateExpertsQuantize(*args, &backend));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::ExpertsQuantize(*args)
                                         : mxmoe::cuda::ExpertsQuantize(*args, stream);
   });
@@ -170,6 +174,7 @@ mxmoe_status mxmoe_silu_mul_experts_quantize(const mxmoe_silu_mul_experts_quanti
     if (args == nullptr) return mxmoe::NullArgs();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateSiluMulExpertsQuantize(*args, &backend));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::SiluMulExpertsQuantize(*args)
                                         : mxmoe::cuda::SiluMulExpertsQuantize(*args, stream);
   });
@@ -180,6 +185,7 @@ mxmoe_status mxmoe_swizzle_scales(const mxmoe_swizzle_scales_args* args, void* s
     if (args == nullptr) return mxmoe::NullArgs();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateSwizzleScales(*args, /*unswizzle=*/false, &backend));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::SwizzleScales(*args)
                                         : mxmoe::cuda::SwizzleScales(*args, stream);
   });
@@ -190,6 +196,7 @@ mxmoe_status mxmoe_unswizzle_scales(const mxmoe_swizzle_scales_args* args, void*
     if (args == nullptr) return mxmoe::NullArgs();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateSwizzleScales(*args, /*unswizzle=*/true, &backend));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::UnswizzleScales(*args)
                                         : mxmoe::cuda::UnswizzleScales(*args, stream);
   });
@@ -200,6 +207,7 @@ mxmoe_status mxmoe_quantize_weights(const mxmoe_quantize_weights_args* args, voi
     if (args == nullptr) return mxmoe::NullArgs();
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateQuantizeWeights(*args, &backend));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::QuantizeWeights(*args)
                                         : mxmoe::cuda::QuantizeWeights(*args, stream);
   });
@@ -209,21 +217,6 @@ mxmoe_status mxmoe_quantize_weights(const mxmoe_quantize_weights_args* args, voi
 
 namespace mxmoe {
 namespace {
-
-mxmoe_status PrepareWeightsSizeFor(const mxmoe_prepare_weights_args& args, mxmoe_backend backend,
-                                   size_t* bytes) {
-  switch (backend) {
-    case MXMOE_BACKEND_CPU:
-      *bytes = cpu::PrepareWeightsSize(args.weights);
-      return MXMOE_STATUS_OK;
-    case MXMOE_BACKEND_SM90:
-      return cuda::PrepareWeightsSm90Size(args, bytes);
-    case MXMOE_BACKEND_SM100:
-      return cuda::PrepareWeightsSm100Size(args, bytes);
-    default:
-      return Fail(MXMOE_STATUS_INTERNAL, "no prepare_weights size for backend ", backend);
-  }
-}
 
 mxmoe_status GroupedGemmWorkspaceSizeFor(const mxmoe_grouped_gemm_args& args,
                                          mxmoe_backend backend, size_t* bytes) {
@@ -310,6 +303,8 @@ mxmoe_status mxmoe_grouped_gemm(const mxmoe_grouped_gemm_args* args, void* works
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateWorkspace("mxmoe_grouped_gemm_workspace_size", workspace,
                                                    workspace_bytes, needed, backend,
                                                    args->device));
+    MXMOE_RETURN_IF_ERROR(mxmoe::CheckWorkspaceOverlap(*args, workspace, needed));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     switch (backend) {
       case MXMOE_BACKEND_CPU:
         return mxmoe::cpu::GroupedGemm(*args);
@@ -346,6 +341,8 @@ mxmoe_status mxmoe_moe_forward(const mxmoe_moe_forward_args* args, void* workspa
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateWorkspace("mxmoe_moe_forward_workspace_size", workspace,
                                                    workspace_bytes, needed, backend,
                                                    args->device));
+    MXMOE_RETURN_IF_ERROR(mxmoe::CheckWorkspaceOverlap(*args, workspace, needed));
+    if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
     if (backend == MXMOE_BACKEND_CPU) {
       return mxmoe::cpu::MoeForward(*args, workspace, workspace_bytes);
     }

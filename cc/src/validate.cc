@@ -13,7 +13,9 @@
 #include <vector>
 
 #include "cc/base/status.h"
+#include "cc/cpu/cpu_backend.h"
 #include "cc/cuda/device.h"
+#include "cc/cuda/grouped_gemm.h"
 #include "cc/src/backend.h"
 #include "mxmoe/format.h"
 
@@ -36,12 +38,6 @@ std::string Address(const void* ptr) {
 // Metadata on the host may sit at any address (the CPU backend needs no alignment).
 int32_t ReadI32(const int32_t* base, int64_t index) {
   int32_t v;
-  memcpy(&v, reinterpret_cast<const uint8_t*>(base) + index * 4, 4);
-  return v;
-}
-
-float ReadF32(const float* base, int64_t index) {
-  float v;
   memcpy(&v, reinterpret_cast<const uint8_t*>(base) + index * 4, 4);
   return v;
 }
@@ -124,17 +120,22 @@ std::string ShapeString(const Buffer& buffer) {
   return s + "]";
 }
 
-// Bytes of `buffer`, failing when a dim overflowed or the product overflows int64.
+// Bytes of `buffer`, failing when a dim overflowed or when the extents times the element size
+// overflow int64. A zero extent counts as one in that product: whether [0, 2^40, 2^40] is
+// accepted must not depend on where its zero stands, and kernels index with the other extents
+// even when the buffer is empty.
 mxmoe_status BufferBytes(const Buffer& buffer, int64_t* bytes) {
-  int64_t total = buffer.element_bytes;
+  int64_t extent = buffer.element_bytes;
+  bool empty = false;
   for (int64_t d : buffer.dims) {
-    if (d < 0 || (d > 0 && total > kInt64Max / d)) {
+    if (d < 0 || (d > 0 && extent > kInt64Max / d)) {
       return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "size of ", buffer.name, " (", ShapeString(buffer),
                   " x ", buffer.element_bytes, " bytes) overflows int64");
     }
-    total *= d;
+    if (d == 0) empty = true;
+    extent *= d > 0 ? d : 1;
   }
-  *bytes = total;
+  *bytes = empty ? 0 : extent;
   return MXMOE_STATUS_OK;
 }
 
@@ -228,9 +229,14 @@ mxmoe_status CheckExpertWeights(const std::string& name, const mxmoe_expert_weig
                     "got ",
                     Address(w.scales));
       }
-      // The prepared size is the backend's business; the buffer only must exist when non-empty.
+      // Its length is checked against the backend's size once the backend is known
+      // (CheckPreparedFor); here it must be a length and exist when non-empty.
+      if (w.prepared_bytes > static_cast<uint64_t>(kInt64Max)) {
+        return Fail(MXMOE_STATUS_INVALID_ARGUMENT, name, ".prepared_bytes is not a length, got ",
+                    w.prepared_bytes);
+      }
       buffers->push_back(
-          Data(packed.c_str(), w.packed, {w.n > 0 && w.k > 0 ? 1 : 0}, 1));
+          Data(packed.c_str(), w.packed, {static_cast<int64_t>(w.prepared_bytes)}, 1));
       break;
     default:
       return Fail(MXMOE_STATUS_INVALID_ARGUMENT, name,
@@ -259,10 +265,15 @@ mxmoe_status CheckWeightsMatch(const std::string& name, const mxmoe_expert_weigh
   return CheckExpertWeights(name, w, buffers);
 }
 
-// PREPARED weights are read only by the backend that prepared them.
+mxmoe_status CheckPreparedBytes(const std::string& name, const mxmoe_expert_weights& w,
+                                mxmoe_backend backend, const mxmoe_device& device);
+
+// PREPARED weights are read only by the backend that prepared them, and their buffer must hold
+// what that backend's mxmoe_prepare_weights_size says.
 mxmoe_status CheckPreparedFor(const std::string& name, const mxmoe_expert_weights& w,
                               mxmoe_backend backend, const mxmoe_device& device) {
-  if (w.format != MXMOE_WEIGHT_FORMAT_PREPARED || w.backend == backend) return MXMOE_STATUS_OK;
+  if (w.format != MXMOE_WEIGHT_FORMAT_PREPARED) return MXMOE_STATUS_OK;
+  if (w.backend == backend) return CheckPreparedBytes(name, w, backend, device);
   // Only cast values inside the enum's range (anything else is "unknown").
   const bool known = w.backend >= MXMOE_BACKEND_AUTO && w.backend <= MXMOE_BACKEND_SM100;
   const char* prepared_by =
@@ -271,6 +282,36 @@ mxmoe_status CheckPreparedFor(const std::string& name, const mxmoe_expert_weight
               "' (", name, ".backend=", w.backend, ") but device ", DeviceString(device),
               " is served by backend '", mxmoe_backend_name(backend),
               "'; prepare the weights for that backend");
+}
+
+// The backends' prepared-size formulas multiply the dims (with padding): bound them first,
+// generously (two bytes per padded weight, far above any layout's 4.25 bits).
+mxmoe_status CheckPreparedSizeBound(const std::string& name, const mxmoe_expert_weights& w) {
+  int64_t bound = 0;
+  return BufferBytes(
+      Data((name + " (prepared)").c_str(), w.packed,
+           {w.num_experts, RoundUpOrOverflow(w.n, 256), RoundUpOrOverflow(w.k, 256)}, 2),
+      &bound);
+}
+
+mxmoe_status CheckPreparedBytes(const std::string& name, const mxmoe_expert_weights& w,
+                                mxmoe_backend backend, const mxmoe_device& device) {
+  MXMOE_RETURN_IF_ERROR(CheckPreparedSizeBound(name, w));
+  mxmoe_prepare_weights_args as_prepared{};
+  as_prepared.weights = w;
+  as_prepared.weights.format = MXMOE_WEIGHT_FORMAT_LINEAR;
+  as_prepared.weights.scales = nullptr;
+  as_prepared.backend = backend;
+  as_prepared.device = device;
+  size_t needed = 0;
+  MXMOE_RETURN_IF_ERROR(PrepareWeightsSizeFor(as_prepared, backend, &needed));
+  if (w.prepared_bytes < needed) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, name, ".prepared_bytes must be at least ", needed,
+                " (mxmoe_prepare_weights_size for ", w.num_experts, " experts, n=", w.n,
+                ", k=", w.k, ", backend ", mxmoe_backend_name(backend), "), got ",
+                w.prepared_bytes);
+  }
+  return MXMOE_STATUS_OK;
 }
 
 // ---- CPU metadata -----------------------------------------------------------------------------
@@ -340,6 +381,21 @@ mxmoe_status CheckDeviceAndBackend(const mxmoe_device& device, mxmoe_backend* ba
 }
 
 }  // namespace
+
+mxmoe_status PrepareWeightsSizeFor(const mxmoe_prepare_weights_args& args, mxmoe_backend backend,
+                                   size_t* bytes) {
+  switch (backend) {
+    case MXMOE_BACKEND_CPU:
+      *bytes = cpu::PrepareWeightsSize(args.weights);
+      return MXMOE_STATUS_OK;
+    case MXMOE_BACKEND_SM90:
+      return cuda::PrepareWeightsSm90Size(args, bytes);
+    case MXMOE_BACKEND_SM100:
+      return cuda::PrepareWeightsSm100Size(args, bytes);
+    default:
+      return Fail(MXMOE_STATUS_INTERNAL, "no prepare_weights size for backend ", backend);
+  }
+}
 
 // ---- entry points -----------------------------------------------------------------------------
 
@@ -424,7 +480,9 @@ mxmoe_status ValidateSiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantiz
   if (a.n > kInt64Max / 2) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "n is too large, got ", a.n);
   }
-  return ValidateGroupedQuantize(a.device, a.rows, a.n, "n", 2 * a.n, a.num_experts, a.input,
+  // A negative n is reported as such below; doubling it could overflow (n = INT64_MIN).
+  const int64_t input_cols = a.n < 0 ? a.n : 2 * a.n;
+  return ValidateGroupedQuantize(a.device, a.rows, a.n, "n", input_cols, a.num_experts, a.input,
                                  a.input_dtype, a.expert_offsets, a.blockscale_offsets, a.packed,
                                  a.scales, a.scale_rows, backend);
 }
@@ -475,6 +533,7 @@ mxmoe_status ValidatePrepareWeights(const mxmoe_prepare_weights_args& a, Validat
   }
   std::vector<Buffer> buffers;
   MXMOE_RETURN_IF_ERROR(CheckExpertWeights("weights", a.weights, &buffers));
+  MXMOE_RETURN_IF_ERROR(CheckPreparedSizeBound("weights", a.weights));
   if (a.backend < MXMOE_BACKEND_AUTO || a.backend > MXMOE_BACKEND_SM100) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
                 "backend must be AUTO (0), CPU (1), SM90 (2) or SM100 (3), got ", a.backend);
@@ -581,6 +640,20 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
   if (a.hidden_size > kInt64Max / 2 || a.intermediate_size > kInt64Max / 2) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "hidden_size / intermediate_size too large");
   }
+  {
+    // Every backend's workspace is fewer than 16 slices of at most [routed rows + scale padding,
+    // max(H, 2I, E_global)] elements of 4 bytes: bounding that sum here means no size computation
+    // in a *_workspace_size can wrap (T=7, H=2.4e17, top_k=6 once came back OK, wrapped).
+    const int64_t padded_rows = std::max<int64_t>(
+        slots + 127 * std::min<int64_t>(slots, a.num_local_experts), a.num_tokens);
+    const int64_t widest = std::max({a.hidden_size, 2 * a.intermediate_size,
+                                     int64_t{a.num_global_experts}});
+    int64_t bytes = 0;
+    MXMOE_RETURN_IF_ERROR(BufferBytes(
+        Data("the workspace (16 slices of [routed rows, max(H, 2I, E_global)] x 4 bytes)", nullptr,
+             {16, padded_rows, widest}, 4),
+        &bytes));
+  }
   std::vector<Buffer> buffers = {
       Data("hidden_states", a.hidden_states, {a.num_tokens, a.hidden_size}, 2),
       Data("output", a.output, {a.num_tokens, a.hidden_size}, 2),
@@ -639,11 +712,8 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
                     ", slot ", i % a.top_k, ") must be in [0, num_global_experts=",
                     a.num_global_experts, "), got ", id);
       }
-      const float w = ReadF32(a.topk_weights, i);
-      if (!std::isfinite(w)) {
-        return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "topk_weights[", i, "] (token ", i / a.top_k,
-                    ", slot ", i % a.top_k, ") must be finite, got ", w);
-      }
+      // topk_weights may be non-finite, like router logits (mxmoe.h): they are data, confined to
+      // their token's output, and no CUDA backend could reject them without a synchronisation.
     }
   }
   if (a.expert_map != nullptr) {
@@ -672,6 +742,119 @@ mxmoe_status ValidateWorkspace(const char* query, const void* workspace, size_t 
   const std::vector<Buffer> buffers = {
       Data("workspace", workspace, {static_cast<int64_t>(needed)}, 1)};
   return CheckPlacement(buffers, backend, device);
+}
+
+// ---- workspace overlap -------------------------------------------------------------------------
+
+namespace {
+
+struct Range {
+  std::string name;
+  const void* ptr;
+  int64_t bytes;
+};
+
+int64_t Product(std::initializer_list<int64_t> dims) {  // of validated dims: cannot overflow
+  int64_t p = 1;
+  for (int64_t d : dims) p *= d;
+  return p;
+}
+
+void AddWeightRanges(const char* name, const mxmoe_expert_weights& w, std::vector<Range>* out) {
+  const std::string n = name;
+  if (w.format == MXMOE_WEIGHT_FORMAT_PREPARED) {
+    out->push_back({n + ".packed", w.packed, static_cast<int64_t>(w.prepared_bytes)});
+    return;
+  }
+  out->push_back({n + ".packed", w.packed, Product({w.num_experts, w.n, w.k / 2})});
+  const int64_t scale_bytes =
+      w.format == MXMOE_WEIGHT_FORMAT_LINEAR
+          ? Product({w.num_experts, w.n, w.k / 32})
+          : Product({w.num_experts, format::RoundUp(w.n, format::kSwizzleRows),
+                     format::RoundUp(w.k / 32, format::kSwizzleCols)});
+  out->push_back({n + ".scales", w.scales, scale_bytes});
+}
+
+mxmoe_status CheckNoOverlap(const void* workspace, size_t needed,
+                            const std::vector<Range>& ranges) {
+  if (workspace == nullptr || needed == 0) return MXMOE_STATUS_OK;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(workspace);
+  const uintptr_t end = needed > UINTPTR_MAX - begin ? UINTPTR_MAX : begin + needed;
+  for (const Range& r : ranges) {
+    if (r.ptr == nullptr || r.bytes <= 0) continue;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(r.ptr);
+    const uintptr_t hi = static_cast<uint64_t>(r.bytes) > UINTPTR_MAX - lo
+                             ? UINTPTR_MAX
+                             : lo + static_cast<uintptr_t>(r.bytes);
+    if (lo < end && begin < hi) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "workspace (", Address(workspace), ", the ",
+                  needed, " bytes the operation uses) overlaps ", r.name, " (", Address(r.ptr),
+                  ", ", r.bytes, " bytes): the operation would overwrite its own arguments");
+    }
+  }
+  return MXMOE_STATUS_OK;
+}
+
+}  // namespace
+
+mxmoe_status CheckWorkspaceOverlap(const mxmoe_grouped_gemm_args& a, const void* workspace,
+                                   size_t needed) {
+  std::vector<Range> ranges = {
+      {"a", a.a, Product({a.rows, a.k / 2})},
+      {"a_scales", a.a_scales,
+       Product({a.a_scale_rows, format::RoundUp(a.k / 32, format::kSwizzleCols)})},
+      {"expert_offsets", a.expert_offsets, Product({int64_t{a.num_experts} + 1, 4})},
+      {"blockscale_offsets", a.blockscale_offsets, Product({int64_t{a.num_experts} + 1, 4})},
+      {"problem_sizes", a.problem_sizes, Product({a.num_experts, 3, 4})},
+      {"c", a.c, Product({a.rows, a.n, 2})},
+  };
+  AddWeightRanges("b", a.b, &ranges);
+  return CheckNoOverlap(workspace, needed, ranges);
+}
+
+mxmoe_status CheckWorkspaceOverlap(const mxmoe_moe_forward_args& a, const void* workspace,
+                                   size_t needed) {
+  const int64_t t = a.num_tokens;
+  std::vector<Range> ranges = {
+      {"hidden_states", a.hidden_states, Product({t, a.hidden_size, 2})},
+      {"output", a.output, Product({t, a.hidden_size, 2})},
+      {"router_logits", a.router_logits,
+       Product({t, a.num_global_experts, DtypeBytes(a.router_logits_dtype)})},
+      {"topk_ids", a.topk_ids, Product({t, a.top_k, 4})},
+      {"topk_weights", a.topk_weights, Product({t, a.top_k, 4})},
+      {"expert_map", a.expert_map, Product({a.num_global_experts, 4})},
+  };
+  AddWeightRanges("w13", a.w13, &ranges);
+  AddWeightRanges("w2", a.w2, &ranges);
+  return CheckNoOverlap(workspace, needed, ranges);
+}
+
+// ---- operations with nothing to write -------------------------------------------------------------
+
+bool WritesNothing(const mxmoe_quantize_args& a) { return a.rows == 0 || a.k == 0; }
+
+bool WritesNothing(const mxmoe_dequantize_args& a) { return a.rows == 0 || a.k == 0; }
+
+bool WritesNothing(const mxmoe_experts_quantize_args& a) {
+  return a.k == 0 || (a.rows == 0 && a.scale_rows == 0);
+}
+
+bool WritesNothing(const mxmoe_silu_mul_experts_quantize_args& a) {
+  return a.n == 0 || (a.rows == 0 && a.scale_rows == 0);
+}
+
+bool WritesNothing(const mxmoe_swizzle_scales_args& a) {
+  // The swizzled side is padded (rows to 128, cols to 4), so it is empty only with a zero extent,
+  // like the linear side: both directions write nothing exactly when an extent is 0.
+  return a.batch == 0 || a.rows == 0 || a.cols == 0;
+}
+
+bool WritesNothing(const mxmoe_quantize_weights_args& a) { return a.n == 0 || a.k == 0; }
+
+bool WritesNothing(const mxmoe_grouped_gemm_args& a) { return a.rows == 0 || a.n == 0; }
+
+bool WritesNothing(const mxmoe_moe_forward_args& a) {
+  return a.num_tokens == 0 || a.hidden_size == 0;
 }
 
 }  // namespace mxmoe

@@ -13,6 +13,7 @@
 #include <nanobind/stl/string.h>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "mxmoe/dlpack.h"
@@ -123,7 +124,31 @@ DLTensor ToDLTensor(const Array& a) {
   return t;
 }
 
-int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// Saturates instead of overflowing (x comes from Python): an extent no tensor can have, so the
+// shape check that uses it fails with a message.
+int64_t RoundUp(int64_t x, int64_t m) {
+  if (x > std::numeric_limits<int64_t>::max() - (m - 1)) return std::numeric_limits<int64_t>::max();
+  return (x + m - 1) / m * m;
+}
+
+// 2 * v for a dimension from Python (k from k/2 bytes, 2I rows of w13), raising instead of the
+// signed overflow that a huge value (e.g. from a zero-size tensor's other extent) would be.
+int64_t Twice(int64_t v, const char* what) {
+  if (v > std::numeric_limits<int64_t>::max() / 2 || v < std::numeric_limits<int64_t>::min() / 2) {
+    Raise(MXMOE_STATUS_INVALID_ARGUMENT, std::string("2 * ") + what + " overflows int64 (" +
+                                             what + " = " + std::to_string(v) + ")");
+  }
+  return 2 * v;
+}
+
+// An extent that the C API takes as int32 (expert counts): raises instead of truncating.
+int32_t Int32Extent(int64_t v, const char* what) {
+  if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
+    Raise(MXMOE_STATUS_INVALID_ARGUMENT,
+          std::string(what) + " must fit int32 (at most 65536 experts), got " + std::to_string(v));
+  }
+  return static_cast<int32_t>(v);
+}
 
 // The argument that fixes the device of an operation: checked, and its device returned.
 template <typename T, typename Array>
@@ -196,6 +221,7 @@ mxmoe_expert_weights Weights(const char* name, const char* scales_name, const In
   if (format == MXMOE_WEIGHT_FORMAT_PREPARED) {
     w.packed = Arg<const uint8_t>(packed, {name, "[bytes] (prepared)", {kAnyDim}, kUInt8},
                                   device, reference);
+    w.prepared_bytes = static_cast<size_t>(packed.shape(0));  // the C API checks it is enough
     if (scales.is_valid()) {
       Raise(MXMOE_STATUS_INVALID_ARGUMENT,
             std::string(scales_name) + " must be None for prepared weights");
@@ -251,7 +277,7 @@ void Dequantize(const InArray& packed, const InArray& scales, int32_t scale_layo
                                               kUInt8},
                                      &args.device);
   args.rows = static_cast<int64_t>(packed.shape(0));
-  args.k = 2 * static_cast<int64_t>(packed.shape(1));
+  args.k = Twice(static_cast<int64_t>(packed.shape(1)), "packed.shape[1]");
   args.scale_layout = scale_layout;
   args.output = Arg<void>(output, {"output", "[rows, k]", {args.rows, args.k},
                                    kActivation | kFloat32},
@@ -300,10 +326,12 @@ ExpertsArgs ConvertExperts(const InArray& input, const InArray& expert_offsets,
   a.expert_offsets = Arg<const int32_t>(expert_offsets,
                                         {"expert_offsets", "[E+1]", {kAnyDim}, kInt32},
                                         a.device, "input");
-  a.num_experts = static_cast<int32_t>(expert_offsets.shape(0)) - 1;
+  a.num_experts =
+      Int32Extent(static_cast<int64_t>(expert_offsets.shape(0)) - 1, "len(expert_offsets) - 1");
   a.blockscale_offsets = Arg<const int32_t>(
       blockscale_offsets,
-      {"blockscale_offsets", "[E+1] (E+1 = len(expert_offsets))", {a.num_experts + 1}, kInt32},
+      {"blockscale_offsets", "[E+1] (E+1 = len(expert_offsets))", {int64_t{a.num_experts} + 1},
+       kInt32},
       a.device, "input");
   if (a.width % 32 == 0) {
     a.packed = Arg<uint8_t>(packed, {"packed", silu_mul ? "[rows, n/2]" : "[rows, k/2]",
@@ -395,7 +423,7 @@ void QuantizeWeights(const InArray& weights, const OutArray& packed, const OutAr
   mxmoe_quantize_weights_args args{};
   args.weights = First<const void>(
       weights, {"weights", "[E, n, k]", {kAnyDim, kAnyDim, kAnyDim}, kActivation}, &args.device);
-  args.num_experts = static_cast<int32_t>(weights.shape(0));
+  args.num_experts = Int32Extent(static_cast<int64_t>(weights.shape(0)), "weights.shape[0]");
   args.n = static_cast<int64_t>(weights.shape(1));
   args.k = static_cast<int64_t>(weights.shape(2));
   args.weights_dtype = ActivationDType(weights, "weights");
@@ -462,7 +490,7 @@ mxmoe_grouped_gemm_args GroupedGemmArgs(const InArray& a, const InArray& a_scale
   args.n = n;
   args.k = k;
   args.num_experts = num_experts;
-  if (2 * static_cast<int64_t>(a.shape(1)) != k) {
+  if (Twice(static_cast<int64_t>(a.shape(1)), "a.shape[1]") != k) {
     Raise(MXMOE_STATUS_INVALID_ARGUMENT,
           "a must have shape [rows, k/2] = [" + std::to_string(args.rows) + ", " +
               std::to_string(k / 2) + "] (k = " + std::to_string(k) + " from the weights), got [" +
@@ -478,10 +506,12 @@ mxmoe_grouped_gemm_args GroupedGemmArgs(const InArray& a, const InArray& a_scale
   args.b = Weights("b_packed", "b_scales", b_packed, b_scales, b_format, b_backend, num_experts,
                    n, k, args.device, "a");
   args.expert_offsets = Arg<const int32_t>(
-      expert_offsets, {"expert_offsets", "[E+1]", {num_experts + 1}, kInt32}, args.device, "a");
+      expert_offsets, {"expert_offsets", "[E+1]", {int64_t{num_experts} + 1}, kInt32}, args.device,
+      "a");
   args.blockscale_offsets =
       Arg<const int32_t>(blockscale_offsets,
-                         {"blockscale_offsets", "[E+1]", {num_experts + 1}, kInt32}, args.device,
+                         {"blockscale_offsets", "[E+1]", {int64_t{num_experts} + 1}, kInt32},
+                         args.device,
                          "a");
   args.problem_sizes = OptionalArg<const int32_t>(
       problem_sizes, {"problem_sizes", "[E, 3]", {num_experts, 3}, kInt32}, args.device, "a");
@@ -547,7 +577,8 @@ mxmoe_moe_forward_args MoeArgs(const InArray& hidden, const InArray& w13_packed,
   const int64_t t = args.num_tokens;
   const int64_t h = args.hidden_size;
   args.w13 = Weights("w13_packed", "w13_scales", w13_packed, w13_scales, weight_format,
-                     weight_backend, num_local_experts, 2 * intermediate_size, h, args.device,
+                     weight_backend, num_local_experts, Twice(intermediate_size, "intermediate_size"),
+                     h, args.device,
                      "hidden_states");
   args.w2 = Weights("w2_packed", "w2_scales", w2_packed, w2_scales, weight_format,
                     weight_backend, num_local_experts, h, intermediate_size, args.device,

@@ -22,6 +22,8 @@ Limits:
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import threading
 from collections.abc import Sequence
 
@@ -54,6 +56,7 @@ InvalidArgumentError = _mxmoe.InvalidArgumentError
 UnsupportedError = _mxmoe.UnsupportedError
 
 BLOCK_SIZE = 32
+_INT32_MAX = 2**31 - 1
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 _SCALE_LAYOUTS = {
     "linear": _mxmoe.SCALE_LAYOUT_LINEAR,
@@ -87,6 +90,20 @@ def _invalid(message: str) -> Exception:
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def _int_arg(value, name: str) -> int:
+    """An integer argument: Python/numpy ints and integer 0-d tensors; 2.7 or True is an error
+    (int() would silently make them 2 and 1)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point:
+        value = value.item()
+    if isinstance(value, bool):
+        raise _invalid(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise _invalid(f"{name} must be an integer, got {value!r} "
+                       f"({type(value).__name__})") from None
 
 
 def _shape_str(shape) -> str:
@@ -270,8 +287,8 @@ def quantize(x, scale_layout: str = "linear") -> tuple[torch.Tensor, torch.Tenso
     k = x.shape[-1]
     _check_k(k, "x", "K", x.shape)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    rows = x2.shape[0]
+    rows = math.prod(lead)  # not reshape(-1, k): with K = 0 the -1 is ambiguous
+    x2 = x.reshape(rows, k)
     packed = torch.empty(rows, k // 2, dtype=torch.uint8, device=x.device)
     if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
         scales = torch.empty(_round_up(rows, 128), _round_up(k // 32, 4), dtype=torch.uint8,
@@ -317,7 +334,7 @@ def dequantize(packed, scales, scale_layout: str = "linear",
     k = packed.shape[-1] * 2
     _check_k(k, "packed", "K", packed.shape, " (K = 2 * last dim)")
     lead = packed.shape[:-1]
-    rows = int(np.prod(lead)) if lead else 1
+    rows = math.prod(lead)  # Python ints: np.prod would wrap past int64
     if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
         _check(scales, "scales", "[round_up(rows,128), round_up(K/32,4)]",
                (_round_up(rows, 128), _round_up(k // 32, 4)), (torch.uint8,))
@@ -349,6 +366,9 @@ def expert_offsets_from_counts(counts) -> tuple[torch.Tensor, torch.Tensor]:
         [E+1] int32 cumulative counts (first 0), on ``counts``' device.
     blockscale_offsets : torch.Tensor
         [E+1] int32 cumulative round_up(count, 128).
+
+    Raises InvalidArgumentError for a negative count or offsets beyond int32 (checked for CPU
+    tensors and sequences; CUDA counts are not read back, which would synchronise).
     """
     if isinstance(counts, (torch.Tensor, np.ndarray)):
         counts = _tensor(counts, "counts")
@@ -360,10 +380,19 @@ def expert_offsets_from_counts(counts) -> tuple[torch.Tensor, torch.Tensor]:
         raise _invalid(f"counts must have an integer dtype, got {counts.dtype}")
     c = counts.to(torch.int64)
     zero = torch.zeros(1, dtype=torch.int64, device=c.device)
-    expert_offsets = torch.cat([zero, torch.cumsum(c, 0)]).to(torch.int32)
-    blockscale_offsets = torch.cat([zero, torch.cumsum((c + 127) // 128 * 128, 0)]).to(
-        torch.int32)
-    return expert_offsets, blockscale_offsets
+    expert_offsets = torch.cat([zero, torch.cumsum(c, 0)])
+    blockscale_offsets = torch.cat([zero, torch.cumsum((c + 127) // 128 * 128, 0)])
+    if c.device.type == "cpu" and c.numel():
+        # Checked before the int32 cast, which would wrap 2**32 to 0 silently.
+        low = int(c.min())
+        if low < 0:
+            e = int((c < 0).nonzero()[0])
+            raise _invalid(f"counts must be >= 0, got counts[{e}] = {int(c[e])}")
+        if int(blockscale_offsets[-1]) > _INT32_MAX:
+            raise _invalid(f"counts sum to {int(expert_offsets[-1])} rows "
+                           f"({int(blockscale_offsets[-1])} padded scale rows), beyond the int32 "
+                           f"offsets of the grouped layout (at most {_INT32_MAX})")
+    return expert_offsets.to(torch.int32), blockscale_offsets.to(torch.int32)
 
 
 def _check_offsets(x: torch.Tensor, expert_offsets, blockscale_offsets):
@@ -379,13 +408,35 @@ def _check_offsets(x: torch.Tensor, expert_offsets, blockscale_offsets):
     return expert_offsets, blockscale_offsets
 
 
-def _default_scale_rows(rows: int, num_experts: int, blockscale_offsets: torch.Tensor) -> int:
-    # On the CPU the exact count is free; on a GPU reading it would synchronise, so take the
-    # bound sum(round_up(m_e, 128)) <= rows + 127 * min(rows, E), rounded down to a multiple of
-    # 128 (format::MaxScaleRows in format.h, the same rule).
-    if blockscale_offsets.device.type == "cpu":
-        return max(0, int(blockscale_offsets[-1]))
+def _max_scale_rows(rows: int, num_experts: int) -> int:
+    """The most scale rows any valid grouped layout of ``rows`` rows in E experts uses:
+    sum(round_up(m_e, 128)) <= rows + 127 * min(rows, E), rounded down to a multiple of 128
+    (format::MaxScaleRows in format.h, the same rule)."""
     return (rows + 127 * min(rows, num_experts)) // 128 * 128
+
+
+def _scale_rows(scale_rows, rows: int, num_experts: int,
+                blockscale_offsets: torch.Tensor) -> int:
+    """Rows of the scale output, checked before anything is allocated from them."""
+    bound = _max_scale_rows(rows, num_experts)
+    if scale_rows is not None:
+        scale_rows = _int_arg(scale_rows, "scale_rows")
+        if not 0 <= scale_rows <= bound:
+            raise _invalid(f"scale_rows must be in [0, {bound}] (the most scale rows {rows} rows "
+                           f"in {num_experts} experts can use), got {scale_rows}")
+        return scale_rows
+    if blockscale_offsets.device.type != "cpu":
+        # Reading the exact count would synchronise: take the bound.
+        return bound
+    # The exact count is free on the CPU, but it is unvalidated metadata until the C API has
+    # checked the offsets: never allocate more than a valid layout could need.
+    last = int(blockscale_offsets[-1])
+    if not 0 <= last <= bound:
+        raise _invalid(f"blockscale_offsets[E] must be in [0, {bound}] (at most "
+                       f"round_down(rows + 127*min(rows, E), 128) for rows={rows}, "
+                       f"E={num_experts}; blockscale_offsets are cumulative round_up(m_e, 128)), "
+                       f"got {last}")
+    return last
 
 
 def _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mul: bool):
@@ -405,12 +456,9 @@ def _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mu
         _check_k(width, "x", "K", x.shape)
     expert_offsets, blockscale_offsets = _check_offsets(x, expert_offsets, blockscale_offsets)
     num_experts = expert_offsets.shape[0] - 1
-    if scale_rows is None:
-        scale_rows = _default_scale_rows(rows, num_experts, blockscale_offsets)
-    elif int(scale_rows) < 0:
-        raise _invalid(f"scale_rows must be >= 0, got {scale_rows}")
+    scale_rows = _scale_rows(scale_rows, rows, num_experts, blockscale_offsets)
     packed = torch.empty(rows, width // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.zeros(int(scale_rows), _round_up(width // 32, 4), dtype=torch.uint8,
+    scales = torch.zeros(scale_rows, _round_up(width // 32, 4), dtype=torch.uint8,
                          device=x.device)
     op = _mxmoe.silu_mul_experts_quantize if silu_mul else _mxmoe.experts_quantize
     op(x, expert_offsets, blockscale_offsets, packed, scales, _stream(x.device))
@@ -430,8 +478,9 @@ def experts_quantize(x, expert_offsets, blockscale_offsets,
     blockscale_offsets : torch.Tensor
         [E+1] int32, cumulative round_up(m_e, 128) (see ``expert_offsets_from_counts``).
     scale_rows : int, optional
-        Rows of the scale output; default blockscale_offsets[E] on the CPU, and the bound
-        round_down(rows + 127*min(rows, E), 128) on a GPU (no synchronisation).
+        Rows of the scale output, at most the bound B = round_down(rows + 127*min(rows, E), 128)
+        that no valid layout exceeds; default blockscale_offsets[E] on the CPU (checked against B
+        before allocating), and B on a GPU (no synchronisation).
 
     Returns
     -------
@@ -526,7 +575,8 @@ class PreparedWeights:
     """Expert weights in the layout one backend reads fastest (``prepare_weights``).
 
     ``buffer`` is opaque (uint8 [bytes]); only ``backend`` reads it. Pass it where packed weights
-    go, with scales None.
+    go, with scales None. Its length travels with it to the C API, which rejects a buffer
+    shorter than ``mxmoe_prepare_weights_size`` for (num_experts, n, k, backend).
     """
 
     buffer: torch.Tensor
@@ -534,6 +584,18 @@ class PreparedWeights:
     n: int
     k: int
     backend: str
+
+    def __post_init__(self):
+        if self.backend not in _BACKENDS or self.backend == "auto":
+            raise _invalid(f"PreparedWeights.backend must be 'cpu', 'sm90' or 'sm100', got "
+                           f"{self.backend!r}")
+        for name in ("num_experts", "n", "k"):
+            object.__setattr__(self, name, _int_arg(getattr(self, name),
+                                                    f"PreparedWeights.{name}"))
+        if not isinstance(self.buffer, torch.Tensor):
+            raise _invalid(f"PreparedWeights.buffer must be a torch.Tensor, got "
+                           f"{type(self.buffer).__name__}")
+        _check(self.buffer, "PreparedWeights.buffer", "[bytes]", (None,), (torch.uint8,))
 
     @property
     def device(self) -> torch.device:
@@ -792,14 +854,14 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
         _check_same_device(router_logits, "router_logits", hidden, "hidden")
         if top_k is None:
             raise _invalid("top_k must be given with router_logits")
-        top_k = int(top_k)
+        top_k = _int_arg(top_k, "top_k")
         if not 1 <= top_k <= global_experts:
             raise _invalid(f"top_k must be in [1, {global_experts}] (E_global), got {top_k}")
     else:
         if topk_ids is None or topk_weights is None:
             raise _invalid("pass router_logits (with top_k) or both topk_ids and topk_weights")
         _check(topk_ids, "topk_ids", "[T, top_k]", (t, None), (torch.int32,))
-        if top_k is not None and int(top_k) != topk_ids.shape[1]:
+        if top_k is not None and _int_arg(top_k, "top_k") != topk_ids.shape[1]:
             raise _invalid(f"top_k={top_k} disagrees with topk_ids [T, top_k] of shape "
                            f"{_shape_str(topk_ids.shape)}")
         top_k = topk_ids.shape[1]

@@ -160,6 +160,7 @@ mxmoe_expert_weights Weights(const Operands& o, const Problem& p, int32_t format
   if (format == MXMOE_WEIGHT_FORMAT_PREPARED) {
     w.packed = o.b_prepared.data();
     w.backend = MXMOE_BACKEND_CPU;
+    w.prepared_bytes = o.b_prepared.size();
   }
   return w;
 }

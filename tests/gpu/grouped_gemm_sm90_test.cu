@@ -414,6 +414,7 @@ void Setup(const Problem& p, const HostData& d, DeviceProblem* dp) {
     w.format = MXMOE_WEIGHT_FORMAT_PREPARED;
     w.packed = dp->prepared.ptr;
     w.scales = nullptr;
+    w.prepared_bytes = bytes;
   }
   mxmoe_grouped_gemm_args& args = dp->args;
   memset(&args, 0, sizeof(args));
@@ -807,7 +808,7 @@ void RunBenchmark(const char* json_path) {
           args.a_scales = as.ptr;
           args.a_scale_rows = std::max<int64_t>(bso[E], 1);
           args.b = mxmoe_expert_weights{E, n, k, MXMOE_WEIGHT_FORMAT_PREPARED, MXMOE_BACKEND_SM90,
-                                        rot.ptr, nullptr};
+                                        rot.ptr, nullptr, prepared_bytes};
           args.expert_offsets = deo.ptr;
           args.blockscale_offsets = dbso.ptr;
           args.c = c.ptr;

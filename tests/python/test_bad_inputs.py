@@ -138,7 +138,7 @@ def test_experts_quantize_bad_inputs(silu_mul):
                  "blockscale_offsets[2]=200")
     expect_error(lambda: op(x, eo, bo, scale_rows=128), "blockscale_offsets[2]=256",
                  "scale_rows=128")
-    expect_error(lambda: op(x, eo, bo, scale_rows=-1), "scale_rows must be >= 0, got -1")
+    expect_error(lambda: op(x, eo, bo, scale_rows=-1), "scale_rows must be in [0, ", "got -1")
     bad_width = random_activations((5, 96 if silu_mul else 48), seed=0)
     expect_error(lambda: op(bad_width, eo, bo), "% 32 == 0", "=48")
     expect_error(lambda: op(x.t(), eo, bo), "x must be contiguous")
@@ -325,10 +325,8 @@ def test_moe_forward_bad_inputs(moe):
     bad_ids[3, 1] = 9
     expect_error(call(hidden, *w, topk_ids=bad_ids, topk_weights=weights),
                  "topk_ids[7] (token 3, slot 1)", "got 9")
-    nan_weights = weights.clone()
-    nan_weights[1, 0] = float("nan")
-    expect_error(call(hidden, *w, topk_ids=ids, topk_weights=nan_weights), "topk_weights[2]",
-                 "nan")
+    # Non-finite topk_weights are accepted (one policy with router logits, mxmoe.h):
+    # tests/cc/hostile_input_test.cc checks that they reach only their own token.
     bad_map = torch.tensor([0, 1, 2, 4], dtype=torch.int32)
     expect_error(call(hidden, *w, router_logits=logits, top_k=2, expert_map=bad_map),
                  "expert_map[3]", "got 4")

@@ -209,21 +209,36 @@ inline std::string ShapeString(const Shape& shape) {
   return ShapeString(shape.dims, shape.ndim);
 }
 
+// Any extent 0 (an empty tensor: no element to misplace, whatever its strides say).
+inline bool IsEmpty(const DLTensor& t) {
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] == 0) return true;
+  }
+  return false;
+}
+
 // Row-major compact: strides NULL, or each stride equal to the product of the later extents
-// (dimensions of extent 1 may have any stride, as DLPack producers are free to choose it).
+// (dimensions of extent 1 may have any stride, as DLPack producers are free to choose it). An
+// empty tensor is contiguous (as torch says), which also keeps the product below from
+// overflowing: the extents of a non-empty tensor multiply to its element count.
 inline bool IsContiguous(const DLTensor& t) {
-  if (t.strides == nullptr) return true;
+  if (t.strides == nullptr || IsEmpty(t)) return true;
   int64_t expected = 1;
   for (int i = t.ndim - 1; i >= 0; --i) {
     if (t.shape[i] != 1 && t.strides[i] != expected) return false;
-    expected *= t.shape[i];
+    if (__builtin_mul_overflow(expected, t.shape[i], &expected)) return false;
   }
   return true;
 }
 
+// The element count, or -1 when the extents multiply past int64 (possible only for a descriptor
+// no allocation backs, or an empty one; see CheckTensor).
 inline int64_t NumElements(const DLTensor& t) {
+  if (IsEmpty(t)) return 0;
   int64_t n = 1;
-  for (int i = 0; i < t.ndim; ++i) n *= t.shape[i];
+  for (int i = 0; i < t.ndim; ++i) {
+    if (__builtin_mul_overflow(n, t.shape[i], &n)) return -1;
+  }
   return n;
 }
 
@@ -274,10 +289,17 @@ inline mxmoe_status ToMxmoeDevice(const DLTensor& t, const char* name, mxmoe_dev
 // Checks rank, shape, dtype and contiguity of `t` against `spec`, in that order.
 inline mxmoe_status CheckTensor(const DLTensor& t, const TensorSpec& spec, std::string* error) {
   const int ndim = spec.shape.ndim;
-  if (t.ndim != ndim) {
+  if (t.ndim != ndim || (ndim > 0 && t.shape == nullptr)) {
     *error = std::string(spec.name) + " must be " + std::to_string(ndim) + "-D " + spec.layout +
-             ", got shape " + ShapeString(t);
+             ", got " + (t.shape == nullptr && t.ndim > 0 ? std::string("no shape")
+                                                           : "shape " + ShapeString(t));
     return MXMOE_STATUS_INVALID_ARGUMENT;
+  }
+  for (int i = 0; i < ndim; ++i) {
+    if (t.shape[i] < 0) {
+      *error = std::string(spec.name) + " has a negative extent, shape " + ShapeString(t);
+      return MXMOE_STATUS_INVALID_ARGUMENT;
+    }
   }
   for (int i = 0; i < ndim; ++i) {
     const int64_t want = spec.shape.dims[i];
@@ -295,6 +317,11 @@ inline mxmoe_status CheckTensor(const DLTensor& t, const TensorSpec& spec, std::
   if (!IsContiguous(t)) {
     *error = std::string(spec.name) + " must be contiguous (row-major), got shape " +
              ShapeString(t) + " strides " + ShapeString(t.strides, t.ndim);
+    return MXMOE_STATUS_INVALID_ARGUMENT;
+  }
+  if (NumElements(t) < 0) {
+    *error = std::string(spec.name) + " has shape " + ShapeString(t) +
+             ", whose element count overflows int64";
     return MXMOE_STATUS_INVALID_ARGUMENT;
   }
   if (t.data == nullptr && NumElements(t) != 0) {

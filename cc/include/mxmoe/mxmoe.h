@@ -5,7 +5,9 @@
 //     (`void*`, a cudaStream_t for CUDA pointers, ignored for CPU pointers);
 //   - validates everything before touching memory and returns a status; on failure
 //     mxmoe_last_error() (thread-local) names the offending argument and value, and no output
-//     byte has been written;
+//     byte has been written. Every buffer's extents (a zero extent counted as one) times its
+//     element size must fit int64; an operation whose outputs are all 0 bytes returns OK after
+//     validation without doing any work; a workspace must not overlap any argument's buffer;
 //   - never allocates device memory: operations that need scratch space have a
 //     *_workspace_size query, the caller allocates, the library carves it.
 // The data contract (E2M1 codes, E8M0 rule, scale layouts, grouped layout) is in
@@ -88,7 +90,8 @@ const char* mxmoe_backend_name(mxmoe_backend backend);  // "auto", "cpu", "sm90"
 
 // The backend that serves pointers on `device`: CPU for CPU; for CUDA the device's compute
 // capability (9.x -> sm90, 10.x -> sm100), unless the MXMOE_BACKEND environment variable
-// (cpu|sm90|sm100) overrides it. Fails with UNSUPPORTED (and says why) when no backend can
+// (cpu|sm90|sm100) overrides it. MXMOE_BACKEND is read once per process, at the first call that
+// picks a backend (getenv is not safe against another thread's setenv): set it before that. Fails with UNSUPPORTED (and says why) when no backend can
 // serve the device, e.g. a CUDA device of another architecture or MXMOE_BACKEND=cpu for CUDA
 // pointers.
 mxmoe_status mxmoe_backend_for_device(mxmoe_device device, mxmoe_backend* backend);
@@ -232,7 +235,7 @@ typedef enum mxmoe_weight_format {
   // packed [E, n, k/2] + scales [E, round_up(n,128), round_up(k/32,4)] swizzled per expert.
   MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4 = 1,
   // One opaque buffer written by mxmoe_prepare_weights for `backend` (packed = the buffer,
-  // scales = NULL). Only that backend reads it.
+  // scales = NULL, prepared_bytes = its length). Only that backend reads it.
   MXMOE_WEIGHT_FORMAT_PREPARED = 2,
 } mxmoe_weight_format;
 
@@ -244,6 +247,11 @@ typedef struct mxmoe_expert_weights {
   int32_t backend;  // PREPARED only: the backend that prepared it (mxmoe_backend)
   const uint8_t* packed;
   const uint8_t* scales;
+  // PREPARED only: the length of the buffer at `packed`. A value below
+  // mxmoe_prepare_weights_size() for (num_experts, n, k, backend) is INVALID_ARGUMENT, so 0 (what
+  // an initializer that omits it gives) is always rejected. Ignored for LINEAR / SWIZZLED_128X4,
+  // whose sizes follow from the dims.
+  size_t prepared_bytes;
 } mxmoe_expert_weights;
 
 // Converts LINEAR weights into the layout `backend` reads fastest, once, at load time.
@@ -305,6 +313,9 @@ mxmoe_status mxmoe_grouped_gemm(const mxmoe_grouped_gemm_args* args, void* works
 // such slots contribute nothing); NULL means identity and E_global == E_local.
 // A token whose top-k names the same expert twice gets both contributions (each slot is
 // independent).
+// Non-finite router_logits or topk_weights are data, not errors (a CUDA backend could not check
+// them without a synchronisation): routing stays in range (NaN sorts last) and only that
+// token's output can become non-finite.
 // Per (token, slot): x -> MXFP4 -> GEMM1 with w13 [E_local, 2I, H] (rows [0,I) gate, [I,2I) up),
 // rounded to the activation dtype -> silu(gate)*up (fp32, rounded) -> MXFP4 -> GEMM2 with
 // w2 [E_local, H, I] rounded to the activation dtype -> output[t] = sum over slots of

@@ -206,6 +206,7 @@ mxmoe_grouped_gemm_args GemmArgs(const Gemm& g, int32_t format, void* c) {
   if (format == MXMOE_WEIGHT_FORMAT_PREPARED) {
     args.b.packed = g.b_prepared.data();
     args.b.backend = MXMOE_BACKEND_CPU;
+    args.b.prepared_bytes = g.b_prepared.size();
   }
   args.expert_offsets = g.expert_offsets.data();
   args.blockscale_offsets = g.blockscale_offsets.data();

@@ -19,9 +19,9 @@ for src in cc/cuda/grouped_gemm_sm90.cu cc/cuda/grouped_gemm_sm90_n16.cu \
   fi
   OBJS+=("$obj")
 done
-for src in cc/base/status.cc cc/cpu/grouped_gemm.cc; do
+for src in cc/base/status.cc cc/cpu/grouped_gemm.cc cc/cpu/panel_kernels.cc cc/cpu/parallel.cc; do
   obj=/tmp/sm90/obj/$(basename "$src").o
-  nice g++ -std=c++17 -O2 -I. -Icc/include -c "$src" -o "$obj"
+  nice g++ -std=c++17 -O2 -ffp-contract=off -pthread -I. -Icc/include -c "$src" -o "$obj"
   OBJS+=("$obj")
 done
 nice nvcc -gencode=arch=compute_90a,code=sm_90a -o "$OUT/grouped_gemm_sm90_test" "${OBJS[@]}" \

@@ -1,4 +1,4 @@
-"""CPU MoE-layer benchmark (DESIGN.md section 8 protocol, on the host): mxmoe's CPU backend beside
+"""CPU MoE-layer benchmark (docs/design.md "Benchmark protocol", on the host): mxmoe CPU beside
 torch per-expert loops, in one run on one machine.
 
 For each shape and token count T, the whole layer (routing through output, the same seeded

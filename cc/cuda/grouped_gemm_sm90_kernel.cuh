@@ -10,7 +10,7 @@
 //     k64), decode them in registers into E4M3 WGMMA A fragments with prmt over a per-block
 //     8-entry table (the block's exponent shift picks the table), run 4 x m64nNk32 FP8 WGMMAs
 //     into a chunk accumulator, then promote it into the fp32 accumulator times the weight row's
-//     and the token's chunk factors (DESIGN.md section 3). Token tile 128: the two warpgroups
+//     and the token's chunk factors (docs/perf-notes.md). Token tile 128: the two warpgroups
 //     take turns issuing their WGMMAs (ping-pong, named barriers 3 and 4).
 //   Tiles: (expert, weight tile of 128 rows, token tile of kBlockN rows); every CTA walks the
 //   same tile list (prefix sums of per-expert tile counts from expert_offsets, built in shared

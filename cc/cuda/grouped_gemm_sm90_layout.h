@@ -1,7 +1,7 @@
 // The SM90 grouped GEMM's internal formats, shared by the weight preparation, the activation
 // conversion and the GEMM kernel (all __host__ __device__, so host tests can emulate them).
 //
-// Numerics (DESIGN.md section 3). Per 128-wide K chunk of one row, with block scales s0..s3:
+// Numerics (docs/perf-notes.md, "Numerics"). Per 128-wide K chunk of one row, block scales s0..s3:
 //   mx  = max(s0..s3), ref = mx - 6, d_i = s_i - ref = s_i - mx + 6 <= 6;
 //   each E2M1 value v of block i becomes the E4M3 value v * 2^d_i, exact for d_i in [-8, 6]
 //   (6 * 2^6 = 384 <= 448; 0.5 * 2^-8 = 2^-9, the smallest E4M3 subnormal). Blocks more than

@@ -11,7 +11,7 @@
 //   - never allocates device memory: operations that need scratch space have a
 //     *_workspace_size query, the caller allocates, the library carves it.
 // The data contract (E2M1 codes, E8M0 rule, scale layouts, grouped layout) is in
-// ../shared/DESIGN.md section 2 and in mxmoe/format.h, shared by every backend.
+// docs/format.md (in the repository) and in mxmoe/format.h, shared by every backend.
 //
 // Device-side metadata (expert_offsets, blockscale_offsets, problem_sizes, topk ids, expert_map)
 // is fully validated on the CPU backend. On CUDA backends it cannot be read without a host

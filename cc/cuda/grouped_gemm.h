@@ -1,15 +1,33 @@
 // CUDA grouped GEMM backends (sm90: E2M1->E4M3 folding on FP8 WGMMA; sm100: CUTLASS block-scaled
-// MXF4) and the CUDA MoE forward. Arguments arrive validated by cc/src; each function launches
-// asynchronously on `stream`, uses only the caller's workspace and never synchronises.
+// MXF4) and the CUDA MoE forward. Arguments arrive validated by cc/src (limits included); each
+// function makes args.device current, launches asynchronously on `stream`, uses only the
+// caller's workspace and never synchronises.
 #ifndef MXMOE_CUDA_GROUPED_GEMM_H_
 #define MXMOE_CUDA_GROUPED_GEMM_H_
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "mxmoe/mxmoe.h"
 
 namespace mxmoe {
 namespace cuda {
+
+// Each kernel's limits beyond the public contract (CUTLASS's can_implement): cc/src/validate.cc
+// asks them for the size query and for the run alike, after the contract's own checks, so a
+// limit shows up at size-query time and the entry points below never check again. Shapes only
+// (the contract's 16-byte alignment of CUDA data pointers covers every kernel here); host code
+// with no CUDA call, so tests/cc/kernel_limits_test.cc runs them without a GPU. n = 0 (nothing
+// to write) is always implemented.
+
+// sm90: n % 32 == 0, k > 0, n and k < 2^30, rows < 2^31 - 256, and the experts' offsets in shared
+// memory (the activation conversion's 48 KB, the GEMM's 227 KB next to the ring of the token
+// tile chosen for this problem on a device with `num_sms` multiprocessors).
+mxmoe_status CanImplementPrepareWeightsSm90(const mxmoe_expert_weights& weights);
+mxmoe_status CanImplementGroupedGemmSm90(int64_t rows, int64_t n, int64_t k, int32_t num_experts,
+                                         int num_sms);
+// sm100: n % 8 == 0 (16-byte rows of c for TMA), k > 0, n and k < 2^31.
+mxmoe_status CanImplementGroupedGemmSm100(int64_t n, int64_t k);
 
 // sm90 (Hopper)
 mxmoe_status PrepareWeightsSm90Size(const mxmoe_prepare_weights_args& args, size_t* bytes);

@@ -9,6 +9,10 @@
 // host synchronisation (CUDA-graph capturable). Per-expert row counts come from expert_offsets on
 // the device; problem_sizes is not read (it must agree with expert_offsets).
 // Device-side checks: negative m_e counts as 0; writes past `rows` are dropped.
+// Limits beyond the public contract live in CanImplementGroupedGemmSm90 /
+// CanImplementPrepareWeightsSm90 (n % 32 == 0, k > 0, n and k < 2^30, rows < 2^31 - 256, the
+// experts' offsets in shared memory), asked by cc/src/validate.cc for the size query and the run
+// alike; the entry points below receive arguments that passed them and do not check again.
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
@@ -292,33 +296,73 @@ WorkspaceLayout Layout(const mxmoe_grouped_gemm_args& args) {
   return l;
 }
 
-mxmoe_status CheckShape(int64_t n, int64_t k, int32_t num_experts, const char* op) {
-  if (num_experts <= 0) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": num_experts must be > 0, got ", num_experts);
-  }
-  if (n <= 0 || n % 32 != 0) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": n must be a positive multiple of 32, got ",
-                n);
-  }
-  if (k <= 0 || k % 32 != 0) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": k must be a positive multiple of 32, got ",
-                k);
-  }
-  if (n > (1 << 30) || k > (1 << 30)) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": n and k must be < 2^30, got n=", n, " k=", k);
-  }
-  return MXMOE_STATUS_OK;
-}
-
 bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
+
+// n and k below 2^30 keep every int32 index of the kernels in range.
+constexpr int64_t kMaxDim = int64_t{1} << 30;
+// Dynamic shared memory of the activation conversion: expert_offsets + blockscale_offsets.
+size_t ConvertSmemBytes(int32_t num_experts) {
+  return 2 * sizeof(int32_t) * (static_cast<size_t>(num_experts) + 1);
+}
+constexpr size_t kConvertSmemLimit = 48 * 1024;  // without opting in to more
+constexpr size_t kGemmSmemLimit = 227 * 1024;     // sm90's largest dynamic shared memory per CTA
 
 }  // namespace
 
 // ---- entry points -----------------------------------------------------------------------------
 
+mxmoe_status CanImplementPrepareWeightsSm90(const mxmoe_expert_weights& weights) {
+  const char* op = "prepare_weights (sm90)";
+  if (weights.n % 32 != 0) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op,
+                ": weights.n must be a multiple of 32 (half a 64-row weight panel), got ",
+                weights.n);
+  }
+  if (weights.n >= kMaxDim || weights.k >= kMaxDim) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": weights.n and weights.k must be < 2^30, got n=",
+                weights.n, " k=", weights.k);
+  }
+  return MXMOE_STATUS_OK;
+}
+
+mxmoe_status CanImplementGroupedGemmSm90(int64_t rows, int64_t n, int64_t k, int32_t num_experts,
+                                         int num_sms) {
+  const char* op = "grouped_gemm (sm90)";
+  if (n == 0) return MXMOE_STATUS_OK;  // c has no columns: nothing to compute or write
+  if (n % 32 != 0) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op,
+                ": n must be a multiple of 32 (half a 64-row weight panel), got ", n);
+  }
+  if (k == 0) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op,
+                ": k = 0 (an empty reduction, c = 0) is not implemented by this backend");
+  }
+  if (n >= kMaxDim || k >= kMaxDim) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": n and k must be < 2^30, got n=", n, " k=", k);
+  }
+  if (rows > (int64_t{1} << 31) - 256) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": rows must be below 2^31 - 256, got ", rows);
+  }
+  if (ConvertSmemBytes(num_experts) > kConvertSmemLimit) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": num_experts must be at most ",
+                kConvertSmemLimit / 8 - 1,
+                " (the activation conversion keeps both offset arrays in 48 KB of shared "
+                "memory), got ",
+                num_experts);
+  }
+  // The tile choice depends on the problem, so the size query and the run make the same one.
+  const sm90::GemmConfig config =
+      sm90::ChooseGemmConfigWithOverride(sm90::GemmProblem{rows, n, k, num_experts, num_sms});
+  const size_t smem = sm90::GemmKernelSmemBytes(config.block_n, num_experts);
+  if (smem > kGemmSmemLimit) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": num_experts = ", num_experts,
+                " needs ", smem, " bytes of shared memory with token tile ", config.block_n,
+                " (rows = ", rows, "), more than the ", kGemmSmemLimit, " an sm90 CTA can have");
+  }
+  return MXMOE_STATUS_OK;
+}
+
 mxmoe_status PrepareWeightsSm90Size(const mxmoe_prepare_weights_args& args, size_t* bytes) {
-  MXMOE_RETURN_IF_ERROR(CheckShape(args.weights.n, args.weights.k, args.weights.num_experts,
-                                   "prepare_weights (sm90)"));
   *bytes = static_cast<size_t>(
       sm90::PreparedBytes(args.weights.num_experts, args.weights.n, args.weights.k));
   return MXMOE_STATUS_OK;
@@ -326,82 +370,23 @@ mxmoe_status PrepareWeightsSm90Size(const mxmoe_prepare_weights_args& args, size
 
 mxmoe_status PrepareWeightsSm90(const mxmoe_prepare_weights_args& args, void* stream) {
   const mxmoe_expert_weights& w = args.weights;
-  MXMOE_RETURN_IF_ERROR(CheckShape(w.n, w.k, w.num_experts, "prepare_weights (sm90)"));
-  if (w.format != MXMOE_WEIGHT_FORMAT_LINEAR && w.format != MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
-                "prepare_weights (sm90): weights.format must be LINEAR, got ", w.format);
-  }
-  if (w.packed == nullptr || w.scales == nullptr || args.prepared == nullptr) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
-                "prepare_weights (sm90): weights.packed, weights.scales and prepared must be set");
-  }
-  const size_t need = static_cast<size_t>(sm90::PreparedBytes(w.num_experts, w.n, w.k));
-  if (args.prepared_bytes < need) {
-    return Fail(MXMOE_STATUS_WORKSPACE_TOO_SMALL, "prepare_weights (sm90): prepared_bytes ",
-                args.prepared_bytes, " < ", need);
-  }
-  if (!Aligned(args.prepared, 16)) {
-    return Fail(MXMOE_STATUS_MISALIGNED,
-                "prepare_weights (sm90): prepared must be 16-byte aligned");
-  }
-  ScopedDevice scoped;
-  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
+  if (sm90::PreparedBytes(w.num_experts, w.n, w.k) == 0) return MXMOE_STATUS_OK;
   return LaunchPrepare(w.packed, w.scales, w.format == MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4,
                        w.num_experts, w.n, w.k, args.prepared, static_cast<cudaStream_t>(stream));
 }
 
 mxmoe_status GroupedGemmSm90WorkspaceSize(const mxmoe_grouped_gemm_args& args, size_t* bytes) {
-  MXMOE_RETURN_IF_ERROR(CheckShape(args.n, args.k, args.num_experts, "grouped_gemm (sm90)"));
   *bytes = Layout(args).total;
   return MXMOE_STATUS_OK;
 }
 
 mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspace,
                              size_t workspace_bytes, void* stream_ptr) {
-  const char* op = "grouped_gemm (sm90)";
-  MXMOE_RETURN_IF_ERROR(CheckShape(args.n, args.k, args.num_experts, op));
+  (void)workspace_bytes;  // checked against the size query by cc/src
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (args.rows < 0 || args.rows > (int64_t{1} << 31) - 256) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": rows must be in [0, 2^31 - 256), got ", args.rows);
-  }
-  if (args.c_dtype != MXMOE_DTYPE_BF16 && args.c_dtype != MXMOE_DTYPE_FP16) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": c_dtype must be BF16 or FP16, got ",
-                args.c_dtype);
-  }
-  if (args.b.n != args.n || args.b.k != args.k || args.b.num_experts != args.num_experts) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": b (n=", args.b.n, " k=", args.b.k,
-                " experts=", args.b.num_experts, ") does not match n=", args.n, " k=", args.k,
-                " experts=", args.num_experts);
-  }
+  if (args.rows == 0 || args.n == 0) return MXMOE_STATUS_OK;  // nothing to write
   const bool prepared = args.b.format == MXMOE_WEIGHT_FORMAT_PREPARED;
-  if (prepared && args.b.backend != MXMOE_BACKEND_SM90) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": b is PREPARED for backend ", args.b.backend,
-                ", not sm90");
-  }
-  if (!prepared && args.b.format != MXMOE_WEIGHT_FORMAT_LINEAR &&
-      args.b.format != MXMOE_WEIGHT_FORMAT_SWIZZLED_128X4) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": unknown b.format ", args.b.format);
-  }
-  if (args.b.packed == nullptr || (!prepared && args.b.scales == nullptr) ||
-      args.expert_offsets == nullptr || args.blockscale_offsets == nullptr) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op,
-                ": b.packed, b.scales (unless PREPARED), expert_offsets and blockscale_offsets "
-                "must be set");
-  }
-  if (args.rows == 0) return MXMOE_STATUS_OK;  // nothing to write
-  if (args.a == nullptr || args.a_scales == nullptr || args.c == nullptr) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": a, a_scales and c must be set");
-  }
-  if (!Aligned(args.a, 16) || !Aligned(args.b.packed, 16) || !Aligned(args.c, 16)) {
-    return Fail(MXMOE_STATUS_MISALIGNED, op, ": a, b.packed and c must be 16-byte aligned");
-  }
   const WorkspaceLayout layout = Layout(args);
-  if (workspace_bytes < layout.total || workspace == nullptr) {
-    return Fail(MXMOE_STATUS_WORKSPACE_TOO_SMALL, op, ": workspace_bytes ", workspace_bytes, " < ",
-                layout.total);
-  }
-  ScopedDevice scoped;
-  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   uint8_t* ws = reinterpret_cast<uint8_t*>(
       format::RoundUp(reinterpret_cast<uintptr_t>(workspace), kSliceAlign));
   uint8_t* a8 = ws + layout.a8_offset;
@@ -428,10 +413,7 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
     // one CTA per 256 items would re-read them ~10^5 times at prefill.
     const int64_t most = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 8;
     const int blocks = static_cast<int>(blocks64 < most ? blocks64 : most);
-    const size_t offsets_smem = 2 * sizeof(int32_t) * (static_cast<size_t>(args.num_experts) + 1);
-    if (offsets_smem > 48 * 1024) {
-      return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": too many experts (", args.num_experts, ")");
-    }
+    const size_t offsets_smem = ConvertSmemBytes(args.num_experts);
     ConvertActivationsKernel<<<blocks, threads, offsets_smem, stream>>>(
         args.a, args.a_scales, args.expert_offsets, args.blockscale_offsets, args.num_experts,
         args.rows, static_cast<int>(args.k), num_chunks, factor_stride,
@@ -462,10 +444,6 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
   launch.params.c_is_fp16 = args.c_dtype == MXMOE_DTYPE_FP16 ? 1 : 0;
   launch.params.pingpong = config.pingpong ? 1 : 0;
   launch.grid = config.grid;
-  if (sm90::GemmKernelSmemBytes(config.block_n, args.num_experts) > 227 * 1024) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": too many experts for shared memory (",
-                args.num_experts, ")");
-  }
   return sm90::LaunchGemmKernel(config.block_n, launch, stream);
 }
 

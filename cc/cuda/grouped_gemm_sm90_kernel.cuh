@@ -56,12 +56,10 @@ struct Traits {
   static constexpr int kWeightOffset = kActBytes;
   static constexpr int kFactorOffset = kActBytes + kWeightBytes;  // 128-byte aligned
   static constexpr int kFactorBytes = GemmFactorBytes(kBlockN);
-  static_assert(kRecordBytes == kGemmRecordBytes, "record size mismatch");
   static_assert(kFactorOffset % 128 == 0, "TMA destination must be 128-byte aligned");
   static_assert(kFactorOffset + kFactorBytes <= kStageBytes, "stage overflow");
   static constexpr int kEpilogueOffset = GemmEpilogueOffset(kBlockN);
   static constexpr int kBarrierOffset = GemmBarrierOffset(kBlockN);
-  static constexpr int kTableOffsetBytes = GemmTableOffset(kBlockN);
   static constexpr int kExpertOffsetBytes = GemmExpertOffset(kBlockN);
   static_assert(kNumTables == 20, "table count mismatch");
 };

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "cc/cuda/grouped_gemm_sm90_layout.h"
 #include "mxmoe/mxmoe.h"
 
 namespace mxmoe {
@@ -42,15 +43,14 @@ struct GemmKernelLaunch {
 
 // Shared-memory plan (bytes), shared by the kernel and the host: a ring of stages, each holding
 // the activation tile (block_n x 128 E4M3, 128B-swizzled, 1024-aligned), two weight records
-// (2 x 4352) and block_n activation factors; then the barriers and the scheduler's
+// (2 x kRecordBytes) and block_n activation factors; then the barriers and the scheduler's
 // expert_offsets / tile prefix arrays.
-constexpr int kGemmRecordBytes = 4352;
 // The factors of a token tile are fetched by one 1-D bulk copy of block_n + 4 floats starting at
 // the 16-byte aligned row below row_base; rows of the factor array past `rows` are slack.
 constexpr int kFactorSlack = 128 + 4;
 constexpr int GemmFactorBytes(int block_n) { return (block_n + 4) * 4; }
 constexpr int GemmStageBytes(int block_n) {
-  return (block_n * 128 + 2 * kGemmRecordBytes + GemmFactorBytes(block_n) + 1023) / 1024 * 1024;
+  return (block_n * 128 + 2 * kRecordBytes + GemmFactorBytes(block_n) + 1023) / 1024 * 1024;
 }
 // Narrow token tiles (decode) run two CTAs per SM: the per-chunk decode -> WGMMA -> promotion
 // chain of one CTA leaves the SM mostly idle (latency-bound), a second CTA overlaps it. Their
@@ -69,11 +69,11 @@ constexpr int GemmEpilogueOffset(int block_n) {
 constexpr int GemmBarrierOffset(int block_n) {
   return GemmEpilogueOffset(block_n) + 2 * block_n * kEpilogueRowBytes;
 }
-constexpr int GemmTableOffset(int block_n) {
+// After the barriers: the scheduler's arrays (the E4M3 tables live in static shared memory: no
+// room for them here).
+constexpr int GemmExpertOffset(int block_n) {
   return GemmBarrierOffset(block_n) + 2 * GemmStages(block_n) * 8;
 }
-// (The E4M3 tables live in static shared memory: no room for them here.)
-constexpr int GemmExpertOffset(int block_n) { return GemmTableOffset(block_n); }
 inline size_t GemmKernelSmemBytes(int block_n, int num_experts) {
   return 1024 /* alignment slack */ + GemmExpertOffset(block_n) + 2 * 4 * (num_experts + 1);
 }

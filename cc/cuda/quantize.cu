@@ -18,10 +18,11 @@
 // lane that writes a row's last scale also zeroes that row's padding columns.
 //
 // Limits and behaviour:
-//   - Arguments are validated by cc/src. The launchers here add the checks only a kernel needs
-//     (alignment: input and output 16 bytes, packed 4 bytes, swizzled scales 4 bytes; experts <=
-//     6143 so both offset arrays fit in 48 KB of shared memory) and fail with a status and
-//     message otherwise.
+//   - Arguments are validated by cc/src, these kernels' own limits included: CanImplement*
+//     (k <= 2^33; experts <= 6143 so both offset arrays fit in 48 KB of shared memory) is asked
+//     by cc/src/validate.cc, and the launchers do not check again. The kernels need input and
+//     output 16-byte aligned, packed and swizzled scales 4-byte aligned: the contract's 16 bytes
+//     for CUDA data pointers covers them.
 //   - No allocation, no synchronisation: every launch can be captured in a CUDA graph. Very large
 //     problems (more than 2^30 lanes, e.g. 1.2M rows at k = 7168) are split into several launches
 //     on the same stream.
@@ -572,11 +573,8 @@ mxmoe_status LaunchRowsVariant(const RowsParams& p, int units_per_thread, size_t
 template <bool kSilu, ScaleMap kMap>
 mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtype,
                           int32_t padding_ctas, int device, cudaStream_t stream) {
-  const int64_t lanes_per_row = k / kElemsPerLane;
+  const int64_t lanes_per_row = k / kElemsPerLane;  // <= kMaxUnitsPerLaunch (CanImplement*)
   if (lanes_per_row <= 0) return MXMOE_STATUS_OK;
-  if (lanes_per_row > kMaxUnitsPerLaunch) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, "k = ", k, " is too large for the CUDA quantizer");
-  }
   base.lanes_per_row = FastDivmod::Make(static_cast<uint32_t>(lanes_per_row));
   base.scale_cols = static_cast<int32_t>(k / format::kBlockSize);
   base.padded_scale_cols =
@@ -605,27 +603,13 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
   return MXMOE_STATUS_OK;
 }
 
-mxmoe_status CheckDtype(int32_t dtype, const char* op) {
-  if (dtype != MXMOE_DTYPE_BF16 && dtype != MXMOE_DTYPE_FP16) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, op, ": input dtype must be bf16 or fp16, got ",
-                dtype);
-  }
-  return MXMOE_STATUS_OK;
-}
-
 // Quantize and QuantizeWeights: `groups` matrices of `group_rows` rows each.
-mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows, int64_t k,
-                              const void* input, int32_t dtype, uint8_t* packed, uint8_t* scales,
+mxmoe_status QuantizeMatrices(int64_t groups, int64_t group_rows, int64_t k, const void* input,
+                              int32_t dtype, uint8_t* packed, uint8_t* scales,
                               int32_t scale_layout, int device, void* stream) {
-  MXMOE_RETURN_IF_ERROR(CheckDtype(dtype, op));
   const int64_t rows = groups * group_rows;
   if (rows == 0 || k == 0) return MXMOE_STATUS_OK;
   const bool swizzled = scale_layout == MXMOE_SCALE_LAYOUT_SWIZZLED_128X4;
-  MXMOE_RETURN_IF_ERROR(CheckAligned(input, 16, op, "input"));
-  MXMOE_RETURN_IF_ERROR(CheckAligned(packed, 4, op, "packed"));
-  if (swizzled) MXMOE_RETURN_IF_ERROR(CheckAligned(scales, 4, op, "scales"));
-  ScopedDevice scoped;
-  MXMOE_RETURN_IF_ERROR(scoped.Enter(device));
 
   RowsParams p{};
   p.input = input;
@@ -643,28 +627,17 @@ mxmoe_status QuantizeMatrices(const char* op, int64_t groups, int64_t group_rows
       group_rows % format::kSwizzleRows == 0
           ? 0
           : static_cast<int32_t>(std::min<int64_t>(groups, kMaxPaddingCtas));
-  return QuantizeRows<false, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas,
-                                                                 device, s);
+  return QuantizeRows<false, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas, device,
+                                                       s);
 }
 
 template <bool kSilu>
-mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int32_t num_experts,
-                                   const void* input, int32_t dtype,
-                                   const int32_t* expert_offsets,
+mxmoe_status LaunchExpertsQuantize(int64_t rows, int64_t k, int32_t num_experts, const void* input,
+                                   int32_t dtype, const int32_t* expert_offsets,
                                    const int32_t* blockscale_offsets, uint8_t* packed,
                                    uint8_t* scales, int64_t scale_rows, int device,
                                    void* stream) {
-  MXMOE_RETURN_IF_ERROR(CheckDtype(dtype, op));
-  if (num_experts > kMaxSharedExperts) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": num_experts must be at most ", kMaxSharedExperts,
-                " for the CUDA kernel, got ", num_experts);
-  }
   if (rows == 0 || k == 0 || num_experts <= 0) return MXMOE_STATUS_OK;
-  MXMOE_RETURN_IF_ERROR(CheckAligned(input, 16, op, "input"));
-  MXMOE_RETURN_IF_ERROR(CheckAligned(packed, 4, op, "packed"));
-  MXMOE_RETURN_IF_ERROR(CheckAligned(scales, 4, op, "scales"));
-  ScopedDevice scoped;
-  MXMOE_RETURN_IF_ERROR(scoped.Enter(device));
 
   RowsParams p{};
   p.input = input;
@@ -680,13 +653,7 @@ mxmoe_status LaunchExpertsQuantize(const char* op, int64_t rows, int64_t k, int3
   // loads, and a non-empty expert's padding (up to 127 rows) gets a whole CTA.
   const int32_t padding_ctas = std::min<int32_t>(num_experts, kMaxPaddingCtas);
   const auto s = static_cast<cudaStream_t>(stream);
-  if constexpr (!kSilu) {
-    return QuantizeRows<false, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
-                                                             device, s);
-  } else {
-    return QuantizeRows<true, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas,
-                                                             device, s);
-  }
+  return QuantizeRows<kSilu, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas, device, s);
 }
 
 template <mxmoe_dtype kOut>
@@ -710,20 +677,39 @@ int32_t GridStrideCtas(int64_t items) {
 
 }  // namespace
 
+mxmoe_status CanImplementRowQuantize(const char* op, int64_t k) {
+  if (k / kElemsPerLane > kMaxUnitsPerLaunch) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": k = ", k,
+                " is too large for the CUDA kernels (at most ", kMaxUnitsPerLaunch * kElemsPerLane,
+                ")");
+  }
+  return MXMOE_STATUS_OK;
+}
+
+mxmoe_status CanImplementExpertsQuantize(const char* op, int64_t k, int32_t num_experts) {
+  MXMOE_RETURN_IF_ERROR(CanImplementRowQuantize(op, k));
+  if (num_experts > kMaxSharedExperts) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": num_experts must be at most ", kMaxSharedExperts,
+                " for the CUDA kernel (both offset arrays in 48 KB of shared memory), got ",
+                num_experts);
+  }
+  return MXMOE_STATUS_OK;
+}
+
 mxmoe_status Quantize(const mxmoe_quantize_args& args, void* stream) {
-  return QuantizeMatrices("quantize", 1, args.rows, args.k, args.input, args.input_dtype,
+  return QuantizeMatrices(1, args.rows, args.k, args.input, args.input_dtype,
                           args.packed, args.scales, args.scale_layout, args.device.id, stream);
 }
 
 mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args& args, void* stream) {
-  return QuantizeMatrices("quantize_weights", args.num_experts, args.n, args.k, args.weights,
+  return QuantizeMatrices(args.num_experts, args.n, args.k, args.weights,
                           args.weights_dtype, args.packed, args.scales, args.scale_layout,
                           args.device.id, stream);
 }
 
 mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args, void* stream) {
   return LaunchExpertsQuantize<false>(
-      "experts_quantize", args.rows, args.k, args.num_experts, args.input, args.input_dtype,
+      args.rows, args.k, args.num_experts, args.input, args.input_dtype,
       args.expert_offsets, args.blockscale_offsets, args.packed, args.scales, args.scale_rows,
       args.device.id, stream);
 }
@@ -731,23 +717,14 @@ mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args, void* stre
 mxmoe_status SiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args& args,
                                     void* stream) {
   return LaunchExpertsQuantize<true>(
-      "silu_mul_experts_quantize", args.rows, args.n, args.num_experts, args.input,
+      args.rows, args.n, args.num_experts, args.input,
       args.input_dtype, args.expert_offsets, args.blockscale_offsets, args.packed, args.scales,
       args.scale_rows, args.device.id, stream);
 }
 
 mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {
-  const char* op = "dequantize";
   if (args.rows == 0 || args.k == 0) return MXMOE_STATUS_OK;
-  const int64_t lanes_per_row = args.k / kElemsPerLane;
-  if (lanes_per_row > kMaxUnitsPerLaunch) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, op, ": k = ", args.k,
-                " is too large for the CUDA kernel");
-  }
-  MXMOE_RETURN_IF_ERROR(CheckAligned(args.packed, 4, op, "packed"));
-  MXMOE_RETURN_IF_ERROR(CheckAligned(args.output, 16, op, "output"));
-  ScopedDevice scoped;
-  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
+  const int64_t lanes_per_row = args.k / kElemsPerLane;  // <= kMaxUnitsPerLaunch (CanImplement*)
   DequantizeParams p{};
   p.packed = args.packed;
   p.scales = args.scales;
@@ -767,9 +744,6 @@ mxmoe_status SwizzleScales(const mxmoe_swizzle_scales_args& args, void* stream) 
                   format::SwizzledBytes(args.rows, args.cols)};
   const int64_t words = args.batch * p.swizzled_bytes / 4;
   if (words == 0) return MXMOE_STATUS_OK;
-  MXMOE_RETURN_IF_ERROR(CheckAligned(args.output, 4, "swizzle_scales", "output"));
-  ScopedDevice scoped;
-  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   SwizzleScalesKernel<<<GridStrideCtas(words), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
@@ -780,8 +754,6 @@ mxmoe_status UnswizzleScales(const mxmoe_swizzle_scales_args& args, void* stream
                   format::SwizzledBytes(args.rows, args.cols)};
   const int64_t bytes = args.batch * args.rows * args.cols;
   if (bytes == 0) return MXMOE_STATUS_OK;
-  ScopedDevice scoped;
-  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   UnswizzleScalesKernel<<<GridStrideCtas(bytes), kThreads, 0,
                           static_cast<cudaStream_t>(stream)>>>(p);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();

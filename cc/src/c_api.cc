@@ -1,9 +1,9 @@
 // The extern "C" entry points of mxmoe.h: each clears the thread's last error, validates its
-// arguments completely (validate.h), returns OK at once when there is no output byte to write
-// (WritesNothing), chooses the backend and calls mxmoe::cpu::X or mxmoe::cuda::X. No C++
-// exception crosses this boundary: anything thrown below becomes MXMOE_STATUS_INTERNAL with a
-// message. Outputs (including *bytes of the size queries) are written only after validation
-// passed.
+// arguments completely (validate.h, each kernel's limits included), returns OK at once when
+// there is no output byte to write (WritesNothing), chooses the backend and calls
+// mxmoe::cpu::X or, with args.device current, mxmoe::cuda::X. No C++ exception crosses this
+// boundary: anything thrown below becomes MXMOE_STATUS_INTERNAL with a message. Outputs
+// (including *bytes of the size queries) are written only after validation passed.
 #include <new>
 #include <stdexcept>
 
@@ -62,6 +62,15 @@ mxmoe_status NullArgs() {
 
 mxmoe_status NullBytes() {
   return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "bytes (the size output) must not be NULL");
+}
+
+// Every CUDA entry point runs with args.device current, restored on return: a stream belongs to
+// one device, and a launch from another fails or lands on the wrong GPU. The one place that
+// switches devices; cuda::X run on the current device.
+mxmoe_status EnterDevice(mxmoe_backend backend, const mxmoe_device& device,
+                         cuda::ScopedDevice* scoped) {
+  if (backend == MXMOE_BACKEND_CPU) return MXMOE_STATUS_OK;
+  return scoped->Enter(device.id);
 }
 
 }  // namespace
@@ -141,6 +150,8 @@ mxmoe_status mxmoe_quantize(const mxmoe_quantize_args* args, void* stream) {
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateQuantize(*args, &backend));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::Quantize(*args)
                                         : mxmoe::cuda::Quantize(*args, stream);
   });
@@ -152,6 +163,8 @@ mxmoe_status mxmoe_dequantize(const mxmoe_dequantize_args* args, void* stream) {
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateDequantize(*args, &backend));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::Dequantize(*args)
                                         : mxmoe::cuda::Dequantize(*args, stream);
   });
@@ -163,6 +176,8 @@ mxmoe_status mxmoe_experts_quantize(const mxmoe_experts_quantize_args* args, voi
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateExpertsQuantize(*args, &backend));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::ExpertsQuantize(*args)
                                         : mxmoe::cuda::ExpertsQuantize(*args, stream);
   });
@@ -175,6 +190,8 @@ mxmoe_status mxmoe_silu_mul_experts_quantize(const mxmoe_silu_mul_experts_quanti
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateSiluMulExpertsQuantize(*args, &backend));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::SiluMulExpertsQuantize(*args)
                                         : mxmoe::cuda::SiluMulExpertsQuantize(*args, stream);
   });
@@ -186,6 +203,8 @@ mxmoe_status mxmoe_swizzle_scales(const mxmoe_swizzle_scales_args* args, void* s
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateSwizzleScales(*args, /*unswizzle=*/false, &backend));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::SwizzleScales(*args)
                                         : mxmoe::cuda::SwizzleScales(*args, stream);
   });
@@ -197,6 +216,8 @@ mxmoe_status mxmoe_unswizzle_scales(const mxmoe_swizzle_scales_args* args, void*
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateSwizzleScales(*args, /*unswizzle=*/true, &backend));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::UnswizzleScales(*args)
                                         : mxmoe::cuda::UnswizzleScales(*args, stream);
   });
@@ -208,6 +229,8 @@ mxmoe_status mxmoe_quantize_weights(const mxmoe_quantize_weights_args* args, voi
     mxmoe_backend backend = MXMOE_BACKEND_AUTO;
     MXMOE_RETURN_IF_ERROR(mxmoe::ValidateQuantizeWeights(*args, &backend));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     return backend == MXMOE_BACKEND_CPU ? mxmoe::cpu::QuantizeWeights(*args)
                                         : mxmoe::cuda::QuantizeWeights(*args, stream);
   });
@@ -266,6 +289,8 @@ mxmoe_status mxmoe_prepare_weights(const mxmoe_prepare_weights_args* args, void*
     size_t size = 0;
     MXMOE_RETURN_IF_ERROR(mxmoe::PrepareWeightsSizeFor(*args, backend, &size));
     MXMOE_RETURN_IF_ERROR(mxmoe::CheckPreparedBuffer(*args, size));
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     switch (backend) {
       case MXMOE_BACKEND_CPU:
         return mxmoe::cpu::PrepareWeights(*args);
@@ -305,6 +330,8 @@ mxmoe_status mxmoe_grouped_gemm(const mxmoe_grouped_gemm_args* args, void* works
                                                    args->device));
     MXMOE_RETURN_IF_ERROR(mxmoe::CheckWorkspaceOverlap(*args, workspace, needed));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     switch (backend) {
       case MXMOE_BACKEND_CPU:
         return mxmoe::cpu::GroupedGemm(*args);
@@ -343,6 +370,8 @@ mxmoe_status mxmoe_moe_forward(const mxmoe_moe_forward_args* args, void* workspa
                                                    args->device));
     MXMOE_RETURN_IF_ERROR(mxmoe::CheckWorkspaceOverlap(*args, workspace, needed));
     if (mxmoe::WritesNothing(*args)) return MXMOE_STATUS_OK;
+    mxmoe::cuda::ScopedDevice scoped;
+    MXMOE_RETURN_IF_ERROR(mxmoe::EnterDevice(backend, args->device, &scoped));
     if (backend == MXMOE_BACKEND_CPU) {
       return mxmoe::cpu::MoeForward(*args, workspace, workspace_bytes);
     }

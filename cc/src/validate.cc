@@ -16,6 +16,7 @@
 #include "cc/cpu/cpu_backend.h"
 #include "cc/cuda/device.h"
 #include "cc/cuda/grouped_gemm.h"
+#include "cc/cuda/quantize.h"
 #include "cc/src/backend.h"
 #include "mxmoe/format.h"
 
@@ -380,6 +381,45 @@ mxmoe_status CheckDeviceAndBackend(const mxmoe_device& device, mxmoe_backend* ba
   return ResolveBackend(device, backend);
 }
 
+// ---- kernel limits ----------------------------------------------------------------------------
+// Each CUDA kernel states its limits beyond the contract in one function (cuda::CanImplement*,
+// after CUTLASS's can_implement); they are asked here, for the size queries and the runs alike,
+// and the kernels do not check again. The CPU backend implements the whole contract.
+
+mxmoe_status CheckRowQuantizeLimits(const char* op, int64_t k, mxmoe_backend backend) {
+  if (backend == MXMOE_BACKEND_CPU) return MXMOE_STATUS_OK;
+  return cuda::CanImplementRowQuantize(op, k);
+}
+
+mxmoe_status CheckGroupedGemmLimits(int64_t rows, int64_t n, int64_t k, int32_t num_experts,
+                                    mxmoe_backend backend, const mxmoe_device& device) {
+  switch (backend) {
+    case MXMOE_BACKEND_SM90: {
+      int num_sms = 0;
+      MXMOE_RETURN_IF_ERROR(cuda::MultiprocessorCount(device.id, &num_sms));
+      return cuda::CanImplementGroupedGemmSm90(rows, n, k, num_experts, num_sms);
+    }
+    case MXMOE_BACKEND_SM100:
+      return cuda::CanImplementGroupedGemmSm100(n, k);
+    default:
+      return MXMOE_STATUS_OK;
+  }
+}
+
+// The CUDA MoE runs two grouped GEMMs over its T * top_k routed rows (w13: n = 2I, k = H; w2:
+// n = H, k = I) and the fused SiLU-and-mul quantizer (n = I); their limits are its own.
+mxmoe_status CheckMoeForwardKernelLimits(const mxmoe_moe_forward_args& a, mxmoe_backend backend) {
+  if (backend == MXMOE_BACKEND_CPU) return MXMOE_STATUS_OK;
+  const int64_t rows = a.num_tokens * a.top_k;
+  const int64_t h = a.hidden_size;
+  const int64_t inter = a.intermediate_size;
+  MXMOE_RETURN_IF_ERROR(CheckGroupedGemmLimits(rows, 2 * inter, h, a.num_local_experts, backend,
+                                               a.device));
+  MXMOE_RETURN_IF_ERROR(
+      CheckGroupedGemmLimits(rows, h, inter, a.num_local_experts, backend, a.device));
+  return cuda::CanImplementExpertsQuantize("moe_forward", inter, a.num_local_experts);
+}
+
 }  // namespace
 
 mxmoe_status PrepareWeightsSizeFor(const mxmoe_prepare_weights_args& args, mxmoe_backend backend,
@@ -412,6 +452,7 @@ mxmoe_status ValidateQuantize(const mxmoe_quantize_args& a, mxmoe_backend* backe
   };
   MXMOE_RETURN_IF_ERROR(CheckNotNull(buffers));
   MXMOE_RETURN_IF_ERROR(CheckDeviceAndBackend(a.device, backend));
+  MXMOE_RETURN_IF_ERROR(CheckRowQuantizeLimits("quantize", a.k, *backend));
   return CheckPlacement(buffers, *backend, a.device);
 }
 
@@ -428,6 +469,7 @@ mxmoe_status ValidateDequantize(const mxmoe_dequantize_args& a, mxmoe_backend* b
   };
   MXMOE_RETURN_IF_ERROR(CheckNotNull(buffers));
   MXMOE_RETURN_IF_ERROR(CheckDeviceAndBackend(a.device, backend));
+  MXMOE_RETURN_IF_ERROR(CheckRowQuantizeLimits("dequantize", a.k, *backend));
   return CheckPlacement(buffers, *backend, a.device);
 }
 
@@ -435,8 +477,9 @@ namespace {
 
 // The shared part of experts_quantize and silu_mul_experts_quantize. `k` is the output width,
 // `input_cols` the input's (k, or 2n for the fused SiLU).
-mxmoe_status ValidateGroupedQuantize(const mxmoe_device& device, int64_t rows, int64_t k,
-                                     const char* k_name, int64_t input_cols, int32_t num_experts,
+mxmoe_status ValidateGroupedQuantize(const char* op, const mxmoe_device& device, int64_t rows,
+                                     int64_t k, const char* k_name, int64_t input_cols,
+                                     int32_t num_experts,
                                      const void* input, int32_t input_dtype,
                                      const int32_t* expert_offsets,
                                      const int32_t* blockscale_offsets, const uint8_t* packed,
@@ -457,6 +500,9 @@ mxmoe_status ValidateGroupedQuantize(const mxmoe_device& device, int64_t rows, i
   };
   MXMOE_RETURN_IF_ERROR(CheckNotNull(buffers));
   MXMOE_RETURN_IF_ERROR(CheckDeviceAndBackend(device, backend));
+  if (*backend != MXMOE_BACKEND_CPU) {
+    MXMOE_RETURN_IF_ERROR(cuda::CanImplementExpertsQuantize(op, k, num_experts));
+  }
   MXMOE_RETURN_IF_ERROR(CheckPlacement(buffers, *backend, device));
   if (*backend == MXMOE_BACKEND_CPU) {
     MXMOE_RETURN_IF_ERROR(CheckGroupedOffsets(expert_offsets, blockscale_offsets, num_experts,
@@ -469,9 +515,9 @@ mxmoe_status ValidateGroupedQuantize(const mxmoe_device& device, int64_t rows, i
 
 mxmoe_status ValidateExpertsQuantize(const mxmoe_experts_quantize_args& a,
                                      mxmoe_backend* backend) {
-  return ValidateGroupedQuantize(a.device, a.rows, a.k, "k", a.k, a.num_experts, a.input,
-                                 a.input_dtype, a.expert_offsets, a.blockscale_offsets, a.packed,
-                                 a.scales, a.scale_rows, backend);
+  return ValidateGroupedQuantize("experts_quantize", a.device, a.rows, a.k, "k", a.k,
+                                 a.num_experts, a.input, a.input_dtype, a.expert_offsets,
+                                 a.blockscale_offsets, a.packed, a.scales, a.scale_rows, backend);
 }
 
 mxmoe_status ValidateSiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args& a,
@@ -482,9 +528,10 @@ mxmoe_status ValidateSiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantiz
   }
   // A negative n is reported as such below; doubling it could overflow (n = INT64_MIN).
   const int64_t input_cols = a.n < 0 ? a.n : 2 * a.n;
-  return ValidateGroupedQuantize(a.device, a.rows, a.n, "n", input_cols, a.num_experts, a.input,
-                                 a.input_dtype, a.expert_offsets, a.blockscale_offsets, a.packed,
-                                 a.scales, a.scale_rows, backend);
+  return ValidateGroupedQuantize("silu_mul_experts_quantize", a.device, a.rows, a.n, "n",
+                                 input_cols, a.num_experts, a.input, a.input_dtype,
+                                 a.expert_offsets, a.blockscale_offsets, a.packed, a.scales,
+                                 a.scale_rows, backend);
 }
 
 mxmoe_status ValidateSwizzleScales(const mxmoe_swizzle_scales_args& a, bool unswizzle,
@@ -521,6 +568,7 @@ mxmoe_status ValidateQuantizeWeights(const mxmoe_quantize_weights_args& a,
   };
   MXMOE_RETURN_IF_ERROR(CheckNotNull(buffers));
   MXMOE_RETURN_IF_ERROR(CheckDeviceAndBackend(a.device, backend));
+  MXMOE_RETURN_IF_ERROR(CheckRowQuantizeLimits("quantize_weights", a.k, *backend));
   return CheckPlacement(buffers, *backend, a.device);
 }
 
@@ -549,6 +597,9 @@ mxmoe_status ValidatePrepareWeights(const mxmoe_prepare_weights_args& a, Validat
                 ", which is served by backend '", mxmoe_backend_name(serving), "'");
   }
   *backend = serving;
+  if (serving == MXMOE_BACKEND_SM90) {
+    MXMOE_RETURN_IF_ERROR(cuda::CanImplementPrepareWeightsSm90(a.weights));
+  }
   if (mode == ValidationMode::kFull) {
     MXMOE_RETURN_IF_ERROR(CheckPlacement(buffers, serving, a.device));
   }
@@ -594,6 +645,8 @@ mxmoe_status ValidateGroupedGemm(const mxmoe_grouped_gemm_args& a, ValidationMod
   if (mode == ValidationMode::kFull) MXMOE_RETURN_IF_ERROR(CheckNotNull(buffers));
   MXMOE_RETURN_IF_ERROR(CheckDeviceAndBackend(a.device, backend));
   MXMOE_RETURN_IF_ERROR(CheckPreparedFor("b", a.b, *backend, a.device));
+  MXMOE_RETURN_IF_ERROR(
+      CheckGroupedGemmLimits(a.rows, a.n, a.k, a.num_experts, *backend, a.device));
   if (mode == ValidationMode::kShapesOnly) return MXMOE_STATUS_OK;
   if (a.problem_sizes != nullptr) {  // optional: checked only when given
     buffers.push_back(Meta("problem_sizes", a.problem_sizes, {a.num_experts, 3}));
@@ -700,6 +753,7 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
   MXMOE_RETURN_IF_ERROR(CheckDeviceAndBackend(a.device, backend));
   MXMOE_RETURN_IF_ERROR(CheckPreparedFor("w13", a.w13, *backend, a.device));
   MXMOE_RETURN_IF_ERROR(CheckPreparedFor("w2", a.w2, *backend, a.device));
+  MXMOE_RETURN_IF_ERROR(CheckMoeForwardKernelLimits(a, *backend));
   if (mode == ValidationMode::kShapesOnly) return MXMOE_STATUS_OK;
   MXMOE_RETURN_IF_ERROR(CheckPlacement(buffers, *backend, a.device));
   if (*backend != MXMOE_BACKEND_CPU) return MXMOE_STATUS_OK;

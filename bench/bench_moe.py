@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -31,6 +30,7 @@ from common import SHAPES, TOKENS, commit, gpu_short_name, measure_copy_bandwidt
 
 import mxmoe
 from mxmoe import ops
+from mxmoe.measure import cuda_event_ms, rel_l2
 from mxmoe.peers import TorchBf16Moe, TorchFp8Moe
 
 FP8_PEAK_FLOPS = 1979e12
@@ -60,16 +60,12 @@ def time_calls(fns, use_graph: bool, repeats: int = 15, inner: int = 8) -> float
     for call in calls:
         call()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def body():
         for j in range(inner):
             calls[j % len(calls)]()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return statistics.median(samples)
+
+    return cuda_event_ms(body, repeats, calls_per_body=inner)
 
 
 # ---- benchmark ----------------------------------------------------------------------------------
@@ -137,8 +133,7 @@ def bench_shape(name, e, h, inter, top_k, token_list, copy_gbps, impls, log):
                 x, lg = inputs[0]
                 out = ops.moe_forward(x, *mx_weights, router_logits=lg, top_k=top_k)
                 if "torch_bf16" in peers:
-                    ref = peers["torch_bf16"](x, lg).double()
-                    row["mxmoe_rel_l2_vs_bf16"] = float((out.double() - ref).norm() / ref.norm())
+                    row["mxmoe_rel_l2_vs_bf16"] = rel_l2(out, peers["torch_bf16"](x, lg))
             except Exception as exc:
                 row["mxmoe_error"] = f"{type(exc).__name__}: {exc}"[:300]
         for peer_name, peer in peers.items():

@@ -12,7 +12,7 @@ size, so inputs come from device memory. Reported: ms, GB/s (bytes_moved / time)
 the copy bandwidth, and floor_bytes_ms = bytes_moved / copy bandwidth. Small and large T also
 time a few variants for diagnosis (see SMALL_TOKENS, DIAGNOSTIC_TOKENS).
 
-Goals (issue 3, H100): >= 85% of the copy bandwidth where >= 64 MB move; < 5 us per launch for
+Goals (H100): >= 85% of the copy bandwidth where >= 64 MB move; < 5 us per launch for
 the smallest cases.
 
 Usage: python bench/bench_quantize.py --out DIR [--shapes ...] [--tokens ...] [--kernels ...]

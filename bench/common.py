@@ -16,10 +16,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import subprocess
 
 import torch
+
+from mxmoe.measure import cuda_event_ms
 
 SHAPES = {
     # name: (E, H, I, top_k)
@@ -71,17 +72,10 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     for _ in range(3):
         dst.copy_(src)
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
+    seconds = cuda_event_ms(lambda: dst.copy_(src), repeats) / 1e3
     del src, dst
     torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(samples) / 1e9
+    return 2 * nbytes / seconds / 1e9
 
 
 def rotation_sets(bytes_per_call: int, min_total: int | None = None, most: int = 16) -> int:
@@ -111,16 +105,9 @@ def time_graph(calls, calls_per_graph: int = 20, repeats: int = 25) -> float:
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / calls_per_graph)
+    ms = cuda_event_ms(graph.replay, repeats, calls_per_body=calls_per_graph)
     del graph
-    return statistics.median(samples)
+    return ms
 
 
 def route(tokens: int, num_experts: int, top_k: int, seed: int) -> list[int]:

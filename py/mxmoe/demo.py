@@ -81,11 +81,6 @@ def expert_weights(seed: int, e: int, hidden: int, intermediate: int):
     return w13, w2
 
 
-def rel_l2(out, ref) -> float:
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
-
-
 def pick_device(backend: str):
     import torch
 
@@ -106,17 +101,11 @@ def time_cuda_ms(fn, repeats: int = 20) -> float:
     """Median CUDA-event time of fn() in milliseconds, after a warm-up."""
     import torch
 
+    from mxmoe.measure import cuda_event_ms
+
     fn()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    return cuda_event_ms(fn, repeats)
 
 
 def compare_with_peers(layer, x, logits, top_k: int, w13_bf16, w2_bf16) -> None:
@@ -152,6 +141,7 @@ def main(argv):
 
     import mxmoe
     from mxmoe import ops, reference
+    from mxmoe.measure import rel_l2
 
     experts, hidden, intermediate, top_k = SHAPES[FLAGS.shape]
     tokens = FLAGS.tokens

@@ -2,7 +2,7 @@
 
 - The report header names the GPU, the torch build and the mxmoe backend that serves it, so a log
   says where it came from.
-- ``rel_l2``: the relative L2 error every GPU test compares with.
+- ``rel_l2``: the relative L2 error every GPU test compares with (``mxmoe.measure.rel_l2``).
 - ``MXMOE_GPU_TEST_QUICK=1`` (set by run.sh for the compute-sanitizer passes, which run 10-100x
   slower) asks every test file to keep to its small shapes (each file reads the variable).
 - Without a CUDA device every test module skips itself (each sets its own ``pytestmark``).
@@ -14,11 +14,7 @@ import os
 
 import torch
 
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 on the CPU (the GPU tests' one error measure)."""
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+from mxmoe.measure import rel_l2  # noqa: F401  (the one error measure, for the test modules)
 
 
 def quick_mode() -> bool:

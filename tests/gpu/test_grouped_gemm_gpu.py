@@ -1,4 +1,4 @@
-"""GPU grouped GEMM through the Python ops (issue 4) against the CPU backend and float64.
+"""GPU grouped GEMM through the Python ops against the CPU backend and float64.
 
 Every shape runs the same MXFP4 operands on the CPU backend (the exact reference: integer block
 dots, double accumulation) and on the GPU; outputs are compared by relative L2 (bf16 output

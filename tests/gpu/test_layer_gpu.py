@@ -1,4 +1,4 @@
-"""MoELayer on a GPU: checkpoint loading onto CUDA, and the demo's GPU path (issue 5).
+"""MoELayer on a GPU: checkpoint loading onto CUDA, and the demo's GPU path.
 
 Skips without a CUDA device (run through tools/gpu/run.sh).
 """

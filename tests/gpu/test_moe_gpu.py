@@ -1,4 +1,4 @@
-"""GPU MoE forward (issue 5) against the CPU backend with the same quantized weights.
+"""GPU MoE forward against the CPU backend with the same quantized weights.
 
 Runs on the GPU host through tools/gpu/run.sh; without a CUDA device every test skips with the
 reason. Checks: the three model shapes scaled down in experts (CPU reference time), T = 1, 7, 64,

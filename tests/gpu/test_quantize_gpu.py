@@ -1,4 +1,4 @@
-"""GPU quantization kernels (issue 3) against the CPU backend, bit for bit.
+"""GPU quantization kernels against the CPU backend, bit for bit.
 
 Every CUDA kernel behind quantize, dequantize, experts_quantize, silu_mul_experts_quantize,
 swizzle/unswizzle_scales and quantize_weights runs on outputs poisoned with 0xAB and is compared

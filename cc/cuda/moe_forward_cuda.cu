@@ -1,31 +1,50 @@
-// The MoE forward on a CUDA device (issue 5): routing, metadata, fused gather + quantize, two
-// grouped GEMMs (sm90 or sm100 backend), fused SiLU-and-mul + quantize, weighted top-k reduce.
+// The MoE forward on a CUDA device: routing, metadata, fused gather + quantize, two grouped GEMMs
+// (sm90 or sm100), activation (+ w13 bias) + quantize, weighted reduce (+ w2 bias). The arithmetic
+// is the contract of docs/format.md ("MoE forward"), the same as the CPU backend's
+// (cc/cpu/moe_forward.cc) at every step except the GEMMs' accumulation order.
 //
 // Launch sequence (7 launches, no host synchronisation, no allocation, CUDA-graph capturable):
-//   1. RoutingKernel           router logits -> top-k (fp32 softmax, ties to the lower id) or
-//                              copy of precomputed top-k; expert_map applied -> local ids.
-//   2. MetadataKernel          one block: per-expert counts, expert_offsets, blockscale_offsets,
-//                              problem sizes, row permutation (slot -> row, row -> slot).
-//   3. GatherQuantizeKernel    hidden rows straight into the expert-sorted MXFP4 layout (no bf16
-//                              copy in between), swizzled scales, padding bytes zeroed.
-//   4. grouped GEMM 1          [rows, H] x w13 -> [rows, 2I] activation dtype.
-//   5. SiluMulExpertsQuantize  (cc/cuda/quantize.h).
-//   6. grouped GEMM 2          [rows, I] x w2 -> [rows, H] activation dtype.
-//   7. WeightedReduceKernel    out[t] = sum over slots of w * y, fp32, rounded once.
+//   1. RoutingKernel / CopyTopKKernel   one warp per token: SOFTMAX_TOPK, TOPK_SOFTMAX or
+//                             SIGMOID_GROUPED_TOPK (fp32, format.h / moe_numerics.h numerics, the
+//                             softmax denominator in the contract's 32-lane order), or a copy of
+//                             precomputed top-k; expert_map applied; shared-expert slots appended.
+//   2. MetadataKernel         one block: per-expert counts, expert_offsets, blockscale_offsets,
+//                             problem sizes, row permutation (slot -> row, row -> slot).
+//   3. GatherQuantizeKernel   hidden rows straight into the expert-sorted MXFP4 layout, swizzled
+//                             scales, padding zeroed; the quantizer is quantize_device.cuh's.
+//   4. grouped GEMM 1         [rows, H] x w13 -> [rows, 2I] activation dtype.
+//   5. activation + quantize  SILU_AND_MUL without bias: cuda::SiluMulExpertsQuantize (the tested
+//                             quantize kernel); otherwise ActivationQuantizeKernel (bias add and
+//                             rounding, SiLU or SwiGLU-OAI, quantize_device.cuh's quantizer).
+//   6. grouped GEMM 2         [rows, I] x w2 -> [rows, H] activation dtype.
+//   7. WeightedReduceKernel   out[t] = sum over slots of w * (y [+ w2 bias, rounded]), fp32,
+//                             separately rounded products and sums, rounded once.
 // Device-side inputs the host cannot check: a precomputed top-k id outside [0, E_global) and an
-// expert_map entry outside [0, E_local) make that slot contribute nothing (never out of bounds).
-// Limits: E_local <= 1024 (one metadata block), top_k <= 32, E_global <= 4096.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// expert_map entry outside [0, E_local - num_shared) make that slot contribute nothing (never out
+// of bounds).
+// Limits (CheckLimits, asked by the size query and the run): E_local <= 1024 (one metadata
+// block), top_k + num_shared_experts <= 32 (one warp per token), E_global <= 4096, at most 32
+// expert groups, T * (top_k + num_shared_experts) < 2^30.
+//
+// Status: the default path (SiLU, no bias, softmax top-k, no shared experts) ran on an H100 before
+// this file moved onto the workspace carver and the shared quantizer; everything here is compiled
+// for sm_90a and sm_100a, NOT YET RUN ON A GPU (tests/gpu/test_moe_gpu.py checks it against the
+// CPU backend on the GPU host).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cc/base/cuda_check.h"
 #include "cc/base/status.h"
+#include "cc/base/workspace.h"
+#include "cc/cuda/device.h"
+#include "cc/cuda/expert_search.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/quantize.h"
+#include "cc/cuda/quantize_device.cuh"
 #include "mxmoe/format.h"
+#include "mxmoe/moe_numerics.h"
 
 namespace mxmoe {
 namespace cuda {
@@ -34,187 +53,309 @@ namespace {
 namespace fmt = ::mxmoe::format;
 
 constexpr int kMaxLocalExperts = 1024;
-constexpr int kMaxTopK = 32;
+constexpr int kMaxSlotsPerToken = 32;  // top_k + shared experts: one lane each
 constexpr int kMaxGlobalExperts = 4096;
+constexpr int kMaxExpertGroups = 32;  // one lane per group
 constexpr int kMetadataThreads = 1024;
-constexpr size_t kSliceAlignment = 256;
+constexpr int kThreads = 256;
+constexpr size_t kRoutingSharedBytes = 32 * 1024;
 
-// ---- workspace layout ---------------------------------------------------------------------------
+int64_t ScaleCols(int64_t k) { return fmt::RoundUp(k / fmt::kBlockSize, fmt::kSwizzleCols); }
 
-struct Layout {
-  int64_t slots = 0;        // T * top_k
-  int64_t scale_rows = 0;   // bound on blockscale_offsets[E]
-  size_t topk_ids = 0, topk_weights = 0, local_expert = 0, slot_row = 0, row_slot = 0;
-  size_t expert_offsets = 0, blockscale_offsets = 0, problem_sizes1 = 0, problem_sizes2 = 0;
-  size_t a1 = 0, a1_scales = 0, c1 = 0, a2 = 0, a2_scales = 0, c2 = 0, gemm = 0;
-  size_t total = 0;
+int32_t SlotsPerToken(const mxmoe_moe_forward_args& args) {
+  return args.top_k + args.num_shared_experts;
+}
+
+// ---- workspace ----------------------------------------------------------------------------------
+
+struct MoeWorkspace {
+  int64_t slots = 0;       // T * (top_k + S)
+  int64_t scale_rows = 0;  // bound on blockscale_offsets[E]
+  int32_t* topk_ids = nullptr;            // [T, top_k] global ids
+  float* topk_weights = nullptr;          // [T, top_k]
+  int32_t* local_expert = nullptr;        // [slots] local expert or -1
+  int32_t* slot_row = nullptr;            // [slots] sorted row or -1
+  int32_t* row_slot = nullptr;            // [slots] inverse
+  int32_t* expert_offsets = nullptr;      // [E_local + 1]
+  int32_t* blockscale_offsets = nullptr;  // [E_local + 1]
+  int32_t* problem_sizes1 = nullptr;      // [E_local, 3]
+  int32_t* problem_sizes2 = nullptr;      // [E_local, 3]
+  uint8_t* hidden_packed = nullptr;       // [slots, H/2]
+  uint8_t* hidden_scales = nullptr;       // [scale_rows, round_up(H/32, 4)]
+  uint16_t* gemm1_output = nullptr;       // [slots, 2I] activation dtype
+  uint8_t* intermediate_packed = nullptr;  // [slots, I/2]
+  uint8_t* intermediate_scales = nullptr;  // [scale_rows, round_up(I/32, 4)]
+  uint16_t* gemm2_output = nullptr;        // [slots, H] activation dtype
+  uint8_t* gemm_workspace = nullptr;       // both GEMMs' scratch (shared)
+  size_t gemm_bytes = 0;
 };
 
-size_t Carve(size_t* cursor, size_t bytes) {
-  const size_t offset = (*cursor + kSliceAlignment - 1) / kSliceAlignment * kSliceAlignment;
-  *cursor = offset + bytes;
-  return offset;
-}
-
-int64_t ScaleCols(int64_t k) { return fmt::RoundUp(k / 32, fmt::kSwizzleCols); }
-
-Layout MakeLayout(const mxmoe_moe_forward_args& args, size_t gemm_bytes) {
-  Layout l;
-  const int64_t t = args.num_tokens, k = args.top_k, h = args.hidden_size;
-  const int64_t inter = args.intermediate_size, e = args.num_local_experts;
-  l.slots = t * k;
+mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, size_t gemm_bytes,
+                               WorkspaceCarver* carver, MoeWorkspace* ws) {
+  const size_t t = static_cast<size_t>(args.num_tokens);
+  const size_t h = static_cast<size_t>(args.hidden_size);
+  const size_t inter = static_cast<size_t>(args.intermediate_size);
+  const size_t e = static_cast<size_t>(args.num_local_experts);
+  ws->slots = args.num_tokens * SlotsPerToken(args);
   // Each expert with rows pads up to 127 rows; at most min(slots, E) experts have rows.
-  l.scale_rows = fmt::RoundUp(l.slots + (l.slots < e ? l.slots : e) * 127, fmt::kSwizzleRows);
-  const int64_t act_bytes = 2;
-  size_t c = 0;
-  l.topk_ids = Carve(&c, sizeof(int32_t) * l.slots);
-  l.topk_weights = Carve(&c, sizeof(float) * l.slots);
-  l.local_expert = Carve(&c, sizeof(int32_t) * l.slots);
-  l.slot_row = Carve(&c, sizeof(int32_t) * l.slots);
-  l.row_slot = Carve(&c, sizeof(int32_t) * l.slots);
-  l.expert_offsets = Carve(&c, sizeof(int32_t) * (e + 1));
-  l.blockscale_offsets = Carve(&c, sizeof(int32_t) * (e + 1));
-  l.problem_sizes1 = Carve(&c, sizeof(int32_t) * 3 * e);
-  l.problem_sizes2 = Carve(&c, sizeof(int32_t) * 3 * e);
-  l.a1 = Carve(&c, l.slots * h / 2);
-  l.a1_scales = Carve(&c, l.scale_rows * ScaleCols(h));
-  l.c1 = Carve(&c, l.slots * 2 * inter * act_bytes);
-  l.a2 = Carve(&c, l.slots * inter / 2);
-  l.a2_scales = Carve(&c, l.scale_rows * ScaleCols(inter));
-  l.c2 = Carve(&c, l.slots * h * act_bytes);
-  l.gemm = Carve(&c, gemm_bytes);
-  l.total = c + kSliceAlignment;  // the caller's base pointer may not be 256-aligned
-  return l;
+  ws->scale_rows = fmt::RoundUp(
+      ws->slots + (ws->slots < args.num_local_experts ? ws->slots : args.num_local_experts) * 127,
+      fmt::kSwizzleRows);
+  const size_t slots = static_cast<size_t>(ws->slots);
+  const size_t scale_rows = static_cast<size_t>(ws->scale_rows);
+  const size_t routed = t * static_cast<size_t>(args.top_k);
+  MXMOE_RETURN_IF_ERROR(carver->Carve("topk_ids", routed, &ws->topk_ids));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("topk_weights", routed, &ws->topk_weights));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("local_expert", slots, &ws->local_expert));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("slot_row", slots, &ws->slot_row));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("row_slot", slots, &ws->row_slot));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("expert_offsets", e + 1, &ws->expert_offsets));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("blockscale_offsets", e + 1, &ws->blockscale_offsets));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("problem_sizes1", 3 * e, &ws->problem_sizes1));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("problem_sizes2", 3 * e, &ws->problem_sizes2));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("hidden_packed", slots * h / 2, &ws->hidden_packed));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("hidden_scales", scale_rows * ScaleCols(args.hidden_size),
+                                      &ws->hidden_scales));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("gemm1_output", slots * 2 * inter, &ws->gemm1_output));
+  MXMOE_RETURN_IF_ERROR(
+      carver->Carve("intermediate_packed", slots * inter / 2, &ws->intermediate_packed));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("intermediate_scales",
+                                      scale_rows * ScaleCols(args.intermediate_size),
+                                      &ws->intermediate_scales));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("gemm2_output", slots * h, &ws->gemm2_output));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("gemm_workspace", gemm_bytes, &ws->gemm_workspace));
+  ws->gemm_bytes = gemm_bytes;
+  return MXMOE_STATUS_OK;
 }
 
-// ---- activation dtype helpers ----------------------------------------------------------------
+// ---- element access -------------------------------------------------------------------------
+
+// Element `i` of a bf16/fp16/fp32 array as fp32 (exact; format.h's conversions, the CPU's).
+__device__ __forceinline__ float LoadAsFloat(const void* base, int32_t dtype, int64_t i) {
+  if (dtype == MXMOE_DTYPE_FP32) return static_cast<const float*>(base)[i];
+  const uint16_t bits = static_cast<const uint16_t*>(base)[i];
+  return dtype == MXMOE_DTYPE_BF16 ? fmt::Bf16ToFloat(bits) : fmt::Fp16ToFloat(bits);
+}
 
 template <typename T>
-__device__ __forceinline__ float ToFloat(T v);
+__device__ __forceinline__ float RoundTo(float v);
 template <>
-__device__ __forceinline__ float ToFloat<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
+__device__ __forceinline__ float RoundTo<quant::Bf16>(float v) {
+  return fmt::Bf16ToFloat(fmt::FloatToBf16(v));
 }
 template <>
-__device__ __forceinline__ float ToFloat<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float ToFloat<float>(float v) {
-  return v;
+__device__ __forceinline__ float RoundTo<quant::Fp16>(float v) {
+  return fmt::Fp16ToFloat(fmt::FloatToFp16(v));
 }
 
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float v) {
-  return __float2half_rn(v);
-}
-
-// ---- 1. routing --------------------------------------------------------------------------------
+// ---- 1. routing ---------------------------------------------------------------------------------
 
 struct RoutingParams {
   const void* logits;
+  int32_t logits_dtype;
   const int32_t* given_ids;
   const float* given_weights;
   const int32_t* expert_map;
+  const void* correction_bias;
+  int32_t correction_bias_dtype;
   int32_t* topk_ids;
   float* topk_weights;
   int32_t* local_expert;
   int64_t num_tokens;
   int32_t num_global_experts;
-  int32_t num_local_experts;
+  int32_t num_routed_local;  // E_local - S
+  int32_t num_shared;
   int32_t top_k;
   int32_t renormalize;
+  int32_t routing;
+  int32_t groups;       // >= 1
+  int32_t kept_groups;  // in [1, groups]
+  float scaling;
 };
 
 __device__ __forceinline__ int32_t MapToLocal(const RoutingParams& p, int32_t global_id) {
   if (global_id < 0 || global_id >= p.num_global_experts) return -1;
   const int32_t local = p.expert_map != nullptr ? p.expert_map[global_id] : global_id;
-  return (local >= 0 && local < p.num_local_experts) ? local : -1;
+  return (local >= 0 && local < p.num_routed_local) ? local : -1;
 }
 
-// Precomputed top-k: copy and map. One thread per slot.
+// Local expert of slot `s` of a token whose routed slot s (< top_k) names `global_id`.
+__device__ __forceinline__ int32_t SlotExpert(const RoutingParams& p, int s, int32_t global_id) {
+  return s < p.top_k ? MapToLocal(p, global_id) : p.num_routed_local + (s - p.top_k);
+}
+
+// Precomputed top-k: copy, map, append the shared slots. One thread per slot.
 __global__ void CopyTopKKernel(RoutingParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= p.num_tokens * p.top_k) return;
-  const int32_t id = p.given_ids[i];
-  p.topk_ids[i] = id;
-  p.topk_weights[i] = p.given_weights[i];
-  p.local_expert[i] = MapToLocal(p, id);
+  const int per_token = p.top_k + p.num_shared;
+  if (i >= p.num_tokens * per_token) return;
+  const int64_t token = i / per_token;
+  const int s = static_cast<int>(i % per_token);
+  int32_t id = -1;
+  if (s < p.top_k) {
+    id = p.given_ids[token * p.top_k + s];
+    p.topk_ids[token * p.top_k + s] = id;
+    p.topk_weights[token * p.top_k + s] = p.given_weights[token * p.top_k + s];
+  }
+  p.local_expert[i] = SlotExpert(p, s, id);
 }
 
-// One warp per token. Top-k is chosen on the fp32 logits (softmax is monotone), ties to the lower
-// id; weights are the fp32 softmax probabilities of the chosen experts, optionally renormalised.
-template <typename LogitT>
+// The warp's best (value, id) by RanksBefore among the experts its lanes offer (id < 0: none).
+__device__ __forceinline__ void WarpBest(float* value, int32_t* id) {
+  for (int o = 16; o > 0; o /= 2) {
+    const float other = __shfl_xor_sync(~0u, *value, o);
+    const int32_t other_id = __shfl_xor_sync(~0u, *id, o);
+    if (other_id >= 0 && (*id < 0 || fmt::RanksBefore(other, other_id, *value, *id))) {
+      *value = other;
+      *id = other_id;
+    }
+  }
+}
+
+__device__ __forceinline__ bool Taken(const uint32_t* taken, int e) {
+  return (taken[e / 32] >> (e % 32)) & 1u;
+}
+
+// One warp per token. Shared memory per warp: E rank values (fp32) and ceil(E/32) taken bits.
 __global__ void RoutingKernel(RoutingParams p) {
   const int warps_per_block = blockDim.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * warps_per_block + threadIdx.x / 32;
-  extern __shared__ uint32_t taken_bits[];  // per warp: ceil(E/32) words
-  const int words = (p.num_global_experts + 31) / 32;
-  uint32_t* taken = taken_bits + (threadIdx.x / 32) * words;
-  if (token >= p.num_tokens) return;
-  const LogitT* row = static_cast<const LogitT*>(p.logits) + token * p.num_global_experts;
-  for (int w = lane; w < words; w += 32) taken[w] = 0;
+  const int warp = threadIdx.x / 32;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * warps_per_block + warp;
+  const int num_experts = p.num_global_experts;
+  const int words = (num_experts + 31) / 32;
+  extern __shared__ float routing_shared[];
+  float* value = routing_shared + warp * (num_experts + words);
+  uint32_t* taken = reinterpret_cast<uint32_t*>(value + num_experts);
+  if (token >= p.num_tokens) return;  // whole warps only: no shuffle below misses a lane
+  const int64_t row = token * num_experts;
 
-  float max_logit = -INFINITY;
-  for (int e = lane; e < p.num_global_experts; e += 32) max_logit = fmaxf(max_logit, ToFloat(row[e]));
-  for (int o = 16; o > 0; o /= 2) max_logit = fmaxf(max_logit, __shfl_xor_sync(~0u, max_logit, o));
-  float sum = 0.f;
-  for (int e = lane; e < p.num_global_experts; e += 32) {
-    sum = MXMOE_ADD(sum, fmt::ExpF32(MXMOE_ADD(ToFloat(row[e]), -max_logit)));
+  // Rank values: probabilities, logits or choices.
+  for (int e = lane; e < num_experts; e += 32) {
+    const float l = LoadAsFloat(p.logits, p.logits_dtype, row + e);
+    if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
+      const float s = fmt::SigmoidF32(l);
+      value[e] = p.correction_bias == nullptr
+                     ? s
+                     : MXMOE_ADD(s, LoadAsFloat(p.correction_bias, p.correction_bias_dtype, e));
+    } else {
+      value[e] = l;
+    }
   }
-  for (int o = 16; o > 0; o /= 2) sum = MXMOE_ADD(sum, __shfl_xor_sync(~0u, sum, o));
+  for (int w = lane; w < words; w += 32) taken[w] = 0;
   __syncwarp();
+  if (p.routing == MXMOE_ROUTING_SOFTMAX_TOPK) {
+    float max_logit = -INFINITY;
+    for (int e = lane; e < num_experts; e += 32) {
+      max_logit = value[e] > max_logit ? value[e] : max_logit;  // NaN ignored
+    }
+    for (int o = 16; o > 0; o /= 2) {
+      const float other = __shfl_xor_sync(~0u, max_logit, o);
+      max_logit = other > max_logit ? other : max_logit;
+    }
+    // The contract's 32-lane order: lane j sums experts j, j+32, ...; then the xor butterfly.
+    float sum = 0.0f;
+    for (int e = lane; e < num_experts; e += 32) {
+      value[e] = fmt::ExpF32(MXMOE_ADD(value[e], -max_logit));
+      sum = MXMOE_ADD(sum, value[e]);
+    }
+    for (int o = 16; o > 0; o /= 2) sum = MXMOE_ADD(sum, __shfl_xor_sync(~0u, sum, o));
+    for (int e = lane; e < num_experts; e += 32) value[e] = value[e] / sum;
+    __syncwarp();
+  }
 
-  float chosen_sum = 0.f;
-  float my_weight = 0.f;  // lane j < top_k keeps slot j
+  // Grouped routing: lane g scores group g by its two best choices; the kept groups' experts
+  // stay, the others are marked taken.
+  if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK && p.kept_groups < p.groups) {
+    const int group_size = num_experts / p.groups;
+    float score = 0.0f;
+    if (lane < p.groups) {
+      float first = 0.0f, second = 0.0f;
+      int32_t first_id = -1, second_id = -1;
+      for (int j = 0; j < group_size; ++j) {
+        const int e = lane * group_size + j;
+        const float v = value[e];
+        if (first_id < 0 || fmt::RanksBefore(v, e, first, first_id)) {
+          second = first;
+          second_id = first_id;
+          first = v;
+          first_id = e;
+        } else if (second_id < 0 || fmt::RanksBefore(v, e, second, second_id)) {
+          second = v;
+          second_id = e;
+        }
+      }
+      score = second_id >= 0 ? MXMOE_ADD(first, second) : first;
+    }
+    uint32_t kept_mask = 0;
+    for (int k = 0; k < p.kept_groups; ++k) {
+      float best = score;
+      int32_t best_id = (lane < p.groups && !((kept_mask >> lane) & 1u)) ? lane : -1;
+      WarpBest(&best, &best_id);
+      kept_mask |= 1u << best_id;
+    }
+    for (int w = lane; w < words; w += 32) {
+      uint32_t bits = 0;
+      for (int b = 0; b < 32; ++b) {
+        const int e = w * 32 + b;
+        if (e < num_experts && !((kept_mask >> (e / group_size)) & 1u)) bits |= 1u << b;
+      }
+      taken[w] = bits;
+    }
+    __syncwarp();
+  }
+
+  // Top-k, best first; lane j keeps slot j.
   int32_t my_id = -1;
+  float my_value = 0.0f;
+  float chosen_sum = 0.0f;
+  float max_chosen = -INFINITY;
   for (int j = 0; j < p.top_k; ++j) {
-    float best = -INFINITY;
-    int32_t best_id = 0x7FFFFFFF;
-    for (int e = lane; e < p.num_global_experts; e += 32) {
-      if (taken[e / 32] & (1u << (e % 32))) continue;
-      const float v = ToFloat(row[e]);
-      if (best_id == 0x7FFFFFFF || v > best) {  // lanes scan ids in increasing order
-        best = v;
+    float best = 0.0f;
+    int32_t best_id = -1;
+    for (int e = lane; e < num_experts; e += 32) {  // lanes scan ids in increasing order
+      if (Taken(taken, e)) continue;
+      if (best_id < 0 || fmt::RanksBefore(value[e], e, best, best_id)) {
+        best = value[e];
         best_id = e;
       }
     }
-    for (int o = 16; o > 0; o /= 2) {
-      const float other = __shfl_xor_sync(~0u, best, o);
-      const int32_t other_id = __shfl_xor_sync(~0u, best_id, o);
-      if (other > best || (other == best && other_id < best_id)) {
-        best = other;
-        best_id = other_id;
-      }
-    }
-    // NaN logits never compare greater: a row of NaNs picks the lowest free ids.
-    if (best_id == 0x7FFFFFFF) best_id = 0;
+    WarpBest(&best, &best_id);
+    if (best_id < 0) best_id = 0;  // unreachable: validation keeps top_k <= the kept experts
     if (lane == 0) taken[best_id / 32] |= 1u << (best_id % 32);
     __syncwarp();
-    const float prob = fmt::ExpF32(MXMOE_ADD(best, -max_logit)) / sum;
-    chosen_sum = MXMOE_ADD(chosen_sum, prob);
     if (lane == j) {
-      my_weight = prob;
       my_id = best_id;
+      my_value = best;
     }
+    max_chosen = best > max_chosen ? best : max_chosen;  // slot order, NaN ignored
+    chosen_sum = MXMOE_ADD(chosen_sum, best);            // used by SOFTMAX_TOPK
   }
+
+  float weight = my_value;  // SOFTMAX_TOPK: the probability
+  if (p.routing == MXMOE_ROUTING_TOPK_SOFTMAX) {
+    weight = fmt::ExpF32(MXMOE_ADD(my_value, -max_chosen));
+  } else if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
+    weight = lane < p.top_k ? fmt::SigmoidF32(LoadAsFloat(p.logits, p.logits_dtype, row + my_id))
+                            : 0.0f;
+  }
+  const bool normalize = p.routing == MXMOE_ROUTING_TOPK_SOFTMAX || p.renormalize;
+  if (normalize && p.routing != MXMOE_ROUTING_SOFTMAX_TOPK) {
+    chosen_sum = 0.0f;  // the weights above, summed in slot order
+    for (int j = 0; j < p.top_k; ++j) chosen_sum = MXMOE_ADD(chosen_sum, __shfl_sync(~0u, weight, j));
+  }
+  if (normalize) weight = weight / chosen_sum;
+  weight = MXMOE_MUL(weight, p.scaling);
+
+  const int per_token = p.top_k + p.num_shared;
   if (lane < p.top_k) {
-    const float weight = p.renormalize ? my_weight / chosen_sum : my_weight;
-    const int64_t slot = token * p.top_k + lane;
-    p.topk_ids[slot] = my_id;
-    p.topk_weights[slot] = weight;
-    p.local_expert[slot] = MapToLocal(p, my_id);
+    p.topk_ids[token * p.top_k + lane] = my_id;
+    p.topk_weights[token * p.top_k + lane] = weight;
   }
+  if (lane < per_token) p.local_expert[token * per_token + lane] = SlotExpert(p, lane, my_id);
 }
 
-// ---- 2. metadata ------------------------------------------------------------------------------
+// ---- 2. metadata --------------------------------------------------------------------------------
 
 struct MetadataParams {
   const int32_t* local_expert;  // [slots]
@@ -297,350 +438,502 @@ __global__ void __launch_bounds__(kMetadataThreads) MetadataKernel(MetadataParam
   }
 }
 
-// ---- 3. gather + quantize ---------------------------------------------------------------------
+// ---- 3 and 5. quantizing kernels over the padded per-expert layout ------------------------------
+//
+// One thread per 8-element lane of every padded scale row and padded scale column: 4 lanes per
+// 32-element block, as quantize_device.cuh's QuantizeLane needs (blocks never straddle warps:
+// a padded row has a multiple of 16 lanes). Lanes of padding rows and columns quantize zeros and
+// store only the zero scale byte; every lane takes part in the block's shuffles.
+
+struct PaddedRowsParams {
+  const int32_t* expert_offsets;      // [E+1]
+  const int32_t* blockscale_offsets;  // [E+1]
+  uint8_t* packed;                    // [rows, K/2]
+  uint8_t* scales;                    // [scale_rows, round_up(K/32, 4)]
+  int64_t scale_row_bound;            // the grid covers this many padded rows
+  int32_t num_experts;
+  int32_t k;  // quantized width (H for the gather, I for the activation)
+};
+
+// Where lane `item` of the padded layout falls.
+struct LanePosition {
+  int expert;
+  int64_t row;      // sorted row (valid when `real`)
+  int64_t column;   // element column of the lane's first element
+  int64_t scale_column;
+  bool real;        // a lane of a real row and a real column
+  bool store;       // inside blockscale_offsets[E]: its scale byte is this kernel's to write
+  uint8_t* scale;   // the scale byte of the lane's block
+};
+
+__device__ __forceinline__ LanePosition Locate(const PaddedRowsParams& p, const int32_t* offsets,
+                                               int64_t item) {
+  const int32_t* bso = offsets + p.num_experts + 1;
+  const int64_t blocks_per_row = p.k / fmt::kBlockSize;
+  const int64_t cols = fmt::RoundUp(blocks_per_row, fmt::kSwizzleCols);
+  const int64_t lanes_per_row = cols * quant::kLanesPerBlock;
+  const int64_t padded_row = item / lanes_per_row;
+  const int64_t lane_in_row = item % lanes_per_row;
+  LanePosition pos;
+  pos.scale_column = lane_in_row / quant::kLanesPerBlock;
+  pos.column = pos.scale_column * fmt::kBlockSize +
+               (lane_in_row % quant::kLanesPerBlock) * quant::kElemsPerLane;
+  pos.store = padded_row < p.scale_row_bound && padded_row < bso[p.num_experts];
+  // Expert whose padded scale block holds this row: last e with bso[e] <= padded_row.
+  const int lo = ExpertOfRow(bso, p.num_experts, padded_row);
+  pos.expert = lo;
+  const int64_t local = padded_row - bso[lo];
+  const int64_t m_e = offsets[lo + 1] - offsets[lo];
+  pos.row = offsets[lo] + local;
+  pos.real = pos.store && local < m_e && pos.scale_column < blocks_per_row;
+  pos.scale = p.scales + static_cast<int64_t>(bso[lo]) * cols +
+              fmt::SwizzledOffset(local, pos.scale_column, blocks_per_row);
+  return pos;
+}
+
+__device__ __forceinline__ void LoadOffsets(const PaddedRowsParams& p, int32_t* offsets) {
+  for (int i = threadIdx.x; i <= p.num_experts; i += blockDim.x) {
+    offsets[i] = p.expert_offsets[i];
+    offsets[p.num_experts + 1 + i] = p.blockscale_offsets[i];
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ void StoreQuantized(const PaddedRowsParams& p, const LanePosition& pos,
+                                               const quant::Lane8& x) {
+  const quant::QuantizedLane q = quant::QuantizeLane<T>(x);
+  if (!pos.store) return;
+  const bool first_lane = pos.column % fmt::kBlockSize == 0;
+  if (pos.real) {
+    *reinterpret_cast<uint32_t*>(p.packed + pos.row * (p.k / 2) + pos.column / 2) = q.codes;
+    if (first_lane) *pos.scale = q.scale;
+  } else if (first_lane) {
+    *pos.scale = 0;
+  }
+}
 
 struct GatherParams {
-  const void* hidden;            // [T, H]
-  const int32_t* row_slot;       // [rows]
-  const int32_t* expert_offsets;
-  const int32_t* blockscale_offsets;
-  uint8_t* packed;               // [slots, H/2]
-  uint8_t* scales;               // [scale_rows, round_up(H/32,4)]
-  int64_t scale_row_bound;       // grid covers this many padded rows
-  int32_t num_experts;
+  PaddedRowsParams rows;
+  const void* hidden;       // [T, H]
+  const int32_t* row_slot;  // [rows]
+  int32_t slots_per_token;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) GatherQuantizeKernel(GatherParams p) {
+  extern __shared__ int32_t offsets[];  // expert_offsets then blockscale_offsets
+  LoadOffsets(p.rows, offsets);
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const LanePosition pos = Locate(p.rows, offsets, item);
+  quant::Lane8 x = {{0, 0, 0, 0}};
+  if (pos.real) {
+    const int64_t token = p.row_slot[pos.row] / p.slots_per_token;
+    x = quant::AsLane8(quant::LoadStreaming16(static_cast<const uint16_t*>(p.hidden) +
+                                              token * p.rows.k + pos.column));
+  }
+  StoreQuantized<T>(p.rows, pos, x);
+}
+
+struct ActivationParams {
+  PaddedRowsParams rows;
+  const uint16_t* gemm1_output;  // [rows, 2I]
+  const void* bias;              // [E, 2I] or NULL
+  int32_t bias_dtype;
+  int32_t activation;
+  float alpha;
+  float limit;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ActivationQuantizeKernel(ActivationParams p) {
+  extern __shared__ int32_t offsets[];
+  LoadOffsets(p.rows, offsets);
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const LanePosition pos = Locate(p.rows, offsets, item);
+  const int64_t inter = p.rows.k;
+  quant::Lane8 y = {{0, 0, 0, 0}};
+  if (pos.real) {
+    const uint16_t* row = p.gemm1_output + pos.row * 2 * inter;
+    const quant::Lane8 gate = quant::AsLane8(quant::LoadStreaming16(row + pos.column));
+    const quant::Lane8 up = quant::AsLane8(quant::LoadStreaming16(row + inter + pos.column));
+    const int64_t bias_row = static_cast<int64_t>(pos.expert) * 2 * inter;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int element = 2 * i + j;
+        float g = quant::Element<T>(gate, element);
+        float u = quant::Element<T>(up, element);
+        if (p.bias != nullptr) {
+          const int64_t c = pos.column + element;
+          g = RoundTo<T>(MXMOE_ADD(g, LoadAsFloat(p.bias, p.bias_dtype, bias_row + c)));
+          u = RoundTo<T>(MXMOE_ADD(u, LoadAsFloat(p.bias, p.bias_dtype, bias_row + inter + c)));
+        }
+        v[j] = p.activation == MXMOE_ACTIVATION_SWIGLU_OAI
+                   ? fmt::SwigluOaiF32(g, u, p.alpha, p.limit)
+                   : MXMOE_MUL(fmt::SiluF32(g), u);
+      }
+      y.w[i] = T::FromFloat2(v[0], v[1]);
+    }
+  }
+  StoreQuantized<T>(p.rows, pos, y);
+}
+
+// ---- 7. weighted reduce -----------------------------------------------------------------------
+
+struct ReduceParams {
+  const uint16_t* expert_outputs;  // [rows, H]
+  const int32_t* slot_row;         // [T * P]
+  const int32_t* local_expert;     // [T * P]
+  const float* topk_weights;       // [T, top_k]
+  const void* bias;                // [E, H] or NULL
+  int32_t bias_dtype;
+  uint16_t* output;  // [T, H]
+  int64_t num_tokens;
   int32_t top_k;
+  int32_t slots_per_token;
   int32_t hidden_size;
 };
 
-// One thread per (padded row, scale column): quantizes one 32-element block of a real row, or
-// writes a zero scale for a padding row / padding column.
-template <typename ActT>
-__global__ void GatherQuantizeKernel(GatherParams p) {
-  extern __shared__ int32_t offsets[];  // [2 * (E+1)]: expert_offsets then blockscale_offsets
-  const int e_count = p.num_experts;
-  for (int i = threadIdx.x; i <= e_count; i += blockDim.x) {
-    offsets[i] = p.expert_offsets[i];
-    offsets[e_count + 1 + i] = p.blockscale_offsets[i];
-  }
-  __syncthreads();
-  const int32_t* bso = offsets + e_count + 1;
-  const int64_t blocks_per_row = p.hidden_size / 32;
-  const int64_t cols = fmt::RoundUp(blocks_per_row, fmt::kSwizzleCols);
+// One thread per 8 output elements (16 bytes); slots in order, separately rounded mul and add.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) WeightedReduceKernel(ReduceParams p) {
+  const int64_t vecs_per_row = p.hidden_size / quant::kElemsPerLane;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t padded_row = item / cols;
-  const int64_t col = item % cols;
-  if (padded_row >= p.scale_row_bound || padded_row >= bso[e_count]) return;
-  // Expert whose padded scale block holds this row: last e with bso[e] <= padded_row.
-  int lo = 0, hi = e_count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (bso[mid] <= padded_row) lo = mid; else hi = mid - 1;
-  }
-  const int e = lo;
-  const int64_t local = padded_row - bso[e];
-  const int64_t m_e = offsets[e + 1] - offsets[e];
-  uint8_t* scale_out = p.scales + static_cast<int64_t>(bso[e]) * cols +
-                       fmt::SwizzledOffset(local, col, blocks_per_row);
-  if (local >= m_e || col >= blocks_per_row) {
-    *scale_out = 0;
-    return;
-  }
-  const int64_t row = offsets[e] + local;
-  const int64_t token = p.row_slot[row] / p.top_k;
-  const ActT* src = static_cast<const ActT*>(p.hidden) + token * p.hidden_size + col * 32;
-  float v[32];
-  const uint4* src4 = reinterpret_cast<const uint4*>(src);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const uint4 chunk = __ldg(src4 + q);
-    const ActT* h = reinterpret_cast<const ActT*>(&chunk);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[q * 8 + j] = ToFloat(h[j]);
-  }
-  float amax = 0.f;
-  bool has_nan = false;
-#pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    has_nan |= fmt::IsNaN(v[j]);
-    amax = fmaxf(amax, fabsf(v[j]));
-  }
-  uint4 out = make_uint4(0, 0, 0, 0);
-  uint8_t scale = fmt::kScaleNaN;
-  if (!has_nan) {
-    scale = fmt::ScaleFromAmax(amax);
-    const float mult = fmt::QuantMultiplier(scale);
-    uint32_t words[4];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      uint32_t word = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        word |= static_cast<uint32_t>(fmt::FloatToE2M1(MXMOE_MUL(v[w * 8 + j], mult))) << (4 * j);
-      }
-      words[w] = word;
-    }
-    out = make_uint4(words[0], words[1], words[2], words[3]);
-  }
-  *reinterpret_cast<uint4*>(p.packed + row * (p.hidden_size / 2) + col * 16) = out;
-  *scale_out = scale;
-}
-
-// ---- 7. weighted reduce ---------------------------------------------------------------------
-
-template <typename ActT>
-__global__ void WeightedReduceKernel(const ActT* __restrict__ y, const int32_t* __restrict__ slot_row,
-                                     const float* __restrict__ topk_weights, ActT* __restrict__ out,
-                                     int64_t num_tokens, int32_t top_k, int32_t hidden_size) {
-  // One thread per 8 output elements (16 bytes).
-  const int64_t vecs_per_row = hidden_size / 8;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= num_tokens * vecs_per_row) return;
+  if (item >= p.num_tokens * vecs_per_row) return;
   const int64_t token = item / vecs_per_row;
-  const int64_t vec = item % vecs_per_row;
+  const int64_t column = (item % vecs_per_row) * quant::kElemsPerLane;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int s = 0; s < top_k; ++s) {
-    const int32_t row = slot_row[token * top_k + s];
+  for (int s = 0; s < p.slots_per_token; ++s) {
+    const int64_t slot = token * p.slots_per_token + s;
+    const int32_t row = p.slot_row[slot];
     if (row < 0) continue;
-    const float w = topk_weights[token * top_k + s];
-    const uint4 chunk = *reinterpret_cast<const uint4*>(y + row * hidden_size + vec * 8);
-    const ActT* h = reinterpret_cast<const ActT*>(&chunk);
+    const float w = s < p.top_k ? p.topk_weights[token * p.top_k + s] : 1.0f;
+    const quant::Lane8 y = quant::AsLane8(
+        *reinterpret_cast<const uint4*>(p.expert_outputs + static_cast<int64_t>(row) * p.hidden_size +
+                                        column));
+    const int64_t bias_row = static_cast<int64_t>(p.local_expert[slot]) * p.hidden_size;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = fmaf(w, ToFloat(h[j]), acc[j]);
+    for (int j = 0; j < 8; ++j) {
+      float v = quant::Element<T>(y, j);
+      if (p.bias != nullptr) {
+        v = RoundTo<T>(MXMOE_ADD(v, LoadAsFloat(p.bias, p.bias_dtype, bias_row + column + j)));
+      }
+      acc[j] = MXMOE_ADD(acc[j], MXMOE_MUL(w, v));
+    }
   }
   uint4 result;
-  ActT* r = reinterpret_cast<ActT*>(&result);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) r[j] = FromFloat<ActT>(acc[j]);
-  *reinterpret_cast<uint4*>(out + token * hidden_size + vec * 8) = result;
+  result.x = T::FromFloat2(acc[0], acc[1]);
+  result.y = T::FromFloat2(acc[2], acc[3]);
+  result.z = T::FromFloat2(acc[4], acc[5]);
+  result.w = T::FromFloat2(acc[6], acc[7]);
+  *reinterpret_cast<uint4*>(p.output + token * p.hidden_size + column) = result;
 }
 
-// ---- host side --------------------------------------------------------------------------------
+// ---- host side ----------------------------------------------------------------------------------
 
 mxmoe_status CheckLimits(const mxmoe_moe_forward_args& args) {
   if (args.num_local_experts > kMaxLocalExperts) {
     return Fail(MXMOE_STATUS_UNSUPPORTED, "num_local_experts must be <= ", kMaxLocalExperts,
                 " on CUDA, got ", args.num_local_experts);
   }
-  if (args.top_k > kMaxTopK) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, "top_k must be <= ", kMaxTopK, " on CUDA, got ",
-                args.top_k);
+  if (SlotsPerToken(args) > kMaxSlotsPerToken) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, "top_k + num_shared_experts must be <= ",
+                kMaxSlotsPerToken, " on CUDA, got ", args.top_k, " + ", args.num_shared_experts);
   }
   if (args.num_global_experts > kMaxGlobalExperts) {
     return Fail(MXMOE_STATUS_UNSUPPORTED, "num_global_experts must be <= ", kMaxGlobalExperts,
                 " on CUDA, got ", args.num_global_experts);
   }
-  if (args.num_tokens * args.top_k > INT32_MAX / 2) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, "num_tokens * top_k must be < 2^30 on CUDA, got ",
-                args.num_tokens * args.top_k);
+  if (args.num_expert_groups > kMaxExpertGroups) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED, "num_expert_groups must be <= ", kMaxExpertGroups,
+                " on CUDA, got ", args.num_expert_groups);
+  }
+  if (args.num_tokens * SlotsPerToken(args) > INT32_MAX / 2) {
+    return Fail(MXMOE_STATUS_UNSUPPORTED,
+                "num_tokens * (top_k + num_shared_experts) must be < 2^30 on CUDA, got ",
+                args.num_tokens * SlotsPerToken(args));
   }
   return MXMOE_STATUS_OK;
 }
 
-mxmoe_grouped_gemm_args GemmArgs(const mxmoe_moe_forward_args& args, const Layout& l, char* base,
+// The one backend switch: which grouped GEMM serves the two expert GEMMs.
+struct GemmBackend {
+  mxmoe_status (*workspace_size)(const mxmoe_grouped_gemm_args&, size_t*);
+  mxmoe_status (*run)(const mxmoe_grouped_gemm_args&, void*, size_t, void*);
+};
+
+mxmoe_status GemmBackendFor(mxmoe_backend backend, GemmBackend* gemm) {
+  switch (backend) {
+    case MXMOE_BACKEND_SM90:
+      *gemm = {GroupedGemmSm90WorkspaceSize, GroupedGemmSm90};
+      return MXMOE_STATUS_OK;
+    case MXMOE_BACKEND_SM100:
+      *gemm = {GroupedGemmSm100WorkspaceSize, GroupedGemmSm100};
+      return MXMOE_STATUS_OK;
+    default:
+      return Fail(MXMOE_STATUS_INTERNAL, "moe_forward (cuda): unexpected backend ", backend);
+  }
+}
+
+mxmoe_grouped_gemm_args GemmArgs(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
                                  int gemm_index) {
   mxmoe_grouped_gemm_args g = {};
-  g.rows = l.slots;
+  g.rows = ws.slots;
   g.num_experts = args.num_local_experts;
-  g.expert_offsets = reinterpret_cast<const int32_t*>(base + l.expert_offsets);
-  g.blockscale_offsets = reinterpret_cast<const int32_t*>(base + l.blockscale_offsets);
-  g.a_scale_rows = l.scale_rows;
+  g.expert_offsets = ws.expert_offsets;
+  g.blockscale_offsets = ws.blockscale_offsets;
+  g.a_scale_rows = ws.scale_rows;
   g.c_dtype = args.activation_dtype;
   g.device = args.device;
   if (gemm_index == 1) {
     g.n = 2 * args.intermediate_size;
     g.k = args.hidden_size;
-    g.a = reinterpret_cast<const uint8_t*>(base + l.a1);
-    g.a_scales = reinterpret_cast<const uint8_t*>(base + l.a1_scales);
+    g.a = ws.hidden_packed;
+    g.a_scales = ws.hidden_scales;
     g.b = args.w13;
-    g.problem_sizes = reinterpret_cast<const int32_t*>(base + l.problem_sizes1);
-    g.c = base + l.c1;
+    g.problem_sizes = ws.problem_sizes1;
+    g.c = ws.gemm1_output;
   } else {
     g.n = args.hidden_size;
     g.k = args.intermediate_size;
-    g.a = reinterpret_cast<const uint8_t*>(base + l.a2);
-    g.a_scales = reinterpret_cast<const uint8_t*>(base + l.a2_scales);
+    g.a = ws.intermediate_packed;
+    g.a_scales = ws.intermediate_scales;
     g.b = args.w2;
-    g.problem_sizes = reinterpret_cast<const int32_t*>(base + l.problem_sizes2);
-    g.c = base + l.c2;
+    g.problem_sizes = ws.problem_sizes2;
+    g.c = ws.gemm2_output;
   }
   return g;
 }
 
-mxmoe_status GemmWorkspaceSize(const mxmoe_grouped_gemm_args& g, mxmoe_backend backend,
-                               size_t* bytes) {
-  if (backend == MXMOE_BACKEND_SM90) return GroupedGemmSm90WorkspaceSize(g, bytes);
-  if (backend == MXMOE_BACKEND_SM100) return GroupedGemmSm100WorkspaceSize(g, bytes);
-  return Fail(MXMOE_STATUS_INTERNAL, "moe_forward (cuda): unexpected backend ", backend);
-}
-
-mxmoe_status RunGemm(const mxmoe_grouped_gemm_args& g, mxmoe_backend backend, void* workspace,
-                     size_t bytes, void* stream) {
-  if (backend == MXMOE_BACKEND_SM90) return GroupedGemmSm90(g, workspace, bytes, stream);
-  if (backend == MXMOE_BACKEND_SM100) return GroupedGemmSm100(g, workspace, bytes, stream);
-  return Fail(MXMOE_STATUS_INTERNAL, "moe_forward (cuda): unexpected backend ", backend);
-}
-
-// Workspace bytes, the GEMMs' own scratch included (both GEMMs share one slice).
-mxmoe_status ComputeLayout(const mxmoe_moe_forward_args& args, mxmoe_backend backend,
-                           Layout* layout) {
-  MXMOE_RETURN_IF_ERROR(CheckLimits(args));
-  const Layout probe = MakeLayout(args, 0);
-  char* null_base = nullptr;
+// The GEMMs' scratch: both share one slice, sized for the larger.
+mxmoe_status GemmScratchBytes(const mxmoe_moe_forward_args& args, const GemmBackend& gemm,
+                              size_t* bytes) {
+  WorkspaceCarver measure;
+  MoeWorkspace probe;
+  MXMOE_RETURN_IF_ERROR(CarveMoeWorkspace(args, 0, &measure, &probe));
   size_t gemm1 = 0, gemm2 = 0;
-  MXMOE_RETURN_IF_ERROR(GemmWorkspaceSize(GemmArgs(args, probe, null_base, 1), backend, &gemm1));
-  MXMOE_RETURN_IF_ERROR(GemmWorkspaceSize(GemmArgs(args, probe, null_base, 2), backend, &gemm2));
-  *layout = MakeLayout(args, gemm1 > gemm2 ? gemm1 : gemm2);
+  MXMOE_RETURN_IF_ERROR(gemm.workspace_size(GemmArgs(args, probe, 1), &gemm1));
+  MXMOE_RETURN_IF_ERROR(gemm.workspace_size(GemmArgs(args, probe, 2), &gemm2));
+  *bytes = gemm1 > gemm2 ? gemm1 : gemm2;
   return MXMOE_STATUS_OK;
 }
 
-template <typename ActT>
-mxmoe_status LaunchActivationKernels(const mxmoe_moe_forward_args& args, const Layout& l,
-                                     char* base, cudaStream_t stream, bool gather) {
-  const int32_t* slot_row = reinterpret_cast<const int32_t*>(base + l.slot_row);
-  if (gather) {
-    GatherParams g;
-    g.hidden = args.hidden_states;
-    g.row_slot = reinterpret_cast<const int32_t*>(base + l.row_slot);
-    g.expert_offsets = reinterpret_cast<const int32_t*>(base + l.expert_offsets);
-    g.blockscale_offsets = reinterpret_cast<const int32_t*>(base + l.blockscale_offsets);
-    g.packed = reinterpret_cast<uint8_t*>(base + l.a1);
-    g.scales = reinterpret_cast<uint8_t*>(base + l.a1_scales);
-    g.scale_row_bound = l.scale_rows;
-    g.num_experts = args.num_local_experts;
-    g.top_k = args.top_k;
-    g.hidden_size = static_cast<int32_t>(args.hidden_size);
-    const int64_t items = l.scale_rows * ScaleCols(args.hidden_size);
-    const int threads = 256;
-    const int64_t blocks = (items + threads - 1) / threads;
-    const size_t smem = sizeof(int32_t) * 2 * (args.num_local_experts + 1);
-    GatherQuantizeKernel<ActT><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(g);
-    MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
-  } else {
-    const int64_t items = args.num_tokens * args.hidden_size / 8;
-    const int threads = 256;
-    const int64_t blocks = (items + threads - 1) / threads;
-    WeightedReduceKernel<ActT><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        reinterpret_cast<const ActT*>(base + l.c2), slot_row,
-        reinterpret_cast<const float*>(base + l.topk_weights),
-        static_cast<ActT*>(args.output), args.num_tokens, args.top_k,
-        static_cast<int32_t>(args.hidden_size));
-    MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
-  }
+unsigned Blocks(int64_t items, int threads) {
+  return static_cast<unsigned>((items + threads - 1) / threads);
+}
+
+RoutingParams MakeRoutingParams(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws) {
+  RoutingParams r = {};
+  r.logits = args.router_logits;
+  r.logits_dtype = args.router_logits_dtype;
+  r.given_ids = args.topk_ids;
+  r.given_weights = args.topk_weights;
+  r.expert_map = args.expert_map;
+  r.correction_bias = args.e_score_correction_bias;
+  r.correction_bias_dtype = args.e_score_correction_bias_dtype;
+  r.topk_ids = ws.topk_ids;
+  r.topk_weights = ws.topk_weights;
+  r.local_expert = ws.local_expert;
+  r.num_tokens = args.num_tokens;
+  r.num_global_experts = args.num_global_experts;
+  r.num_routed_local = args.num_local_experts - args.num_shared_experts;
+  r.num_shared = args.num_shared_experts;
+  r.top_k = args.top_k;
+  r.renormalize = args.renormalize;
+  r.routing = args.routing;
+  r.groups = args.num_expert_groups == 0 ? 1 : args.num_expert_groups;
+  r.kept_groups = args.topk_groups == 0 ? r.groups : args.topk_groups;
+  r.scaling = args.routed_scaling_factor == 0.0f ? 1.0f : args.routed_scaling_factor;
+  return r;
+}
+
+mxmoe_status LaunchRouting(const RoutingParams& r, cudaStream_t stream) {
+  const size_t per_warp = sizeof(float) * (r.num_global_experts + (r.num_global_experts + 31) / 32);
+  const int warps = static_cast<int>(std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes /
+                                                                              per_warp)));
+  RoutingKernel<<<Blocks(r.num_tokens, warps), warps * 32, warps * per_warp, stream>>>(r);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
+}
+
+mxmoe_status LaunchCopyTopK(const RoutingParams& r, cudaStream_t stream) {
+  CopyTopKKernel<<<Blocks(r.num_tokens * (r.top_k + r.num_shared), kThreads), kThreads, 0,
+                   stream>>>(r);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+mxmoe_status LaunchMetadata(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                            cudaStream_t stream) {
+  MetadataParams m;
+  m.local_expert = ws.local_expert;
+  m.slot_row = ws.slot_row;
+  m.row_slot = ws.row_slot;
+  m.expert_offsets = ws.expert_offsets;
+  m.blockscale_offsets = ws.blockscale_offsets;
+  m.problem_sizes1 = ws.problem_sizes1;
+  m.problem_sizes2 = ws.problem_sizes2;
+  m.slots = ws.slots;
+  m.num_experts = args.num_local_experts;
+  m.hidden_size = static_cast<int32_t>(args.hidden_size);
+  m.intermediate_size = static_cast<int32_t>(args.intermediate_size);
+  MetadataKernel<<<1, kMetadataThreads, 0, stream>>>(m);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+PaddedRowsParams MakePaddedRows(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                                uint8_t* packed, uint8_t* scales, int64_t k) {
+  PaddedRowsParams p;
+  p.expert_offsets = ws.expert_offsets;
+  p.blockscale_offsets = ws.blockscale_offsets;
+  p.packed = packed;
+  p.scales = scales;
+  p.scale_row_bound = ws.scale_rows;
+  p.num_experts = args.num_local_experts;
+  p.k = static_cast<int32_t>(k);
+  return p;
+}
+
+int64_t PaddedLanes(const MoeWorkspace& ws, int64_t k) {
+  return ws.scale_rows * ScaleCols(k) * quant::kLanesPerBlock;
+}
+
+size_t OffsetsSharedBytes(const mxmoe_moe_forward_args& args) {
+  return sizeof(int32_t) * 2 * (args.num_local_experts + 1);
+}
+
+template <typename T>
+mxmoe_status LaunchGatherQuantize(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                                  cudaStream_t stream) {
+  GatherParams g;
+  g.rows = MakePaddedRows(args, ws, ws.hidden_packed, ws.hidden_scales, args.hidden_size);
+  g.hidden = args.hidden_states;
+  g.row_slot = ws.row_slot;
+  g.slots_per_token = SlotsPerToken(args);
+  GatherQuantizeKernel<T><<<Blocks(PaddedLanes(ws, args.hidden_size), kThreads), kThreads,
+                            OffsetsSharedBytes(args), stream>>>(g);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+template <typename T>
+mxmoe_status LaunchActivationQuantize(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                                      cudaStream_t stream) {
+  ActivationParams a;
+  a.rows = MakePaddedRows(args, ws, ws.intermediate_packed, ws.intermediate_scales,
+                          args.intermediate_size);
+  a.gemm1_output = ws.gemm1_output;
+  a.bias = args.w13_bias;
+  a.bias_dtype = args.w13_bias_dtype;
+  a.activation = args.activation;
+  a.alpha = args.swiglu_alpha;
+  a.limit = args.swiglu_limit;
+  ActivationQuantizeKernel<T><<<Blocks(PaddedLanes(ws, args.intermediate_size), kThreads),
+                                kThreads, OffsetsSharedBytes(args), stream>>>(a);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+// SiLU without a bias is the tested per-expert quantize entry point itself.
+mxmoe_status LaunchSiluMulQuantize(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                                   void* stream) {
+  mxmoe_silu_mul_experts_quantize_args s = {};
+  s.rows = ws.slots;
+  s.n = args.intermediate_size;
+  s.num_experts = args.num_local_experts;
+  s.input = ws.gemm1_output;
+  s.input_dtype = args.activation_dtype;
+  s.expert_offsets = ws.expert_offsets;
+  s.blockscale_offsets = ws.blockscale_offsets;
+  s.packed = ws.intermediate_packed;
+  s.scales = ws.intermediate_scales;
+  s.scale_rows = ws.scale_rows;
+  s.device = args.device;
+  return SiluMulExpertsQuantize(s, stream);
+}
+
+template <typename T>
+mxmoe_status LaunchWeightedReduce(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                                  cudaStream_t stream) {
+  ReduceParams r;
+  r.expert_outputs = ws.gemm2_output;
+  r.slot_row = ws.slot_row;
+  r.local_expert = ws.local_expert;
+  r.topk_weights = ws.topk_weights;
+  r.bias = args.w2_bias;
+  r.bias_dtype = args.w2_bias_dtype;
+  r.output = static_cast<uint16_t*>(args.output);
+  r.num_tokens = args.num_tokens;
+  r.top_k = args.top_k;
+  r.slots_per_token = SlotsPerToken(args);
+  r.hidden_size = static_cast<int32_t>(args.hidden_size);
+  WeightedReduceKernel<T><<<Blocks(args.num_tokens * args.hidden_size / quant::kElemsPerLane,
+                                   kThreads),
+                            kThreads, 0, stream>>>(r);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+// Stages 3, 5 and 7 for one activation dtype.
+template <typename T>
+mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                        const GemmBackend& gemm, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  MXMOE_RETURN_IF_ERROR(LaunchGatherQuantize<T>(args, ws, stream));
+  MXMOE_RETURN_IF_ERROR(
+      gemm.run(GemmArgs(args, ws, 1), ws.gemm_workspace, ws.gemm_bytes, stream_ptr));
+  if (args.activation == MXMOE_ACTIVATION_SILU_AND_MUL && args.w13_bias == nullptr) {
+    MXMOE_RETURN_IF_ERROR(LaunchSiluMulQuantize(args, ws, stream_ptr));
+  } else {
+    MXMOE_RETURN_IF_ERROR(LaunchActivationQuantize<T>(args, ws, stream));
+  }
+  MXMOE_RETURN_IF_ERROR(
+      gemm.run(GemmArgs(args, ws, 2), ws.gemm_workspace, ws.gemm_bytes, stream_ptr));
+  return LaunchWeightedReduce<T>(args, ws, stream);
 }
 
 }  // namespace
 
 mxmoe_status MoeForwardWorkspaceSize(const mxmoe_moe_forward_args& args, mxmoe_backend backend,
                                      size_t* bytes) {
-  Layout layout;
-  MXMOE_RETURN_IF_ERROR(ComputeLayout(args, backend, &layout));
-  *bytes = layout.total;
+  MXMOE_RETURN_IF_ERROR(CheckLimits(args));
+  GemmBackend gemm;
+  MXMOE_RETURN_IF_ERROR(GemmBackendFor(backend, &gemm));
+  size_t gemm_bytes = 0;
+  MXMOE_RETURN_IF_ERROR(GemmScratchBytes(args, gemm, &gemm_bytes));
+  WorkspaceCarver measure;
+  MoeWorkspace ws;
+  MXMOE_RETURN_IF_ERROR(CarveMoeWorkspace(args, gemm_bytes, &measure, &ws));
+  *bytes = measure.RequiredBytes();
   return MXMOE_STATUS_OK;
 }
 
 mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, mxmoe_backend backend,
                         void* workspace, size_t workspace_bytes, void* stream_ptr) {
-  Layout l;
-  MXMOE_RETURN_IF_ERROR(ComputeLayout(args, backend, &l));
-  if (workspace_bytes < l.total) {
-    return Fail(MXMOE_STATUS_WORKSPACE_TOO_SMALL, "workspace_bytes must be >= ", l.total,
-                " for moe_forward (cuda), got ", workspace_bytes);
-  }
+  MXMOE_RETURN_IF_ERROR(CheckLimits(args));
+  GemmBackend gemm;
+  MXMOE_RETURN_IF_ERROR(GemmBackendFor(backend, &gemm));
+  size_t gemm_bytes = 0;
+  MXMOE_RETURN_IF_ERROR(GemmScratchBytes(args, gemm, &gemm_bytes));
+  WorkspaceCarver carver(workspace, workspace_bytes);
+  MoeWorkspace ws;
+  MXMOE_RETURN_IF_ERROR(CarveMoeWorkspace(args, gemm_bytes, &carver, &ws));
   if (args.num_tokens == 0) return MXMOE_STATUS_OK;
+  ScopedDevice scoped;  // the stream and every pointer belong to args.device
+  MXMOE_RETURN_IF_ERROR(scoped.Enter(args.device.id));
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const uintptr_t raw = reinterpret_cast<uintptr_t>(workspace);
-  char* base = reinterpret_cast<char*>((raw + kSliceAlignment - 1) / kSliceAlignment *
-                                       kSliceAlignment);
 
-  // 1. routing
-  RoutingParams r;
-  r.logits = args.router_logits;
-  r.given_ids = args.topk_ids;
-  r.given_weights = args.topk_weights;
-  r.expert_map = args.expert_map;
-  r.topk_ids = reinterpret_cast<int32_t*>(base + l.topk_ids);
-  r.topk_weights = reinterpret_cast<float*>(base + l.topk_weights);
-  r.local_expert = reinterpret_cast<int32_t*>(base + l.local_expert);
-  r.num_tokens = args.num_tokens;
-  r.num_global_experts = args.num_global_experts;
-  r.num_local_experts = args.num_local_experts;
-  r.top_k = args.top_k;
-  r.renormalize = args.renormalize;
-  if (args.router_logits == nullptr) {
-    const int threads = 256;
-    const int64_t blocks = (l.slots + threads - 1) / threads;
-    CopyTopKKernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(r);
-  } else {
-    const int warps = 4;
-    const int64_t blocks = (args.num_tokens + warps - 1) / warps;
-    const size_t smem = sizeof(uint32_t) * warps * ((args.num_global_experts + 31) / 32);
-    switch (args.router_logits_dtype) {
-      case MXMOE_DTYPE_FP32:
-        RoutingKernel<float><<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(r);
-        break;
-      case MXMOE_DTYPE_BF16:
-        RoutingKernel<__nv_bfloat16>
-            <<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(r);
-        break;
-      case MXMOE_DTYPE_FP16:
-        RoutingKernel<__half><<<static_cast<unsigned>(blocks), warps * 32, smem, stream>>>(r);
-        break;
-      default:
-        return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "router_logits_dtype must be FP32, BF16 or "
-                    "FP16, got ", args.router_logits_dtype);
-    }
-  }
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
-
-  // 2. metadata
-  MetadataParams m;
-  m.local_expert = r.local_expert;
-  m.slot_row = reinterpret_cast<int32_t*>(base + l.slot_row);
-  m.row_slot = reinterpret_cast<int32_t*>(base + l.row_slot);
-  m.expert_offsets = reinterpret_cast<int32_t*>(base + l.expert_offsets);
-  m.blockscale_offsets = reinterpret_cast<int32_t*>(base + l.blockscale_offsets);
-  m.problem_sizes1 = reinterpret_cast<int32_t*>(base + l.problem_sizes1);
-  m.problem_sizes2 = reinterpret_cast<int32_t*>(base + l.problem_sizes2);
-  m.slots = l.slots;
-  m.num_experts = args.num_local_experts;
-  m.hidden_size = static_cast<int32_t>(args.hidden_size);
-  m.intermediate_size = static_cast<int32_t>(args.intermediate_size);
-  MetadataKernel<<<1, kMetadataThreads, 0, stream>>>(m);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
-
-  // 3. gather + quantize
-  const bool bf16 = args.activation_dtype == MXMOE_DTYPE_BF16;
-  MXMOE_RETURN_IF_ERROR(bf16 ? LaunchActivationKernels<__nv_bfloat16>(args, l, base, stream, true)
-                             : LaunchActivationKernels<__half>(args, l, base, stream, true));
-
-  // 4. GEMM 1
-  const size_t gemm_bytes = l.total - kSliceAlignment - l.gemm;
-  MXMOE_RETURN_IF_ERROR(RunGemm(GemmArgs(args, l, base, 1), backend, base + l.gemm, gemm_bytes,
-                                stream_ptr));
-
-  // 5. SiLU-and-mul + quantize
-  mxmoe_silu_mul_experts_quantize_args s = {};
-  s.rows = l.slots;
-  s.n = args.intermediate_size;
-  s.num_experts = args.num_local_experts;
-  s.input = base + l.c1;
-  s.input_dtype = args.activation_dtype;
-  s.expert_offsets = m.expert_offsets;
-  s.blockscale_offsets = m.blockscale_offsets;
-  s.packed = reinterpret_cast<uint8_t*>(base + l.a2);
-  s.scales = reinterpret_cast<uint8_t*>(base + l.a2_scales);
-  s.scale_rows = l.scale_rows;
-  s.device = args.device;
-  MXMOE_RETURN_IF_ERROR(SiluMulExpertsQuantize(s, stream_ptr));
-
-  // 6. GEMM 2
-  MXMOE_RETURN_IF_ERROR(RunGemm(GemmArgs(args, l, base, 2), backend, base + l.gemm, gemm_bytes,
-                                stream_ptr));
-
-  // 7. weighted reduce
-  return bf16 ? LaunchActivationKernels<__nv_bfloat16>(args, l, base, stream, false)
-              : LaunchActivationKernels<__half>(args, l, base, stream, false);
+  const RoutingParams routing = MakeRoutingParams(args, ws);
+  MXMOE_RETURN_IF_ERROR(args.router_logits != nullptr ? LaunchRouting(routing, stream)
+                                                      : LaunchCopyTopK(routing, stream));
+  MXMOE_RETURN_IF_ERROR(LaunchMetadata(args, ws, stream));
+  return args.activation_dtype == MXMOE_DTYPE_BF16
+             ? RunExperts<quant::Bf16>(args, ws, gemm, stream_ptr)
+             : RunExperts<quant::Fp16>(args, ws, gemm, stream_ptr);
 }
 
 }  // namespace cuda

@@ -664,6 +664,124 @@ mxmoe_status ValidateGroupedGemm(const mxmoe_grouped_gemm_args& a, ValidationMod
   return MXMOE_STATUS_OK;
 }
 
+// The model options of the MoE forward (activation, biases, routing mode, shared experts): dims
+// and enums only; bias buffers are added to `buffers`.
+mxmoe_status CheckMoeModelOptions(const mxmoe_moe_forward_args& a, std::vector<Buffer>* buffers) {
+  if (a.num_shared_experts < 0 || a.num_shared_experts >= a.num_local_experts) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "num_shared_experts must be in [0, ",
+                "num_local_experts - 1 = ", a.num_local_experts - 1,
+                "] (shared experts are the last of the E_local weight experts and at least one "
+                "routed expert must remain), got ",
+                a.num_shared_experts);
+  }
+  switch (a.activation) {
+    case MXMOE_ACTIVATION_SILU_AND_MUL:
+      break;
+    case MXMOE_ACTIVATION_SWIGLU_OAI:
+      if (!std::isfinite(a.swiglu_alpha)) {
+        return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "swiglu_alpha must be finite, got ",
+                    a.swiglu_alpha);
+      }
+      if (!(a.swiglu_limit > 0.0f)) {
+        return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "swiglu_limit must be > 0, got ",
+                    a.swiglu_limit);
+      }
+      break;
+    default:
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                  "activation must be SILU_AND_MUL (0) or SWIGLU_OAI (1), got ", a.activation);
+  }
+  if (a.w13_bias != nullptr) {
+    MXMOE_RETURN_IF_ERROR(CheckAnyDtype("w13_bias_dtype", a.w13_bias_dtype));
+    buffers->push_back(Data("w13_bias", a.w13_bias,
+                            {a.num_local_experts, 2 * a.intermediate_size},
+                            DtypeBytes(a.w13_bias_dtype)));
+  }
+  if (a.w2_bias != nullptr) {
+    MXMOE_RETURN_IF_ERROR(CheckAnyDtype("w2_bias_dtype", a.w2_bias_dtype));
+    buffers->push_back(Data("w2_bias", a.w2_bias, {a.num_local_experts, a.hidden_size},
+                            DtypeBytes(a.w2_bias_dtype)));
+  }
+  if (!(a.routed_scaling_factor == 0.0f ||
+        (a.routed_scaling_factor > 0.0f && std::isfinite(a.routed_scaling_factor)))) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                "routed_scaling_factor must be > 0 and finite, or 0 (= 1), got ",
+                a.routed_scaling_factor);
+  }
+  if (a.router_logits == nullptr) {
+    // Precomputed top-k: its weights are used as they are.
+    if (a.routing != MXMOE_ROUTING_SOFTMAX_TOPK) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                  "routing applies to router_logits only; with precomputed topk_ids it must be "
+                  "0, got ",
+                  a.routing);
+    }
+    if (a.routed_scaling_factor != 0.0f && a.routed_scaling_factor != 1.0f) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                  "routed_scaling_factor applies to router_logits only (precomputed "
+                  "topk_weights are used as given); it must be 0 or 1, got ",
+                  a.routed_scaling_factor);
+    }
+    if (a.e_score_correction_bias != nullptr) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                  "e_score_correction_bias applies to router_logits only; with precomputed "
+                  "topk_ids it must be NULL, got ",
+                  Address(a.e_score_correction_bias));
+    }
+  }
+  if (a.routing != MXMOE_ROUTING_SOFTMAX_TOPK && a.routing != MXMOE_ROUTING_TOPK_SOFTMAX &&
+      a.routing != MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                "routing must be SOFTMAX_TOPK (0), TOPK_SOFTMAX (1) or SIGMOID_GROUPED_TOPK (2), "
+                "got ",
+                a.routing);
+  }
+  if (a.routing != MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
+    if (a.num_expert_groups != 0 && a.num_expert_groups != 1) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                  "num_expert_groups applies to SIGMOID_GROUPED_TOPK routing only; with routing ",
+                  a.routing, " it must be 0 or 1, got ", a.num_expert_groups);
+    }
+    if (a.topk_groups != 0 && a.topk_groups != 1) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                  "topk_groups applies to SIGMOID_GROUPED_TOPK routing only; with routing ",
+                  a.routing, " it must be 0 or 1, got ", a.topk_groups);
+    }
+    if (a.e_score_correction_bias != nullptr) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                  "e_score_correction_bias applies to SIGMOID_GROUPED_TOPK routing only; with "
+                  "routing ",
+                  a.routing, " it must be NULL, got ", Address(a.e_score_correction_bias));
+    }
+    return MXMOE_STATUS_OK;
+  }
+  const int64_t groups = a.num_expert_groups == 0 ? 1 : a.num_expert_groups;
+  if (groups < 1 || groups > a.num_global_experts || a.num_global_experts % groups != 0) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                "num_expert_groups must be 0 or a divisor of num_global_experts = ",
+                a.num_global_experts, ", got ", a.num_expert_groups);
+  }
+  const int64_t kept_groups = a.topk_groups == 0 ? groups : a.topk_groups;
+  if (kept_groups < 1 || kept_groups > groups) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "topk_groups must be in [0, num_expert_groups = ",
+                groups, "], got ", a.topk_groups);
+  }
+  const int64_t kept_experts = kept_groups * (a.num_global_experts / groups);
+  if (a.top_k > kept_experts) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "top_k must be <= the ", kept_experts,
+                " experts of the kept groups (topk_groups = ", kept_groups, " of ", groups,
+                " groups of ", a.num_global_experts / groups, " experts), got ", a.top_k);
+  }
+  if (a.e_score_correction_bias != nullptr) {
+    MXMOE_RETURN_IF_ERROR(
+        CheckAnyDtype("e_score_correction_bias_dtype", a.e_score_correction_bias_dtype));
+    const int64_t bytes = DtypeBytes(a.e_score_correction_bias_dtype);
+    buffers->push_back(Buffer{"e_score_correction_bias", a.e_score_correction_bias,
+                              {a.num_global_experts}, bytes, bytes});
+  }
+  return MXMOE_STATUS_OK;
+}
+
 mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode mode,
                                 mxmoe_backend* backend) {
   MXMOE_RETURN_IF_ERROR(CheckDevice(a.device));
@@ -680,16 +798,6 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "renormalize must be 0 or 1, got ", a.renormalize);
   }
   MXMOE_RETURN_IF_ERROR(CheckActivationDtype("activation_dtype", a.activation_dtype));
-  // Sorted rows and their padded scale rows are indexed with int32 (expert_offsets).
-  if (a.num_tokens > kInt32Max / a.top_k) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "num_tokens * top_k must fit int32, got ",
-                a.num_tokens, " * ", a.top_k);
-  }
-  const int64_t slots = a.num_tokens * a.top_k;
-  if (format::MaxScaleRows(slots, a.num_local_experts) > kInt32Max) {
-    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "num_tokens * top_k = ", slots,
-                " routed rows plus their 128-row scale padding must fit int32");
-  }
   if (a.hidden_size > kInt64Max / 2 || a.intermediate_size > kInt64Max / 2) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "hidden_size / intermediate_size too large");
   }
@@ -711,6 +819,20 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
       Data("hidden_states", a.hidden_states, {a.num_tokens, a.hidden_size}, 2),
       Data("output", a.output, {a.num_tokens, a.hidden_size}, 2),
   };
+  MXMOE_RETURN_IF_ERROR(CheckMoeModelOptions(a, &buffers));
+  // Sorted rows and their padded scale rows are indexed with int32 (expert_offsets).
+  const int64_t slots_per_token = int64_t{a.top_k} + a.num_shared_experts;
+  if (a.num_tokens > kInt32Max / slots_per_token) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
+                "num_tokens * (top_k + num_shared_experts) must fit int32, got ", a.num_tokens,
+                " * ", slots_per_token);
+  }
+  const int64_t slots = a.num_tokens * slots_per_token;
+  if (format::MaxScaleRows(slots, a.num_local_experts) > kInt32Max) {
+    return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "num_tokens * (top_k + num_shared_experts) = ",
+                slots, " routed rows plus their 128-row scale padding must fit int32");
+  }
+  const int32_t routed_local = a.num_local_experts - a.num_shared_experts;
   MXMOE_RETURN_IF_ERROR(CheckWeightsMatch("w13", a.w13, a.num_local_experts, "num_local_experts",
                                           2 * a.intermediate_size, "2 * intermediate_size",
                                           a.hidden_size, "hidden_size", &buffers));
@@ -742,10 +864,10 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
     }
     if (a.expert_map != nullptr) {
       buffers.push_back(Meta("expert_map", a.expert_map, {a.num_global_experts}));
-    } else if (a.num_global_experts != a.num_local_experts) {
-      return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "expert_map is NULL, so num_local_experts (",
-                  a.num_local_experts, ") must equal num_global_experts (", a.num_global_experts,
-                  ")");
+    } else if (a.num_global_experts != routed_local) {
+      return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "expert_map is NULL, so num_global_experts (",
+                  a.num_global_experts, ") must equal num_local_experts - num_shared_experts (",
+                  a.num_local_experts, " - ", a.num_shared_experts, " = ", routed_local, ")");
     }
   }
   MXMOE_RETURN_IF_ERROR(CheckSizes(buffers));
@@ -773,9 +895,10 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
   if (a.expert_map != nullptr) {
     for (int32_t g = 0; g < a.num_global_experts; ++g) {
       const int32_t local = ReadI32(a.expert_map, g);
-      if (local < -1 || local >= a.num_local_experts) {
+      if (local < -1 || local >= routed_local) {
         return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "expert_map[", g,
-                    "] must be in [-1, num_local_experts=", a.num_local_experts, "), got ", local);
+                    "] must be in [-1, num_local_experts - num_shared_experts = ", routed_local,
+                    "), got ", local);
       }
     }
   }

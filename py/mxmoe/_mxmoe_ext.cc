@@ -555,6 +555,22 @@ void GroupedGemm(const InArray& a, const InArray& a_scales, const InArray& b_pac
 }
 
 
+// The model options of mxmoe_moe_forward_args (activation, biases, routing mode, shared
+// experts), one Python object so that the argument list is written once.
+struct MoeOptions {
+  int32_t activation = 0;
+  float swiglu_alpha = 0.0f;
+  float swiglu_limit = 0.0f;
+  InArray w13_bias;
+  InArray w2_bias;
+  int32_t routing = 0;
+  int32_t num_expert_groups = 0;
+  int32_t topk_groups = 0;
+  float routed_scaling_factor = 0.0f;
+  InArray e_score_correction_bias;
+  int32_t num_shared_experts = 0;
+};
+
 mxmoe_moe_forward_args MoeArgs(const InArray& hidden, const InArray& w13_packed,
                                const InArray& w13_scales, const InArray& w2_packed,
                                const InArray& w2_scales, int32_t weight_format,
@@ -562,7 +578,8 @@ mxmoe_moe_forward_args MoeArgs(const InArray& hidden, const InArray& w13_packed,
                                int64_t intermediate_size, int32_t num_global_experts,
                                int32_t top_k, bool renormalize, const InArray& router_logits,
                                const InArray& topk_ids, const InArray& topk_weights,
-                               const InArray& expert_map, const OutArray& output) {
+                               const InArray& expert_map, const OutArray& output,
+                               const MoeOptions& options) {
   mxmoe_moe_forward_args args{};
   args.hidden_states = First<const void>(
       hidden, {"hidden_states", "[T, H]", {kAnyDim, kAnyDim}, kActivation}, &args.device);
@@ -601,6 +618,36 @@ mxmoe_moe_forward_args MoeArgs(const InArray& hidden, const InArray& w13_packed,
   args.output = Arg<void>(output, {"output", "[T, H] (dtype of hidden_states)", {t, h},
                                    DTypeBit(hidden)},
                           args.device, "hidden_states");
+  args.activation = options.activation;
+  args.swiglu_alpha = options.swiglu_alpha;
+  args.swiglu_limit = options.swiglu_limit;
+  args.routing = options.routing;
+  args.num_expert_groups = options.num_expert_groups;
+  args.topk_groups = options.topk_groups;
+  args.routed_scaling_factor = options.routed_scaling_factor;
+  args.num_shared_experts = options.num_shared_experts;
+  const int64_t e = num_local_experts;
+  if (options.w13_bias.is_valid()) {
+    args.w13_bias = Arg<const void>(
+        options.w13_bias,
+        {"w13_bias", "[E_local, 2I]", {e, 2 * intermediate_size}, kActivation | kFloat32},
+        args.device, "hidden_states");
+    args.w13_bias_dtype = ActivationDType(options.w13_bias, "w13_bias");
+  }
+  if (options.w2_bias.is_valid()) {
+    args.w2_bias = Arg<const void>(
+        options.w2_bias, {"w2_bias", "[E_local, H]", {e, h}, kActivation | kFloat32},
+        args.device, "hidden_states");
+    args.w2_bias_dtype = ActivationDType(options.w2_bias, "w2_bias");
+  }
+  if (options.e_score_correction_bias.is_valid()) {
+    args.e_score_correction_bias = Arg<const void>(
+        options.e_score_correction_bias,
+        {"e_score_correction_bias", "[E_global]", {num_global_experts}, kActivation | kFloat32},
+        args.device, "hidden_states");
+    args.e_score_correction_bias_dtype =
+        ActivationDType(options.e_score_correction_bias, "e_score_correction_bias");
+  }
   return args;
 }
 
@@ -611,11 +658,12 @@ size_t MoeForwardWorkspaceSize(const InArray& hidden, const InArray& w13_packed,
                                int64_t intermediate_size, int32_t num_global_experts,
                                int32_t top_k, bool renormalize, const InArray& router_logits,
                                const InArray& topk_ids, const InArray& topk_weights,
-                               const InArray& expert_map, const OutArray& output) {
+                               const InArray& expert_map, const OutArray& output,
+                               const MoeOptions& options) {
   const mxmoe_moe_forward_args args =
       MoeArgs(hidden, w13_packed, w13_scales, w2_packed, w2_scales, weight_format,
               weight_backend, num_local_experts, intermediate_size, num_global_experts, top_k,
-              renormalize, router_logits, topk_ids, topk_weights, expert_map, output);
+              renormalize, router_logits, topk_ids, topk_weights, expert_map, output, options);
   size_t bytes = 0;
   CheckApi(mxmoe_moe_forward_workspace_size(&args, &bytes));
   return bytes;
@@ -627,11 +675,11 @@ void MoeForward(const InArray& hidden, const InArray& w13_packed, const InArray&
                 int32_t num_global_experts, int32_t top_k, bool renormalize,
                 const InArray& router_logits, const InArray& topk_ids,
                 const InArray& topk_weights, const InArray& expert_map, const OutArray& output,
-                const OutArray& workspace, uintptr_t stream) {
+                const MoeOptions& options, const OutArray& workspace, uintptr_t stream) {
   const mxmoe_moe_forward_args args =
       MoeArgs(hidden, w13_packed, w13_scales, w2_packed, w2_scales, weight_format,
               weight_backend, num_local_experts, intermediate_size, num_global_experts, top_k,
-              renormalize, router_logits, topk_ids, topk_weights, expert_map, output);
+              renormalize, router_logits, topk_ids, topk_weights, expert_map, output, options);
   void* workspace_ptr = nullptr;
   size_t workspace_bytes = 0;
   if (workspace.is_valid()) {
@@ -670,6 +718,27 @@ NB_MODULE(_mxmoe, m) {
   m.attr("DEVICE_CPU") = static_cast<int>(MXMOE_DEVICE_CPU);
   m.attr("DEVICE_CUDA") = static_cast<int>(MXMOE_DEVICE_CUDA);
 
+  m.attr("ACTIVATION_SILU_AND_MUL") = static_cast<int>(MXMOE_ACTIVATION_SILU_AND_MUL);
+  m.attr("ACTIVATION_SWIGLU_OAI") = static_cast<int>(MXMOE_ACTIVATION_SWIGLU_OAI);
+  m.attr("ROUTING_SOFTMAX_TOPK") = static_cast<int>(MXMOE_ROUTING_SOFTMAX_TOPK);
+  m.attr("ROUTING_TOPK_SOFTMAX") = static_cast<int>(MXMOE_ROUTING_TOPK_SOFTMAX);
+  m.attr("ROUTING_SIGMOID_GROUPED_TOPK") = static_cast<int>(MXMOE_ROUTING_SIGMOID_GROUPED_TOPK);
+  nb::class_<mxmoe::MoeOptions>(m, "MoeOptions",
+                                "Model options of moe_forward (see mxmoe_moe_forward_args).")
+      .def(nb::init<>())
+      .def_rw("activation", &mxmoe::MoeOptions::activation)
+      .def_rw("swiglu_alpha", &mxmoe::MoeOptions::swiglu_alpha)
+      .def_rw("swiglu_limit", &mxmoe::MoeOptions::swiglu_limit)
+      .def_rw("w13_bias", &mxmoe::MoeOptions::w13_bias, nb::arg().none())
+      .def_rw("w2_bias", &mxmoe::MoeOptions::w2_bias, nb::arg().none())
+      .def_rw("routing", &mxmoe::MoeOptions::routing)
+      .def_rw("num_expert_groups", &mxmoe::MoeOptions::num_expert_groups)
+      .def_rw("topk_groups", &mxmoe::MoeOptions::topk_groups)
+      .def_rw("routed_scaling_factor", &mxmoe::MoeOptions::routed_scaling_factor)
+      .def_rw("e_score_correction_bias", &mxmoe::MoeOptions::e_score_correction_bias,
+              nb::arg().none())
+      .def_rw("num_shared_experts", &mxmoe::MoeOptions::num_shared_experts);
+
   m.def("version", [] { return std::string(mxmoe_version()); });
   m.def("cuda_device_count", [] { return mxmoe_cuda_device_count(); });
   m.def("backend_for_device", &mxmoe::BackendForDevice, "device_type"_a, "device_id"_a = 0);
@@ -701,11 +770,12 @@ NB_MODULE(_mxmoe, m) {
         "w13_packed"_a, "w13_scales"_a.none(), "w2_packed"_a, "w2_scales"_a.none(),
         "weight_format"_a, "weight_backend"_a, "num_local_experts"_a, "intermediate_size"_a,
         "num_global_experts"_a, "top_k"_a, "renormalize"_a, "router_logits"_a.none(),
-        "topk_ids"_a.none(), "topk_weights"_a.none(), "expert_map"_a.none(), "output"_a);
+        "topk_ids"_a.none(), "topk_weights"_a.none(), "expert_map"_a.none(), "output"_a,
+        "options"_a);
   m.def("moe_forward", &mxmoe::MoeForward, "hidden_states"_a, "w13_packed"_a,
         "w13_scales"_a.none(), "w2_packed"_a, "w2_scales"_a.none(), "weight_format"_a,
         "weight_backend"_a, "num_local_experts"_a, "intermediate_size"_a, "num_global_experts"_a,
         "top_k"_a, "renormalize"_a, "router_logits"_a.none(), "topk_ids"_a.none(),
-        "topk_weights"_a.none(), "expert_map"_a.none(), "output"_a, "workspace"_a.none(),
-        "stream"_a = 0);
+        "topk_weights"_a.none(), "expert_map"_a.none(), "output"_a, "options"_a,
+        "workspace"_a.none(), "stream"_a = 0);
 }

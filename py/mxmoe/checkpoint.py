@@ -51,7 +51,8 @@ from safetensors.torch import save_file
 
 from mxmoe import ops
 
-__all__ = ["PROJECTIONS", "load_moe_weights", "save_moe_weights"]
+__all__ = ["FORMATS", "PROJECTIONS", "load_moe_layer", "load_moe_weights", "save_gpt_oss",
+           "save_moe_weights"]
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _KINDS = ("weight_packed", "weight_scale")
@@ -589,7 +590,8 @@ def load_moe_weights(path_or_tensors, prefix: str, num_experts: int | None = Non
 def save_moe_weights(path, prefix: str, w13_packed: torch.Tensor, w13_scales: torch.Tensor,
                      w2_packed: torch.Tensor, w2_scales: torch.Tensor, expert_map=None,
                      scale_dtype: torch.dtype = torch.uint8,
-                     metadata: Mapping[str, str] | None = None) -> None:
+                     metadata: Mapping[str, str] | None = None,
+                     extra: Mapping[str, torch.Tensor] | None = None) -> None:
     """Writes LINEAR expert weights as a per-expert safetensors checkpoint (the module format).
 
     Parameters
@@ -609,6 +611,8 @@ def save_moe_weights(path, prefix: str, w13_packed: torch.Tensor, w13_scales: to
         uint8 (default) or float8_e8m0fnu for the ``weight_scale`` tensors (same bytes).
     metadata : mapping of str to str, optional
         Extra safetensors header metadata.
+    extra : mapping of str to torch.Tensor, optional
+        More tensors for the same file (router, correction bias, shared experts).
     """
     w13_packed, w13_scales = ops._check_linear_weights(w13_packed, w13_scales, "w13_packed",
                                                        "w13_scales")
@@ -642,6 +646,319 @@ def save_moe_weights(path, prefix: str, w13_packed: torch.Tensor, w13_scales: to
             tensors[f"{head}{g}.{proj}.weight_packed"] = packed.to("cpu", copy=True)
             tensors[f"{head}{g}.{proj}.weight_scale"] = scales.to("cpu", copy=True).view(
                 scale_dtype)
+    for name, t in (extra or {}).items():
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()
     header = {"format": "pt", "mxmoe.quantization": "mxfp4-w4a4"}
     header.update(metadata or {})
     save_file(tensors, os.fspath(path), metadata=header)
+
+
+# ---- Model formats (above the file layer) ---------------------------------------------------------
+#
+# load_moe_layer reads one MoE block in the format its model ships, and returns the constructor
+# arguments of MoELayer:
+#
+# "gpt-oss" (transformers / OpenAI names, MXFP4 already, same bit contract as mxmoe's):
+#     {prefix}.experts.gate_up_proj_blocks  uint8 [E, 2I, H/32, 16]   rows interleaved: 2j gate,
+#     {prefix}.experts.gate_up_proj_scales  uint8 [E, 2I, H/32]       2j+1 up (de-interleaved
+#     {prefix}.experts.gate_up_proj_bias    bf16/fp32 [E, 2I]         once here: an exact
+#     {prefix}.experts.down_proj_blocks     uint8 [E, H, I/32, 16]    permutation of rows)
+#     {prefix}.experts.down_proj_scales     uint8 [E, H, I/32]
+#     {prefix}.experts.down_proj_bias       bf16/fp32 [E, H]
+#     {prefix}.router.weight / .bias        [E, H] / [E]
+#   -> activation swiglu_oai (alpha 1.702, limit from config.json's swiglu_limit or 7.0),
+#      routing topk_softmax, top_k from config.json's num_experts_per_tok when present.
+# "compressed-tensors" (per-expert, load_moe_weights above), plus, when present:
+#     {prefix}.gate.weight                       [E, H] router (DeepSeek-V3, Qwen3: mlp.gate)
+#     {prefix}.gate.e_score_correction_bias      [E] (DeepSeek-V3: sigmoid grouped routing)
+#     {prefix}.shared_experts.{gate,up,down}_proj.{weight_packed,weight_scale}
+#                                                (or an unquantized bf16 .weight, quantized
+#                                                here): shared experts, stored after the routed
+#                                                ones; a shared MLP of n*I rows becomes n experts
+#   -> DeepSeek-V3 routing options from config.json (n_group, topk_group, routed_scaling_factor,
+#      norm_topk_prob, num_experts_per_tok), which is required when the correction bias exists
+#      and no options are given (guessing the groups would route wrongly).
+# "auto" picks "gpt-oss" when {prefix}.experts.gate_up_proj_blocks exists, else
+# "compressed-tensors".
+
+FORMATS = ("auto", "gpt-oss", "compressed-tensors")
+_BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_GPT_OSS = ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias",
+            "down_proj_blocks", "down_proj_scales", "down_proj_bias")
+
+
+def _model_config(path_or_tensors) -> dict:
+    """config.json next to the checkpoint (a directory, a file in it, or an index), or {}."""
+    if not isinstance(path_or_tensors, (str, os.PathLike)):
+        if isinstance(path_or_tensors, Sequence) and path_or_tensors and isinstance(
+                path_or_tensors[0], (str, os.PathLike)):
+            path_or_tensors = path_or_tensors[0]
+        else:
+            return {}
+    path = os.fspath(path_or_tensors)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        return {}
+    with open(config) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ops._invalid(f"{config} must hold a JSON object, got {type(data).__name__}")
+    return data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
+
+
+def _meta_checked(tensors: _Tensors, name: str, shape: tuple, dtypes, layout: str):
+    if name not in tensors.names():
+        raise ops._invalid(f"{name} not found in {tensors.source}; expected {layout} "
+                           f"{_dtype_names(dtypes)}")
+    got_shape, dtype = tensors.meta(name)
+    if tuple(got_shape) != tuple(shape) or dtype not in dtypes:
+        raise ops._invalid(f"{tensors.describe(name)} has shape {ops._shape_str(got_shape)} "
+                           f"dtype {_dtype_str(dtype)}; expected {layout} = "
+                           f"{ops._shape_str(shape)} {_dtype_names(dtypes)}")
+
+
+def _kept_experts(expert_map, num_experts: int) -> list[int] | None:
+    if expert_map is None:
+        return None
+    ids = (ops._tensor(expert_map, "expert_map").tolist() if not isinstance(expert_map, Sequence)
+           else list(expert_map))
+    if len(ids) != num_experts:
+        raise ops._invalid(f"expert_map has {len(ids)} entries but the checkpoint has "
+                           f"{num_experts} experts [E_global]")
+    kept = sorted((local, g) for g, local in enumerate(ids) if local >= 0)
+    if [local for local, _ in kept] != list(range(len(kept))) or not kept:
+        raise ops._invalid(f"expert_map must map the kept experts onto local ids 0..L-1, each "
+                           f"once; got local ids {sorted(lo for lo, _ in kept)}")
+    return [g for _, g in kept]
+
+
+def _load_gpt_oss(tensors: _Tensors, prefix: str, expert_map, device, config: dict) -> dict:
+    head = f"{prefix}.experts." if prefix else "experts."
+    blocks = f"{head}gate_up_proj_blocks"
+    shape, dtype = tensors.meta(blocks)
+    if len(shape) != 4 or shape[3] != 16 or dtype != torch.uint8:
+        raise ops._invalid(f"{tensors.describe(blocks)} has shape {ops._shape_str(shape)} dtype "
+                           f"{_dtype_str(dtype)}; expected [E, 2I, H/32, 16] uint8")
+    e, two_i, h_blocks, _ = shape
+    h = h_blocks * 32
+    if two_i % 64:
+        raise ops._invalid(f"{tensors.describe(blocks)} has 2I = {two_i} rows; I must be a "
+                           f"multiple of 32")
+    i = two_i // 2
+    expected = {
+        "gate_up_proj_blocks": ((e, 2 * i, h // 32, 16), (torch.uint8,), "[E, 2I, H/32, 16]"),
+        "gate_up_proj_scales": ((e, 2 * i, h // 32), _SCALE_DTYPES, "[E, 2I, H/32]"),
+        "gate_up_proj_bias": ((e, 2 * i), _BIAS_DTYPES, "[E, 2I]"),
+        "down_proj_blocks": ((e, h, i // 32, 16), (torch.uint8,), "[E, H, I/32, 16]"),
+        "down_proj_scales": ((e, h, i // 32), _SCALE_DTYPES, "[E, H, I/32]"),
+        "down_proj_bias": ((e, h), _BIAS_DTYPES, "[E, H]"),
+    }
+    for suffix, (want, dtypes, layout) in expected.items():
+        _meta_checked(tensors, head + suffix, want, dtypes,
+                      f"{layout} (H={h}, I={i}, E={e} from {blocks})")
+    router = f"{prefix}.router." if prefix else "router."
+    has_router = f"{router}weight" in tensors.names()
+    if has_router:
+        _meta_checked(tensors, f"{router}weight", (e, h), _BIAS_DTYPES, "[E, H]")
+        _meta_checked(tensors, f"{router}bias", (e,), _BIAS_DTYPES, "[E]")
+    kept = _kept_experts(expert_map, e)
+    index = None if kept is None else torch.tensor(kept)
+
+    def load(name, dims=None):
+        t = tensors.load(name)
+        t = t.view(torch.uint8) if t.dtype == _E8M0 else t
+        if index is not None:
+            t = t.index_select(0, index)
+        if dims is not None:
+            t = t.reshape(t.shape[0], *dims)
+        return t.to(device)
+
+    def deinterleave(t):  # rows 2j (gate) first, then rows 2j+1 (up)
+        return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1).contiguous()
+
+    out = {
+        "w13_packed": deinterleave(load(head + "gate_up_proj_blocks", (2 * i, h // 2))),
+        "w13_scales": deinterleave(load(head + "gate_up_proj_scales")),
+        "w13_bias": deinterleave(load(head + "gate_up_proj_bias")),
+        "w2_packed": load(head + "down_proj_blocks", (h, i // 2)).contiguous(),
+        "w2_scales": load(head + "down_proj_scales").contiguous(),
+        "w2_bias": load(head + "down_proj_bias").contiguous(),
+        "activation": "swiglu_oai",
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": float(config.get("swiglu_limit", 7.0)),
+        "routing": "topk_softmax",
+    }
+    top_k = config.get("num_experts_per_tok", config.get("experts_per_token"))
+    if top_k is not None:
+        out["top_k"] = int(top_k)
+    if has_router:
+        # The router keeps every global expert; only the expert weights are local.
+        weight, bias = tensors.load(f"{router}weight"), tensors.load(f"{router}bias")
+        out["router_weight"], out["router_bias"] = weight.to(device), bias.to(device)
+    return out
+
+
+def _load_shared_experts(tensors: _Tensors, prefix: str, h: int, i: int, device):
+    """-> (w13_packed, w13_scales, w2_packed, w2_scales) of the shared experts, or None."""
+    head = f"{prefix}.shared_experts." if prefix else "shared_experts."
+    names = set(tensors.names())
+    if not any(n.startswith(head) for n in names):
+        return None
+    parts = {}
+    for proj in PROJECTIONS:
+        packed, scale, plain = (f"{head}{proj}.weight_packed", f"{head}{proj}.weight_scale",
+                                f"{head}{proj}.weight")
+        down = proj == "down_proj"
+        if packed in names:
+            layout = "[H, I_s/2]" if down else "[I_s, H/2]"
+            n, half_k = _check_meta(tensors, packed, layout + " (E2M1 codes)", (torch.uint8,))
+            _meta_checked(tensors, scale, (n, half_k * 2 // 32), _SCALE_DTYPES,
+                          layout.replace("/2", "/32") + " (E8M0 scales)")
+            t_scale = tensors.load(scale)
+            parts[proj] = (tensors.load(packed),
+                           t_scale.view(torch.uint8) if t_scale.dtype != torch.uint8 else t_scale)
+        elif plain in names:
+            layout = "[H, I_s]" if down else "[I_s, H]"
+            _check_meta(tensors, plain, layout, _BIAS_DTYPES)
+            w = tensors.load(plain)
+            w = w if w.dtype in (torch.bfloat16, torch.float16) else w.to(torch.bfloat16)
+            p, s = ops.quantize_weights(w.unsqueeze(0))
+            parts[proj] = (p[0], s[0])
+        else:
+            raise ops._invalid(f"shared expert {proj} missing: neither {packed} nor {plain} in "
+                               f"{tensors.source}")
+    gate_p, gate_s = parts["gate_proj"]
+    up_p, up_s = parts["up_proj"]
+    down_p, down_s = parts["down_proj"]
+    i_shared = gate_p.shape[0]
+    want = {"gate_proj": ((i_shared, h // 2), gate_p), "up_proj": ((i_shared, h // 2), up_p),
+            "down_proj": ((h, i_shared // 2), down_p)}
+    for proj, (shape, t) in want.items():
+        if tuple(t.shape) != shape:
+            raise ops._invalid(f"{head}{proj} has packed shape {ops._shape_str(t.shape)}; "
+                               f"expected {ops._shape_str(shape)} (H={h} of the routed experts, "
+                               f"I_s={i_shared} from {head}gate_proj)")
+    if i_shared % i:
+        raise ops._invalid(f"{head}gate_proj has {i_shared} rows, not a multiple of the routed "
+                           f"experts' I = {i}: the shared MLP cannot be split into experts")
+    n = i_shared // i
+    # Splitting I_s into n experts of I: rows of gate/up and the matching columns of down.
+    w13_p = torch.stack([torch.cat([gate_p[j * i:(j + 1) * i], up_p[j * i:(j + 1) * i]])
+                         for j in range(n)])
+    w13_s = torch.stack([torch.cat([gate_s[j * i:(j + 1) * i], up_s[j * i:(j + 1) * i]])
+                         for j in range(n)])
+    w2_p = torch.stack([down_p[:, j * i // 2:(j + 1) * i // 2] for j in range(n)])
+    w2_s = torch.stack([down_s[:, j * i // 32:(j + 1) * i // 32] for j in range(n)])
+    return tuple(t.contiguous().to(device) for t in (w13_p, w13_s, w2_p, w2_s))
+
+
+def _load_compressed_tensors(tensors: _Tensors, path_or_tensors, prefix: str, num_experts,
+                             expert_map, device, config: dict, explicit: set) -> dict:
+    w13_p, w13_s, w2_p, w2_s = load_moe_weights(path_or_tensors, prefix, num_experts=num_experts,
+                                                expert_map=expert_map, device=device)
+    h, i = w2_p.shape[1], w2_p.shape[2] * 2
+    out = {}
+    gate = f"{prefix}.gate." if prefix else "gate."
+    names = set(tensors.names())
+    global_experts = (len(expert_map) if expert_map is not None else w13_p.shape[0])
+    if f"{gate}weight" in names:
+        _meta_checked(tensors, f"{gate}weight", (global_experts, h), _BIAS_DTYPES,
+                      "[E_global, H] router")
+        out["router_weight"] = tensors.load(f"{gate}weight").to(device)
+    correction = f"{gate}e_score_correction_bias"
+    if correction in names:
+        _meta_checked(tensors, correction, (global_experts,), _BIAS_DTYPES, "[E_global]")
+        out["e_score_correction_bias"] = tensors.load(correction).to(device)
+        out["routing"] = "sigmoid_grouped_topk"
+        if "router_weight" in out:  # DeepSeek-V3 computes its router logits in float32
+            out["router_weight"] = out["router_weight"].to(torch.float32)
+        keys = {"n_group": "num_expert_groups", "topk_group": "topk_groups",
+                "routed_scaling_factor": "routed_scaling_factor",
+                "norm_topk_prob": "renormalize"}
+        for key, option in keys.items():
+            if key in config:
+                out[option] = config[key]
+        if "num_expert_groups" not in out and "num_expert_groups" not in explicit:
+            raise ops._invalid(
+                f"{tensors.describe(correction)} marks a DeepSeek-V3 style router, but no "
+                f"config.json with n_group/topk_group/routed_scaling_factor is next to the "
+                f"checkpoint: pass num_expert_groups, topk_groups, routed_scaling_factor and "
+                f"top_k to from_checkpoint")
+    top_k = config.get("num_experts_per_tok")
+    if top_k is not None:
+        out["top_k"] = int(top_k)
+    if "norm_topk_prob" in config:
+        out["renormalize"] = bool(config["norm_topk_prob"])
+    shared = _load_shared_experts(tensors, prefix, h, i, device)
+    if shared is not None:
+        w13_p, w13_s, w2_p, w2_s = (torch.cat([a, b]) for a, b in zip(
+            (w13_p, w13_s, w2_p, w2_s), shared, strict=True))
+        out["num_shared_experts"] = shared[0].shape[0]
+    out.update(w13_packed=w13_p, w13_scales=w13_s, w2_packed=w2_p, w2_scales=w2_s)
+    return out
+
+
+def load_moe_layer(path_or_tensors, prefix: str, format: str = "auto",
+                   num_experts: int | None = None, expert_map=None, device=None,
+                   explicit_options=()) -> dict:
+    """One MoE block in its model's checkpoint format -> MoELayer keyword arguments.
+
+    See the section comment above for the formats. ``explicit_options`` names the options the
+    caller sets itself (so a missing config.json is not an error for them). Returns a dict with
+    w13_packed, w13_scales, w2_packed, w2_scales and the model options found.
+    """
+    if format not in FORMATS:
+        raise ops._invalid(f"format must be one of {', '.join(repr(f) for f in FORMATS)}, got "
+                           f"{format!r}")
+    prefix = prefix.rstrip(".")
+    config = _model_config(path_or_tensors)
+    with contextlib.ExitStack() as stack:
+        tensors = _Tensors(path_or_tensors, stack)
+        blocks = f"{prefix}.experts.gate_up_proj_blocks" if prefix else \
+            "experts.gate_up_proj_blocks"
+        if format == "auto":
+            format = "gpt-oss" if blocks in tensors.names() else "compressed-tensors"
+        if format == "gpt-oss":
+            if blocks not in tensors.names():
+                raise ops._invalid(f"format='gpt-oss' but {blocks} is not in {tensors.source} "
+                                   f"(expected [E, 2I, H/32, 16] uint8)")
+            if num_experts is not None:
+                e = tensors.meta(blocks)[0][0]
+                if int(num_experts) != e:
+                    raise ops._invalid(f"num_experts={num_experts} but {tensors.describe(blocks)}"
+                                       f" holds {e} experts")
+            return _load_gpt_oss(tensors, prefix, expert_map, device, config)
+        return _load_compressed_tensors(tensors, path_or_tensors, prefix, num_experts,
+                                        expert_map, device, config, set(explicit_options))
+
+
+def save_gpt_oss(path, prefix: str, w13_packed, w13_scales, w2_packed, w2_scales, w13_bias,
+                 w2_bias, router_weight=None, router_bias=None,
+                 extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Writes one layer in GPT-OSS's MXFP4 checkpoint format (gate/up rows re-interleaved)."""
+    e, two_i, half_h = w13_packed.shape
+    i = two_i // 2
+
+    def interleave(t):
+        out = torch.empty_like(t)
+        out[:, 0::2], out[:, 1::2] = t[:, :i], t[:, i:]
+        return out
+
+    head = f"{prefix}.experts." if prefix else "experts."
+    h = w2_packed.shape[1]
+    tensors = {
+        head + "gate_up_proj_blocks": interleave(w13_packed).reshape(e, two_i, half_h // 16, 16),
+        head + "gate_up_proj_scales": interleave(w13_scales),
+        head + "gate_up_proj_bias": interleave(w13_bias),
+        head + "down_proj_blocks": w2_packed.reshape(e, h, i // 32, 16),
+        head + "down_proj_scales": w2_scales,
+        head + "down_proj_bias": w2_bias,
+    }
+    if router_weight is not None:
+        router = f"{prefix}.router." if prefix else "router."
+        tensors[router + "weight"] = router_weight
+        tensors[router + "bias"] = router_bias
+    tensors.update(extra or {})
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+              os.fspath(path), metadata={"format": "pt"})

@@ -14,6 +14,17 @@ chosen backend and prints:
 
 Real shapes on the CPU take minutes (weight generation and quantization dominate); progress is
 shown. The float64 reference runs on the CPU whatever the backend.
+
+``--model=gpt-oss-20b|gpt-oss-120b|qwen3-30b-a3b|deepseek-v3`` runs that model's real MoE block
+instead (its activation, biases, router, routing, shared expert and real dims): random MXFP4
+weights are written in the model's own checkpoint format (GPT-OSS ``*_blocks``/``*_scales``/
+``*_bias`` with interleaved gate/up rows; per-expert compressed-tensors with DeepSeek-V3's
+correction bias and shared expert, sharded with an index) to a temporary directory with a
+config.json, loaded with ``MoELayer.from_checkpoint`` and run with ``forward_hidden``. It prints
+the error against the exact reference (same quantization, float64 GEMMs) and against the block
+computed in bf16 without activation quantization on the same (dequantized) weights.
+
+    bash tools/demo.sh --model=gpt-oss-20b --tokens=4 --backend=cpu
 """
 
 from __future__ import annotations
@@ -34,8 +45,29 @@ SHAPES = {
     "deepseek-v3": (256, 7168, 2048, 8),
 }
 
+# The real blocks: dims, routing and activation of each model's MoE layer (its config.json).
+MODELS = {
+    "gpt-oss-20b": dict(experts=32, hidden=2880, intermediate=2880, top_k=4, format="gpt-oss",
+                        config={"model_type": "gpt_oss", "num_experts_per_tok": 4,
+                                "swiglu_limit": 7.0}),
+    "gpt-oss-120b": dict(experts=128, hidden=2880, intermediate=2880, top_k=4, format="gpt-oss",
+                         config={"model_type": "gpt_oss", "num_experts_per_tok": 4,
+                                 "swiglu_limit": 7.0}),
+    "qwen3-30b-a3b": dict(experts=128, hidden=2048, intermediate=768, top_k=8,
+                          format="compressed-tensors",
+                          config={"model_type": "qwen3_moe", "num_experts_per_tok": 8,
+                                  "norm_topk_prob": True}),
+    "deepseek-v3": dict(experts=256, hidden=7168, intermediate=2048, top_k=8,
+                        format="compressed-tensors", shared=1,
+                        config={"model_type": "deepseek_v3", "num_experts_per_tok": 8,
+                                "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+                                "norm_topk_prob": True}),
+}
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("shape", "small", list(SHAPES), "MoE layer shape.")
+flags.DEFINE_enum("shape", "small", list(SHAPES), "MoE layer shape (synthetic SiLU block).")
+flags.DEFINE_enum("model", None, list(MODELS), "Run this model's real MoE block, loaded from "
+                  "a checkpoint in its own format (overrides --shape).")
 flags.DEFINE_integer("tokens", 64, "Number of tokens T.", lower_bound=1)
 flags.DEFINE_enum("backend", "auto", ["auto", "cpu", "sm90", "sm100"],
                   "auto: a GPU if the library sees one, else the CPU. sm90/sm100 need a GPU.")
@@ -132,12 +164,172 @@ def compare_with_peers(layer, x, logits, top_k: int, w13_bf16, w2_bf16) -> None:
     print("  (full protocol with floors and all T: bench/bench_moe.py, README 'Numbers')\n")
 
 
+def random_mxfp4(g, e: int, n: int, k: int):
+    """Random MXFP4 weights [e, n, k/2] codes + [e, n, k/32] scales with about unit row norm
+    (uniform codes have RMS ~2.9; the scale byte 127 - log2(2.9 sqrt(k)) spreads by +-1)."""
+    import math
+
+    import torch
+
+    packed = torch.randint(0, 256, (e, n, k // 2), generator=g, dtype=torch.uint8)
+    base = 127 - round(math.log2(2.93 * math.sqrt(k)))
+    scales = (base + torch.randint(-1, 2, (e, n, k // 32), generator=g)).to(torch.uint8)
+    return packed, scales
+
+
+def write_model_checkpoint(model: str, folder: str, seed: int) -> str:
+    """Random weights of `model`'s MoE block in its checkpoint format, sharded with an index;
+    returns the layer prefix."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    spec = MODELS[model]
+    e, h, i = spec["experts"], spec["hidden"], spec["intermediate"]
+    g = torch.Generator().manual_seed(seed)
+    prefix = "model.layers.1.mlp"
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(spec["config"], f)
+    shards = []  # (file name, tensors)
+
+    def projections(head, p13, s13, p2, s2):
+        out = {}
+        for proj, pk, sc in (("gate_proj", p13[:i], s13[:i]), ("up_proj", p13[i:], s13[i:]),
+                             ("down_proj", p2, s2)):
+            out[f"{head}{proj}.weight_packed"] = pk.contiguous()
+            out[f"{head}{proj}.weight_scale"] = sc.contiguous()
+        return out
+
+    progress = Progress(f"write {spec['format']} checkpoint", e)
+    if spec["format"] == "gpt-oss":
+        # One tensor per projection for all experts, gate/up rows interleaved (random rows, so
+        # the interleaving is only a naming matter here; the loader de-interleaves).
+        p13, s13 = random_mxfp4(g, e, 2 * i, h)
+        p2, s2 = random_mxfp4(g, e, h, i)
+        head = f"{prefix}.experts."
+        shards.append(("model-00000.safetensors", {
+            head + "gate_up_proj_blocks": p13.reshape(e, 2 * i, h // 32, 16),
+            head + "gate_up_proj_scales": s13,
+            head + "gate_up_proj_bias": (torch.randn(e, 2 * i, generator=g) * 0.5).to(
+                torch.bfloat16),
+            head + "down_proj_blocks": p2.reshape(e, h, i // 32, 16),
+            head + "down_proj_scales": s2,
+            head + "down_proj_bias": (torch.randn(e, h, generator=g) * 0.1).to(torch.bfloat16),
+            f"{prefix}.router.weight": (torch.randn(e, h, generator=g) * h**-0.5).to(
+                torch.bfloat16),
+            f"{prefix}.router.bias": (torch.randn(e, generator=g) * 0.1).to(torch.bfloat16),
+        }))
+        save_file(shards[0][1], os.path.join(folder, shards[0][0]))
+        progress.update(e)
+    else:
+        chunk = max(1, (1 << 27) // (3 * h * i // 2))  # experts per shard: ~128 MB of codes
+        for begin in range(0, e, chunk):
+            count = min(e, begin + chunk) - begin
+            p13, s13 = random_mxfp4(g, count, 2 * i, h)
+            p2, s2 = random_mxfp4(g, count, h, i)
+            tensors = {}
+            for local in range(count):
+                tensors.update(projections(f"{prefix}.experts.{begin + local}.", p13[local],
+                                           s13[local], p2[local], s2[local]))
+            name = f"model-{len(shards):05d}.safetensors"
+            save_file(tensors, os.path.join(folder, name))
+            shards.append((name, {t: None for t in tensors}))
+            progress.update(begin + count)
+        router = torch.randn(e, h, generator=g) * h**-0.5
+        tensors = {}
+        if model == "deepseek-v3":
+            tensors[f"{prefix}.gate.weight"] = router  # float32: DeepSeek-V3 routes in fp32
+            tensors[f"{prefix}.gate.e_score_correction_bias"] = torch.randn(e, generator=g) * 0.01
+            sp13, ss13 = random_mxfp4(g, 1, 2 * i, h)
+            sp2, ss2 = random_mxfp4(g, 1, h, i)
+            tensors.update(projections(f"{prefix}.shared_experts.", sp13[0], ss13[0], sp2[0],
+                                       ss2[0]))
+        else:
+            tensors[f"{prefix}.gate.weight"] = router.to(torch.bfloat16)
+        name = f"model-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(folder, name))
+        shards.append((name, tensors))
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {t: name for name, ts in shards for t in ts}}, f)
+    return prefix
+
+
+def run_model(model: str, device) -> None:
+    """--model: the real block, through from_checkpoint, against its two references."""
+    import tempfile
+
+    import torch
+
+    import mxmoe
+    from mxmoe import reference
+
+    spec = MODELS[model]
+    tokens = FLAGS.tokens
+    print(f"mxmoe {mxmoe.version()}: model {model} (E={spec['experts']}, H={spec['hidden']}, "
+          f"I={spec['intermediate']}, top_k={spec['top_k']}, shared={spec.get('shared', 0)}), "
+          f"T={tokens}, device {device}")
+    with tempfile.TemporaryDirectory(prefix="mxmoe-demo-") as folder:
+        prefix = write_model_checkpoint(model, folder, FLAGS.seed)
+        start = time.perf_counter()
+        layer = mxmoe.MoELayer.from_checkpoint(
+            os.path.join(folder, "model.safetensors.index.json"), prefix, device=device)
+        print(f"loaded {layer.extra_repr()} from the {spec['format']} checkpoint in "
+              f"{time.perf_counter() - start:.1f}s")
+    g = torch.Generator().manual_seed(FLAGS.seed + 1)
+    hidden_states = torch.randn(tokens, spec["hidden"], generator=g).to(torch.bfloat16)
+    x = hidden_states.to(device)
+    print(f"backend: {layer.backend}")
+    out = layer.forward_hidden(x)  # warm-up
+    times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        out = layer.forward_hidden(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    print(f"forward_hidden: {statistics.median(times) * 1e3:.3f} ms (median of {FLAGS.repeats}),"
+          f" output {list(out.shape)} {str(out.dtype).replace('torch.', '')}")
+    if not FLAGS.reference:
+        return
+    cpu = torch.device("cpu")
+    layer = layer.to(cpu)
+    logits = layer.router_logits(hidden_states)
+    ids, weights = layer.route(logits)
+    o = layer.model_options()
+    common = dict(activation=o["activation"], swiglu_alpha=o["swiglu_alpha"],
+                  swiglu_limit=o["swiglu_limit"], w13_bias=o["w13_bias"], w2_bias=o["w2_bias"],
+                  num_shared_experts=o["num_shared_experts"])
+    progress = Progress("float64 reference (experts in use)", 1)
+    exact = reference.moe_forward(
+        hidden_states, layer.w13_packed, layer.w13_scales, layer.w2_packed, layer.w2_scales,
+        topk_ids=ids, topk_weights=weights, expert_map=layer.expert_map,
+        progress=lambda done, total: (setattr(progress, "total", total), progress.update(done)),
+        **common)
+
+    def dequantized(packed, scales):
+        return lambda e: reference.dequantize(packed[e], scales[e]).to(torch.bfloat16)
+
+    bf16_block = reference.moe_forward_unquantized(
+        hidden_states, dequantized(layer.w13_packed, layer.w13_scales),
+        dequantized(layer.w2_packed, layer.w2_scales), ids, weights,
+        num_experts=layer.num_experts, **common)
+    print(f"rel. L2 error vs exact reference (same MXFP4 quantization, float64): "
+          f"{rel_l2(out, exact):.3e}")
+    print(f"rel. L2 error vs bf16 block (same weights, no activation quantization): "
+          f"{rel_l2(out, bf16_block):.3e}")
+
+
 def main(argv):
     del argv
     if FLAGS.backend in ("sm90", "sm100"):
         # Read by the C library when it picks a backend for CUDA pointers.
         os.environ["MXMOE_BACKEND"] = FLAGS.backend
     import torch
+
+    if FLAGS.model is not None:
+        run_model(FLAGS.model, pick_device(FLAGS.backend))
+        return
 
     import mxmoe
     from mxmoe import ops, reference

@@ -42,10 +42,14 @@ __all__ = [
     "expert_offsets_from_counts",
     "experts_quantize",
     "grouped_gemm",
+    "moe_activation_quantize",
+    "moe_add_expert_bias",
     "moe_forward",
+    "moe_weighted_sum",
     "prepare_weights",
     "quantize",
     "quantize_weights",
+    "route",
     "silu_mul_experts_quantize",
     "swizzle_scales",
     "unswizzle_scales",
@@ -213,6 +217,10 @@ def _signature(*args) -> tuple:
     for arg in args:
         if isinstance(arg, torch.Tensor):
             parts.append((tuple(arg.shape), arg.dtype, arg.device))
+        elif isinstance(arg, _mxmoe.MoeOptions):  # sizes depend on its scalars only
+            parts.append((arg.activation, arg.routing, arg.num_expert_groups, arg.topk_groups,
+                          arg.num_shared_experts, arg.w13_bias is not None,
+                          arg.w2_bias is not None))
         else:
             parts.append(arg)
     return tuple(parts)
@@ -778,10 +786,60 @@ def grouped_gemm(a, a_scales, b_packed, b_scales, expert_offsets, blockscale_off
 # ---- MoE forward ---------------------------------------------------------------------------------
 
 
+ACTIVATIONS = {"silu": _mxmoe.ACTIVATION_SILU_AND_MUL,
+               "swiglu_oai": _mxmoe.ACTIVATION_SWIGLU_OAI}
+ROUTINGS = {"softmax_topk": _mxmoe.ROUTING_SOFTMAX_TOPK,
+            "topk_softmax": _mxmoe.ROUTING_TOPK_SOFTMAX,
+            "sigmoid_grouped_topk": _mxmoe.ROUTING_SIGMOID_GROUPED_TOPK}
+_BIAS_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _choice(value: str, name: str, table: dict) -> int:
+    if value not in table:
+        raise _invalid(f"{name} must be one of {', '.join(repr(k) for k in table)}, got "
+                       f"{value!r}")
+    return table[value]
+
+
+def _moe_options(hidden, e: int, i: int, global_experts: int, activation: str,
+                 swiglu_alpha: float, swiglu_limit: float, w13_bias, w2_bias, routing: str,
+                 num_expert_groups: int, topk_groups: int, routed_scaling_factor: float,
+                 e_score_correction_bias, num_shared_experts: int):
+    """The model options as the extension's MoeOptions (the C layer checks their values)."""
+    options = _mxmoe.MoeOptions()
+    options.activation = _choice(activation, "activation", ACTIVATIONS)
+    options.swiglu_alpha = float(swiglu_alpha)
+    options.swiglu_limit = float(swiglu_limit)
+    options.routing = _choice(routing, "routing", ROUTINGS)
+    options.num_expert_groups = int(num_expert_groups)
+    options.topk_groups = int(topk_groups)
+    options.routed_scaling_factor = float(routed_scaling_factor)
+    options.num_shared_experts = int(num_shared_experts)
+    h = hidden.shape[1]
+    for name, bias, shape, desc in (("w13_bias", w13_bias, (e, 2 * i), "[E_local, 2I]"),
+                                    ("w2_bias", w2_bias, (e, h), "[E_local, H]"),
+                                    ("e_score_correction_bias", e_score_correction_bias,
+                                     (global_experts,), "[E_global]")):
+        bias = _optional_tensor(bias, name)
+        if bias is None:
+            continue
+        _check(bias, name, desc, shape, _BIAS_DTYPES)
+        _check_same_device(bias, name, hidden, "hidden")
+        setattr(options, name, bias)
+    return options
+
+
 def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_logits=None,
                 top_k: int | None = None, renormalize: bool = True, topk_ids=None,
-                topk_weights=None, expert_map=None) -> torch.Tensor:
-    """The whole MoE layer: route, quantize, GEMM1, SiLU-and-mul, GEMM2, weighted sum.
+                topk_weights=None, expert_map=None, *, activation: str = "silu",
+                swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0, w13_bias=None,
+                w2_bias=None, routing: str = "softmax_topk", num_expert_groups: int = 0,
+                topk_groups: int = 0, routed_scaling_factor: float = 1.0,
+                e_score_correction_bias=None, num_shared_experts: int = 0) -> torch.Tensor:
+    """The whole MoE layer: route, quantize, GEMM1, activation, GEMM2, weighted sum.
+
+    The exact arithmetic (rounding points, summation orders) is docs/format.md's "MoE forward";
+    ``mxmoe.reference.moe_forward`` is the same computation in torch.
 
     Parameters
     ----------
@@ -802,7 +860,22 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
     topk_ids, topk_weights : torch.Tensor, optional
         [T, top_k] int32 global expert ids and [T, top_k] float32 weights.
     expert_map : torch.Tensor, optional
-        [E_global] int32, global -> local expert id, -1 = not on this device (contributes 0).
+        [E_global] int32, global -> local routed expert id, -1 = not on this device
+        (contributes 0).
+    activation : str
+        "silu" (silu(gate) * up) or "swiglu_oai" (GPT-OSS: clamped at ``swiglu_limit``,
+        sigmoid(``swiglu_alpha`` * gate), times up + 1).
+    w13_bias, w2_bias : torch.Tensor, optional
+        [E, 2I] (gate | up) and [E, H], bfloat16/float16/float32: added in float32 to the
+        rounded GEMM outputs and rounded to the activation dtype again.
+    routing : str
+        "softmax_topk", "topk_softmax" (GPT-OSS) or "sigmoid_grouped_topk" (DeepSeek-V3, with
+        ``num_expert_groups``, ``topk_groups`` and ``e_score_correction_bias`` [E_global]).
+    routed_scaling_factor : float
+        Multiplies the routed weights (router_logits path only).
+    num_shared_experts : int
+        The last ``num_shared_experts`` of the E weight experts are used by every token with
+        weight 1 (E_global = E - num_shared_experts without expert_map).
 
     Returns
     -------
@@ -846,7 +919,8 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
     if router_logits is not None:
         if topk_ids is not None or topk_weights is not None:
             raise _invalid("pass either router_logits or topk_ids/topk_weights, not both")
-        global_experts = expert_map.shape[0] if expert_map is not None else e
+        global_experts = (expert_map.shape[0] if expert_map is not None
+                          else e - int(num_shared_experts))
         _check(router_logits, "router_logits",
                "[T, E_global]" + (" (E_global = len(expert_map))" if expert_map is not None
                                   else " (E_global = E of w13_packed without expert_map)"),
@@ -868,15 +942,152 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
         _check(topk_weights, "topk_weights", "[T, top_k]", (t, top_k), (torch.float32,))
         _check_same_device(topk_ids, "topk_ids", hidden, "hidden")
         _check_same_device(topk_weights, "topk_weights", hidden, "hidden")
-        global_experts = expert_map.shape[0] if expert_map is not None else e
-    if expert_map is None and global_experts != e:
+        global_experts = (expert_map.shape[0] if expert_map is not None
+                          else e - int(num_shared_experts))
+    if expert_map is None and global_experts != e - int(num_shared_experts):
         raise _invalid(f"router width E_global = {global_experts} differs from the {e} local "
                        f"experts; pass expert_map [E_global]")
+    if global_experts < 1:
+        raise _invalid(f"num_shared_experts must be in [0, {e - 1}] (E = {e} weight experts), "
+                       f"got {num_shared_experts}")
+    options = _moe_options(hidden, e, i, global_experts, activation, swiglu_alpha, swiglu_limit,
+                           w13_bias, w2_bias, routing, num_expert_groups, topk_groups,
+                           routed_scaling_factor, e_score_correction_bias, num_shared_experts)
 
     out = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
     stream = _stream(hidden.device)
     args = (hidden, w13, w13_s, w2, w2_s, fmt, backend, e, i, global_experts, top_k,
-            bool(renormalize), router_logits, topk_ids, topk_weights, expert_map, out)
+            bool(renormalize), router_logits, topk_ids, topk_weights, expert_map, out, options)
     nbytes = _workspace_size(_mxmoe.moe_forward_workspace_size, *args)
     _mxmoe.moe_forward(*args, _workspace(hidden.device, nbytes), stream)
     return out
+
+
+# ---- Stages of the MoE forward, for callers that split it (expert parallelism) -------------------
+#
+# moe_forward == route -> (per expert) experts_quantize -> grouped_gemm -> moe_activation_quantize
+# -> grouped_gemm -> moe_add_expert_bias -> moe_weighted_sum, bit for bit on the CPU backend
+# (tests/python/test_moe_models.py checks it). route, the activation with biases and the reduce
+# are written in torch from the contract (mxmoe.reference), so they give the same bits on every
+# device; the GEMMs and quantizers are the C entry points.
+
+
+def route(router_logits, top_k: int, renormalize: bool = True, routing: str = "softmax_topk",
+          num_expert_groups: int = 0, topk_groups: int = 0, routed_scaling_factor: float = 1.0,
+          e_score_correction_bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing of ``moe_forward`` on its own: the same ids and weights, bit for bit.
+
+    router_logits [T, E] float32/bfloat16/float16; the other arguments as in ``moe_forward``.
+    Returns (topk_ids int32 [T, top_k], topk_weights float32 [T, top_k]) on the logits' device.
+    """
+    from mxmoe import reference  # pure torch; no import cycle at module load
+
+    router_logits = _tensor(router_logits, "router_logits")
+    _check(router_logits, "router_logits", "[T, E]", (None, None),
+           (torch.float32, torch.bfloat16, torch.float16))
+    e = router_logits.shape[1]
+    _choice(routing, "routing", ROUTINGS)
+    top_k = int(top_k)
+    groups = int(num_expert_groups) or 1
+    kept = int(topk_groups) or groups
+    if routing != "sigmoid_grouped_topk" and (groups != 1 or kept != 1):
+        raise _invalid(f"num_expert_groups/topk_groups apply to routing='sigmoid_grouped_topk' "
+                       f"only, got {num_expert_groups}/{topk_groups} with {routing!r}")
+    if groups < 1 or e % groups:
+        raise _invalid(f"num_expert_groups must be 0 or a divisor of E = {e}, got "
+                       f"{num_expert_groups}")
+    if not 1 <= kept <= groups:
+        raise _invalid(f"topk_groups must be in [0, num_expert_groups = {groups}], got "
+                       f"{topk_groups}")
+    if not 1 <= top_k <= kept * (e // groups):
+        raise _invalid(f"top_k must be in [1, {kept * (e // groups)}] (the experts of the kept "
+                       f"groups), got {top_k}")
+    factor = float(routed_scaling_factor)
+    if not (factor == 0.0 or (factor > 0.0 and np.isfinite(factor))):
+        raise _invalid(f"routed_scaling_factor must be > 0 and finite, or 0 (= 1), got {factor}")
+    bias = _optional_tensor(e_score_correction_bias, "e_score_correction_bias")
+    if bias is not None:
+        if routing != "sigmoid_grouped_topk":
+            raise _invalid("e_score_correction_bias applies to routing='sigmoid_grouped_topk' "
+                           "only")
+        _check(bias, "e_score_correction_bias", "[E]", (e,), _BIAS_DTYPES)
+        _check_same_device(bias, "e_score_correction_bias", router_logits, "router_logits")
+    return reference.route(router_logits, top_k, bool(renormalize), routing, groups, kept,
+                           factor, bias)
+
+
+def _rows_expert_bias(bias: torch.Tensor, expert_offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """bias [E, N] -> [rows, N]: each row gets its expert's bias (rows past the last offset 0)."""
+    counts = (expert_offsets[1:] - expert_offsets[:-1]).to(torch.int64)
+    expanded = torch.repeat_interleave(bias, counts, dim=0)
+    if expanded.shape[0] < rows:
+        pad = torch.zeros(rows - expanded.shape[0], bias.shape[1], dtype=bias.dtype,
+                          device=bias.device)
+        expanded = torch.cat([expanded, pad])
+    return expanded
+
+
+def moe_activation_quantize(x, expert_offsets, blockscale_offsets, activation: str = "silu",
+                            swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                            w13_bias=None,
+                            scale_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 6 of ``moe_forward``: (+ w13_bias) -> activation -> per-expert quantization.
+
+    x [rows, 2I] bfloat16/float16 (GEMM1 output, gate | up, rows grouped by expert);
+    w13_bias [E, 2I] (optional, any float dtype); returns what ``experts_quantize`` returns for
+    the [rows, I] activation. Without a bias, "silu" runs the C ``silu_mul_experts_quantize``;
+    otherwise the activation is computed in torch exactly as the contract says (the bits of the
+    C backends) and quantized by the C ``experts_quantize``.
+    """
+    from mxmoe import reference
+
+    _choice(activation, "activation", ACTIVATIONS)
+    if activation == "swiglu_oai" and not (float(swiglu_limit) > 0):
+        raise _invalid(f"swiglu_limit must be > 0, got {swiglu_limit}")
+    if activation == "swiglu_oai" and not np.isfinite(float(swiglu_alpha)):
+        raise _invalid(f"swiglu_alpha must be finite, got {swiglu_alpha}")
+    bias = _optional_tensor(w13_bias, "w13_bias")
+    if activation == "silu" and bias is None:
+        return silu_mul_experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows)
+    x = _tensor(x, "x")
+    _check(x, "x", "[rows, 2I] (gate | up)", (None, None), _ACTIVATION_DTYPES)
+    expert_offsets, blockscale_offsets = _check_offsets(x, expert_offsets, blockscale_offsets)
+    rows_bias = None
+    if bias is not None:
+        _check(bias, "w13_bias", "[E, 2I]", (expert_offsets.shape[0] - 1, x.shape[1]),
+               _BIAS_DTYPES)
+        _check_same_device(bias, "w13_bias", x, "x")
+        rows_bias = _rows_expert_bias(bias, expert_offsets, x.shape[0])
+    y = reference.activation(x, activation, float(swiglu_alpha), float(swiglu_limit), rows_bias)
+    return experts_quantize(y, expert_offsets, blockscale_offsets, scale_rows)
+
+
+def moe_add_expert_bias(y, expert_offsets, bias) -> torch.Tensor:
+    """y [rows, H] bfloat16/float16 (GEMM2 output, rows grouped by expert) + bias [E, H]:
+    added in float32 and rounded to y's dtype, as ``moe_forward`` does before its reduce."""
+    y = _tensor(y, "y")
+    _check(y, "y", "[rows, H]", (None, None), _ACTIVATION_DTYPES)
+    expert_offsets = _tensor(expert_offsets, "expert_offsets")
+    bias = _tensor(bias, "bias")
+    _check(bias, "bias", "[E, H]", (expert_offsets.shape[0] - 1, y.shape[1]), _BIAS_DTYPES)
+    rows_bias = _rows_expert_bias(bias, expert_offsets, y.shape[0])
+    return (y.to(torch.float32) + rows_bias.to(torch.float32)).to(y.dtype)
+
+
+def moe_weighted_sum(expert_outputs, weights, valid=None) -> torch.Tensor:
+    """The reduce of ``moe_forward``: expert_outputs [T, P, H] bfloat16/float16 (slot s of
+    token t; routed slots in top-k order, then shared experts with weight 1, biases added),
+    weights [T, P] float32, valid [T, P] bool (False = the slot contributes nothing) ->
+    [T, H]: acc = +0; acc = acc + w_s * y_s for s in order, every product and sum rounded to
+    float32; rounded once to the outputs' dtype."""
+    from mxmoe import reference
+
+    expert_outputs = _tensor(expert_outputs, "expert_outputs")
+    _check(expert_outputs, "expert_outputs", "[T, P, H]", (None, None, None), _ACTIVATION_DTYPES)
+    t, p, _ = expert_outputs.shape
+    weights = _tensor(weights, "weights")
+    _check(weights, "weights", "[T, P]", (t, p), (torch.float32,))
+    valid = _optional_tensor(valid, "valid")
+    if valid is not None:
+        _check(valid, "valid", "[T, P]", (t, p), (torch.bool,))
+    return reference.weighted_sum(expert_outputs, weights, valid).to(expert_outputs.dtype)

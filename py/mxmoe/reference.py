@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "BLOCK_SIZE",
     "E2M1_GRID",
+    "activation",
     "dequantize",
     "exp_f32",
     "expert_offsets_from_counts",
@@ -30,15 +31,18 @@ __all__ = [
     "grouped_gemm",
     "moe_forward",
     "moe_forward_unquantized",
+    "weighted_sum",
     "pack_codes",
     "quantize",
     "quantize_codes",
     "quantize_weights",
     "route",
+    "sigmoid_f32",
     "silu_f32",
     "silu_mul",
     "silu_mul_experts_quantize",
     "swizzle_scales",
+    "swiglu_oai_f32",
     "swizzled_offsets",
     "unpack_codes",
     "unswizzle_scales",
@@ -283,6 +287,48 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return (silu_f32(gate) * up).to(x.dtype)
 
 
+def sigmoid_f32(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x) = 1 / (1 + exp_f32(-x)) in float32 (IEEE division): 0 at -Inf, 1 at +Inf."""
+    x = x.to(torch.float32)
+    return _f32(1.0, x.device) / (_f32(1.0, x.device) + exp_f32(-x))
+
+
+def swiglu_oai_f32(gate: torch.Tensor, up: torch.Tensor, alpha: float,
+                   limit: float) -> torch.Tensor:
+    """GPT-OSS's clamped SwiGLU in float32, one rounding per operation, in this order:
+    g = min(gate, limit); u = clamp(up, -limit, limit) (NaN stays NaN);
+    y = (g * sigmoid(alpha * g)) * (u + 1)."""
+    gate = gate.to(torch.float32)
+    up = up.to(torch.float32)
+    lim = _f32(limit, gate.device)
+    g = torch.where(gate > lim, lim, gate)
+    u = torch.where(up > lim, lim, torch.where(up < -lim, -lim, up))
+    glu = g * sigmoid_f32(_f32(alpha, gate.device) * g)
+    return glu * (u + _f32(1.0, gate.device))
+
+
+def activation(x: torch.Tensor, kind: str = "silu", alpha: float = 1.702, limit: float = 7.0,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE activation of GEMM1 rows x [rows, 2I] (gate | up), in x's dtype: [rows, I].
+
+    With ``bias`` [rows, 2I] (each row's expert bias), gate and up are first rounded to x's
+    dtype after adding it in float32: g = rnd(x + bias). ``kind`` is "silu" (silu(g) * u) or
+    "swiglu_oai" (swiglu_oai_f32); the float32 result is rounded once to x's dtype.
+    """
+    if bias is not None:
+        x = (x.to(torch.float32) + bias.to(torch.float32)).to(x.dtype)
+    n = x.shape[-1] // 2
+    gate = x[..., :n].to(torch.float32)
+    up = x[..., n:].to(torch.float32)
+    if kind == "silu":
+        y = silu_f32(gate) * up
+    elif kind == "swiglu_oai":
+        y = swiglu_oai_f32(gate, up, alpha, limit)
+    else:
+        raise ValueError(f"activation must be 'silu' or 'swiglu_oai', got {kind!r}")
+    return y.to(x.dtype)
+
+
 # ---- Grouped (per-expert) layout ---------------------------------------------------------------
 
 
@@ -380,16 +426,111 @@ def grouped_gemm(a: torch.Tensor, a_scales: torch.Tensor, b_packed: torch.Tensor
     return out if out_dtype == torch.float64 else out.to(out_dtype)
 
 
-def route(router_logits: torch.Tensor, top_k: int,
-          renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax in float32, top-k by probability with ties to the lower expert id, optional
-    renormalisation. Returns (topk_ids int32 [T, top_k], topk_weights float32 [T, top_k])."""
-    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
-    order = torch.sort(-probs, dim=-1, stable=True).indices[:, :top_k]
-    weights = torch.gather(probs, 1, order)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return order.to(torch.int32), weights
+def _rank(values: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of values [T, N] in routing rank order along the last dim: numbers descending,
+    then NaN, ties (and NaN among themselves) to the lower index; ``excluded`` entries last."""
+    nan = torch.isnan(values)
+    key = torch.where(nan, torch.full_like(values, float("inf")), -values)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    flag = torch.gather(nan, -1, order).to(torch.int8)
+    if excluded is not None:
+        flag = flag + 2 * torch.gather(excluded, -1, order).to(torch.int8)
+    return torch.gather(order, -1, torch.sort(flag, dim=-1, stable=True).indices)
+
+
+def _lane_order_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum of v [T, E] along E in the contract's 32-lane order: partial j adds v[j], v[j+32],
+    ... from +0; then partial[j] += partial[j ^ o] for o = 16, 8, 4, 2, 1; the sum is
+    partial[0]."""
+    t, e = v.shape
+    lanes = 32
+    padded = torch.zeros(t, _round_up(max(e, 1), lanes), dtype=torch.float32, device=v.device)
+    padded[:, :e] = v
+    blocks = padded.view(t, -1, lanes)
+    partial = torch.zeros(t, lanes, dtype=torch.float32, device=v.device)
+    for r in range(blocks.shape[1]):
+        partial = partial + blocks[:, r]
+    index = torch.arange(lanes, device=v.device)
+    o = lanes // 2
+    while o > 0:
+        partial = partial + partial[:, index ^ o]
+        o //= 2
+    return partial[:, 0]
+
+
+def _slot_order_sum(w: torch.Tensor) -> torch.Tensor:
+    total = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    for s in range(w.shape[1]):
+        total = total + w[:, s]
+    return total
+
+
+def _nan_ignoring_max(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(v), torch.full_like(v, float("-inf")), v).amax(dim=-1)
+
+
+ROUTINGS = ("softmax_topk", "topk_softmax", "sigmoid_grouped_topk")
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True,
+          routing: str = "softmax_topk", num_expert_groups: int = 0, topk_groups: int = 0,
+          routed_scaling_factor: float = 1.0,
+          e_score_correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                       torch.Tensor]:
+    """The contract's routing, bit for bit (docs/format.md "Routing"), on any device.
+
+    router_logits [T, E] (any float dtype; converted to float32 exactly). Ranking: descending,
+    NaN last, ties to the lower id. ``routing``:
+      - "softmax_topk": p = exp_f32(l - max) / (32-lane-order sum); top-k by p; renormalize:
+        p / (slot-order sum of the chosen p).
+      - "topk_softmax": top-k by l; softmax over the chosen (exp_f32, slot-order sum).
+      - "sigmoid_grouped_topk": s = sigmoid_f32(l); c = s + e_score_correction_bias; group
+        score = c_first + c_second (the group's two best; one for single-expert groups); keep
+        ``topk_groups`` of ``num_expert_groups`` groups (0 = 1 group / all groups); top-k of
+        the kept experts by c; weights = s of the chosen, renormalized if asked.
+    Then every weight is multiplied by ``routed_scaling_factor`` (0 = 1) in float32.
+    Returns (topk_ids int32 [T, top_k], topk_weights float32 [T, top_k]).
+    """
+    v = router_logits.to(torch.float32)
+    t, e = v.shape
+    dev = v.device
+    if routing == "softmax_topk":
+        p = exp_f32(v - _nan_ignoring_max(v).unsqueeze(1))
+        p = p / _lane_order_sum(p).unsqueeze(1)
+        ids = _rank(p)[:, :top_k]
+        weights = torch.gather(p, 1, ids)
+        if renormalize:
+            weights = weights / _slot_order_sum(weights).unsqueeze(1)
+    elif routing == "topk_softmax":
+        ids = _rank(v)[:, :top_k]
+        chosen = torch.gather(v, 1, ids)
+        ex = exp_f32(chosen - _nan_ignoring_max(chosen).unsqueeze(1))
+        weights = ex / _slot_order_sum(ex).unsqueeze(1)
+    elif routing == "sigmoid_grouped_topk":
+        s = sigmoid_f32(v)
+        c = s if e_score_correction_bias is None else (
+            s + e_score_correction_bias.to(device=dev, dtype=torch.float32).unsqueeze(0))
+        groups = num_expert_groups or 1
+        kept = topk_groups or groups
+        excluded = None
+        if kept < groups:
+            size = e // groups
+            grouped = c.reshape(t * groups, size)
+            best = torch.gather(grouped, 1, _rank(grouped)[:, :min(2, size)])
+            score = best[:, 0] + best[:, 1] if size >= 2 else best[:, 0]
+            kept_groups = _rank(score.reshape(t, groups))[:, :kept]
+            keep = torch.zeros(t, groups, dtype=torch.bool, device=dev)
+            keep.scatter_(1, kept_groups, True)
+            excluded = ~keep.repeat_interleave(size, dim=1)
+        ids = _rank(c, excluded)[:, :top_k]
+        weights = torch.gather(s, 1, ids)
+        if renormalize:
+            weights = weights / _slot_order_sum(weights).unsqueeze(1)
+    else:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    factor = routed_scaling_factor or 1.0
+    weights = weights * _f32(factor, dev)
+    return ids.to(torch.int32), weights
 
 
 def _local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
@@ -399,74 +540,128 @@ def _local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch
     return expert_map.to(torch.int64)[ids]
 
 
+def _with_shared(local: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                 num_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Appends the shared-expert slots (local ids E - S .. E - 1, weight 1) to every token."""
+    if num_shared == 0:
+        return local, weights
+    t = local.shape[0]
+    shared = torch.arange(num_experts - num_shared, num_experts, dtype=torch.int64)
+    local = torch.cat([local, shared.unsqueeze(0).expand(t, num_shared)], dim=1)
+    weights = torch.cat([weights, torch.ones(t, num_shared, dtype=torch.float32)], dim=1)
+    return local, weights
+
+
+def weighted_sum(contributions: torch.Tensor, weights: torch.Tensor,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The contract's reduce: contributions [T, P, H] (expert outputs in the activation dtype,
+    w2 bias already added), weights [T, P] float32 -> [T, H] float32:
+    acc = +0, then acc = acc + w_s * y_s for s = 0 .. P-1 in order (each product and sum
+    rounded to float32), skipping slots where ``valid`` [T, P] is False. Round the result once
+    to the activation dtype."""
+    t, p, h = contributions.shape
+    acc = torch.zeros(t, h, dtype=torch.float32, device=contributions.device)
+    w = weights.to(torch.float32)
+    for s in range(p):
+        term = acc + w[:, s].unsqueeze(1) * contributions[:, s].to(torch.float32)
+        acc = term if valid is None else torch.where(valid[:, s].unsqueeze(1), term, acc)
+    return acc
+
+
 def moe_forward(hidden: torch.Tensor, w13_packed: torch.Tensor, w13_scales: torch.Tensor,
                 w2_packed: torch.Tensor, w2_scales: torch.Tensor,
                 router_logits: torch.Tensor | None = None, top_k: int | None = None,
                 renormalize: bool = True, topk_ids: torch.Tensor | None = None,
                 topk_weights: torch.Tensor | None = None,
-                expert_map: torch.Tensor | None = None, progress=None) -> torch.Tensor:
+                expert_map: torch.Tensor | None = None, progress=None,
+                activation: str = "silu", swiglu_alpha: float = 1.702,
+                swiglu_limit: float = 7.0, w13_bias: torch.Tensor | None = None,
+                w2_bias: torch.Tensor | None = None, routing: str = "softmax_topk",
+                num_expert_groups: int = 0, topk_groups: int = 0,
+                routed_scaling_factor: float = 1.0,
+                e_score_correction_bias: torch.Tensor | None = None,
+                num_shared_experts: int = 0) -> torch.Tensor:
     """Reference MoE forward with the library's quantization and float64 GEMMs.
 
     hidden [T, H] bf16/fp16; w13 [E, 2I, H/2] + LINEAR scales [E, 2I, H/32]; w2 [E, H, I/2] +
-    [E, H, I/32]. Per (token, slot): quantize x, GEMM1 (float64) rounded to the activation dtype,
-    silu_mul + quantize, GEMM2 (float64) rounded, then the router-weighted sum over slots in
-    float32, rounded once. Returns [T, H] in hidden's dtype. ``progress(done, total)`` is called
-    after each expert when given.
+    [E, H, I/32] (E includes the ``num_shared_experts`` shared experts, stored last). Per
+    (token, slot): quantize x, GEMM1 (float64) rounded to the activation dtype, + w13_bias
+    (rounded), activation + quantize, GEMM2 (float64) rounded, + w2_bias (rounded), then
+    weighted_sum over the routed slots and the shared experts (weight 1), rounded once. The
+    routing arguments are route()'s. Returns [T, H] in hidden's dtype. ``progress(done,
+    total)`` is called after each expert when given. Equal to the CPU backend bit for bit
+    whenever the float64 GEMM sums are exact (they are for ordinary data: every product of two
+    MXFP4 values has at most 4 significant bits).
     """
     if topk_ids is None:
-        topk_ids, topk_weights = route(router_logits, top_k, renormalize)
-    local = _local_ids(topk_ids, expert_map)
-    weights = topk_weights.to(torch.float32)
+        topk_ids, topk_weights = route(router_logits, top_k, renormalize, routing,
+                                       num_expert_groups, topk_groups, routed_scaling_factor,
+                                       e_score_correction_bias)
+    num_experts = w13_packed.shape[0]
+    local, weights = _with_shared(_local_ids(topk_ids, expert_map),
+                                  topk_weights.to(torch.float32), num_experts,
+                                  num_shared_experts)
     t, h = hidden.shape
     dtype = hidden.dtype
-    acc = torch.zeros(t, h, dtype=torch.float32)
-    num_experts = w13_packed.shape[0]
     used = sorted(int(e) for e in torch.unique(local).tolist() if 0 <= e < num_experts)
-    # Per-slot contributions first, then the weighted sum in slot order.
-    contributions = torch.zeros(t, local.shape[1], h, dtype=torch.float32)
+    contributions = torch.zeros(t, local.shape[1], h, dtype=dtype)
     for done, e in enumerate(used):
         token, slot = torch.nonzero(local == e, as_tuple=True)
         xq, xs = quantize_codes(hidden[token])
         x = dequantize(pack_codes(xq), xs)
         g = (x @ _expert_weight(w13_packed, w13_scales, e, "linear").T).to(dtype)
-        yq, ys = quantize_codes(silu_mul(g))
+        bias13 = None if w13_bias is None else w13_bias[e].unsqueeze(0).expand_as(g)
+        yq, ys = quantize_codes(_activation(g, activation, swiglu_alpha, swiglu_limit, bias13))
         y = dequantize(pack_codes(yq), ys)
         out = (y @ _expert_weight(w2_packed, w2_scales, e, "linear").T).to(dtype)
-        contributions[token, slot] = out.to(torch.float32)
+        if w2_bias is not None:
+            out = (out.to(torch.float32) + w2_bias[e].to(torch.float32)).to(dtype)
+        contributions[token, slot] = out
         if progress is not None:
             progress(done + 1, len(used))
-    for slot in range(local.shape[1]):
-        valid = ((local[:, slot] >= 0) & (local[:, slot] < num_experts)).to(torch.float32)
-        acc = acc + (weights[:, slot] * valid).unsqueeze(1) * contributions[:, slot]
-    return acc.to(dtype)
+    valid = (local >= 0) & (local < num_experts)
+    return weighted_sum(contributions, weights, valid).to(dtype)
+
+
+_activation = activation
 
 
 def moe_forward_unquantized(hidden: torch.Tensor, w13, w2, topk_ids: torch.Tensor,
                             topk_weights: torch.Tensor,
-                            expert_map: torch.Tensor | None = None) -> torch.Tensor:
+                            expert_map: torch.Tensor | None = None, activation: str = "silu",
+                            swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+                            w13_bias: torch.Tensor | None = None,
+                            w2_bias: torch.Tensor | None = None,
+                            num_shared_experts: int = 0,
+                            num_experts: int | None = None) -> torch.Tensor:
     """The same layer without quantization: bf16/fp16 weights, float32 GEMMs rounded to the
-    activation dtype. ``w13``/``w2`` are tensors [E, 2I, H] / [E, H, I] or callables e -> the
-    expert's weight (so a caller can regenerate weights instead of holding them all)."""
-    local = _local_ids(topk_ids, expert_map)
-    weights = topk_weights.to(torch.float32)
+    activation dtype, the same bias and activation rounding and the same reduce. ``w13``/``w2``
+    are tensors [E, 2I, H] / [E, H, I] or callables e -> the expert's weight (so a caller can
+    regenerate weights instead of holding them all); with callables, give ``num_experts`` (E,
+    shared experts included) when there are shared experts."""
+    if isinstance(w13, torch.Tensor):
+        num_experts = w13.shape[0]
+    if num_shared_experts and num_experts is None:
+        raise ValueError("shared experts need w13 as a tensor (for the expert count)")
+    local, weights = _with_shared(_local_ids(topk_ids, expert_map),
+                                  topk_weights.to(torch.float32), num_experts or 0,
+                                  num_shared_experts)
     t, h = hidden.shape
     dtype = hidden.dtype
-    num_experts = w13.shape[0] if isinstance(w13, torch.Tensor) else None
     get13 = (lambda e: w13[e]) if isinstance(w13, torch.Tensor) else w13
     get2 = (lambda e: w2[e]) if isinstance(w2, torch.Tensor) else w2
-    contributions = torch.zeros(t, local.shape[1], h, dtype=torch.float32)
-    valid_all = local >= 0
+    contributions = torch.zeros(t, local.shape[1], h, dtype=dtype)
+    valid = local >= 0
     if num_experts is not None:
-        valid_all &= local < num_experts
-    for e in sorted(int(v) for v in torch.unique(local[valid_all]).tolist()):
+        valid &= local < num_experts
+    for e in sorted(int(v) for v in torch.unique(local[valid]).tolist()):
         token, slot = torch.nonzero(local == e, as_tuple=True)
         x = hidden[token].to(torch.float32)
         g = (x @ get13(e).to(torch.float32).T).to(dtype)
-        y = silu_mul(g).to(torch.float32)
+        bias13 = None if w13_bias is None else w13_bias[e].unsqueeze(0).expand_as(g)
+        y = _activation(g, activation, swiglu_alpha, swiglu_limit, bias13).to(torch.float32)
         out = (y @ get2(e).to(torch.float32).T).to(dtype)
-        contributions[token, slot] = out.to(torch.float32)
-    acc = torch.zeros(t, h, dtype=torch.float32)
-    for slot in range(local.shape[1]):
-        valid = valid_all[:, slot].to(torch.float32)
-        acc = acc + (weights[:, slot] * valid).unsqueeze(1) * contributions[:, slot]
-    return acc.to(dtype)
+        if w2_bias is not None:
+            out = (out.to(torch.float32) + w2_bias[e].to(torch.float32)).to(dtype)
+        contributions[token, slot] = out
+    return weighted_sum(contributions, weights, valid).to(dtype)

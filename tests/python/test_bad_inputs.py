@@ -359,7 +359,8 @@ def moe_module_args(moe, output, router_logits=None, topk_ids=None, topk_weights
     w13_packed, w13_scales, w2_packed, w2_scales = moe["w"]
     return (moe["hidden"], w13_packed, w13_scales, w2_packed, w2_scales,
             _mxmoe.WEIGHT_FORMAT_LINEAR, 0, moe["e"], moe["i"], global_experts or moe["e"],
-            top_k, True, router_logits, topk_ids, topk_weights, expert_map, output)
+            top_k, True, router_logits, topk_ids, topk_weights, expert_map, output,
+            _mxmoe.MoeOptions())
 
 
 def test_moe_forward_module_null_routing_and_workspace(moe):

@@ -306,28 +306,62 @@ mxmoe_status mxmoe_grouped_gemm(const mxmoe_grouped_gemm_args* args, void* works
 // MoE forward
 // ---------------------------------------------------------------------------------------------
 
-// hidden [T, H] -> output [T, H]. Routing: either router_logits [T, E_global] (softmax in fp32,
-// top-k by probability, ties to the lower expert id, optional renormalisation to sum 1), or
-// precomputed topk_ids [T, top_k] int32 + topk_weights [T, top_k] fp32 (router_logits NULL).
+// The activation between the two GEMMs of an expert. Its input is the GEMM1 row [gate | up]
+// (columns [0, I) gate, [I, 2I) up), each value rounded to the activation dtype and, with
+// w13_bias, rounded again after adding the bias: g = rnd(rnd(gemm) + bias). The activation is
+// computed in fp32 (separately rounded operations, the exp of mxmoe/format.h) and its result
+// rounded once to the activation dtype before it is quantized. Zero = SILU_AND_MUL.
+typedef enum mxmoe_activation {
+  // y = silu(g) * u, silu(g) = g / (1 + exp(-g)).
+  MXMOE_ACTIVATION_SILU_AND_MUL = 0,
+  // GPT-OSS: g' = min(g, limit), u' = clamp(u, -limit, limit) (NaN stays NaN),
+  // y = (g' * sigmoid(alpha * g')) * (u' + 1), sigmoid(x) = 1 / (1 + exp(-x)).
+  MXMOE_ACTIVATION_SWIGLU_OAI = 1,
+} mxmoe_activation;
+
+// How router_logits [T, E_global] become top-k ids and fp32 weights. Every mode ranks with ties
+// to the lower id and NaN below every number (a NaN is chosen only when nothing else is left).
+// After the mode's weights, every mode multiplies them by routed_scaling_factor (0 means 1).
+// Zero = SOFTMAX_TOPK. docs/format.md states each mode's exact fp32 operation order.
+typedef enum mxmoe_routing {
+  // Qwen3-MoE, DeepSeek-V2: p = softmax(logits), top-k by p, renormalize optional.
+  MXMOE_ROUTING_SOFTMAX_TOPK = 0,
+  // GPT-OSS, Mixtral: top-k of the logits, then softmax over the k chosen.
+  MXMOE_ROUTING_TOPK_SOFTMAX = 1,
+  // DeepSeek-V3: s = sigmoid(logits), choice = s + e_score_correction_bias, group score = sum
+  // of the group's two largest choices, keep topk_groups of num_expert_groups groups, top-k of
+  // the kept experts by choice; weights = the chosen s (renormalized if asked).
+  MXMOE_ROUTING_SIGMOID_GROUPED_TOPK = 2,
+} mxmoe_routing;
+
+// hidden [T, H] -> output [T, H]. Routing: either router_logits [T, E_global] (see
+// mxmoe_routing), or precomputed topk_ids [T, top_k] int32 + topk_weights [T, top_k] fp32
+// (router_logits NULL; the routing fields must then keep their zero values).
 // expert_map [E_global] int32 maps a global expert id to a local one (-1 = not on this device;
-// such slots contribute nothing); NULL means identity and E_global == E_local.
+// such slots contribute nothing); NULL means identity and E_global == E_local - num_shared.
 // A token whose top-k names the same expert twice gets both contributions (each slot is
 // independent).
 // Non-finite router_logits or topk_weights are data, not errors (a CUDA backend could not check
 // them without a synchronisation): routing stays in range (NaN sorts last) and only that
 // token's output can become non-finite.
+// Shared experts: the last num_shared_experts of the E_local weight experts; every token uses
+// each of them with weight 1 (never scaled), after its top_k routed slots.
 // Per (token, slot): x -> MXFP4 -> GEMM1 with w13 [E_local, 2I, H] (rows [0,I) gate, [I,2I) up),
-// rounded to the activation dtype -> silu(gate)*up (fp32, rounded) -> MXFP4 -> GEMM2 with
-// w2 [E_local, H, I] rounded to the activation dtype -> output[t] = sum over slots of
-// weight * y, accumulated in fp32, rounded once.
+// rounded to the activation dtype [-> + w13_bias, rounded] -> activation (fp32, rounded) ->
+// MXFP4 -> GEMM2 with w2 [E_local, H, I] rounded to the activation dtype [-> + w2_bias,
+// rounded] = y_s. output[t] = (((+0 + w_0 * y_0) + w_1 * y_1) + ...) over the routed slots in
+// slot order, then the shared experts in order (weight 1), every product and sum rounded to
+// fp32 (no FMA), rounded once to the activation dtype at the end.
+// A zero-initialised tail (activation .. num_shared_experts) keeps the behaviour of mxmoe 0.1:
+// SiLU-and-mul, no biases, softmax top-k, no shared experts.
 typedef struct mxmoe_moe_forward_args {
   int64_t num_tokens;          // T
   int64_t hidden_size;         // H, % 32 == 0
   int64_t intermediate_size;   // I, % 32 == 0
-  int32_t num_global_experts;  // E_global (router width / topk id range)
-  int32_t num_local_experts;   // E_local (weights' first dimension)
-  int32_t top_k;
-  int32_t renormalize;  // 0 or 1 (router_logits path only)
+  int32_t num_global_experts;  // E_global (router width / topk id range; routed experts only)
+  int32_t num_local_experts;   // E_local (weights' first dimension, shared experts included)
+  int32_t top_k;               // routed experts per token
+  int32_t renormalize;  // 0 or 1 (router_logits path; TOPK_SOFTMAX weights already sum to 1)
   const void* hidden_states;
   int32_t activation_dtype;  // BF16 or FP16: hidden_states and output
   const void* router_logits;
@@ -339,6 +373,21 @@ typedef struct mxmoe_moe_forward_args {
   mxmoe_expert_weights w2;
   void* output;
   mxmoe_device device;
+  // ---- model options (appended in 0.2; zero = the 0.1 behaviour) ----
+  int32_t activation;    // mxmoe_activation
+  float swiglu_alpha;    // SWIGLU_OAI: finite (GPT-OSS 1.702); ignored otherwise
+  float swiglu_limit;    // SWIGLU_OAI: > 0, may be +Inf (GPT-OSS 7.0); ignored otherwise
+  const void* w13_bias;  // [E_local, 2I] (gate | up, like w13's rows) or NULL
+  int32_t w13_bias_dtype;  // BF16, FP16 or FP32
+  const void* w2_bias;     // [E_local, H] or NULL
+  int32_t w2_bias_dtype;   // BF16, FP16 or FP32
+  int32_t routing;            // mxmoe_routing
+  int32_t num_expert_groups;  // SIGMOID_GROUPED_TOPK: groups of E_global (0 = 1); else 0 or 1
+  int32_t topk_groups;        // groups kept (0 = all), <= num_expert_groups
+  float routed_scaling_factor;           // > 0 and finite, or 0 (= 1)
+  const void* e_score_correction_bias;   // SIGMOID_GROUPED_TOPK: [E_global] or NULL
+  int32_t e_score_correction_bias_dtype;  // BF16, FP16 or FP32
+  int32_t num_shared_experts;            // in [0, E_local - 1]
 } mxmoe_moe_forward_args;
 
 mxmoe_status mxmoe_moe_forward_workspace_size(const mxmoe_moe_forward_args* args, size_t* bytes);

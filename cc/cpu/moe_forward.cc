@@ -75,8 +75,7 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, WorkspaceCarv
   const size_t h = static_cast<size_t>(args.hidden_size);
   const size_t inter = static_cast<size_t>(args.intermediate_size);
   const size_t routed_slots = t * static_cast<size_t>(args.top_k);
-  const size_t slots =
-      t * static_cast<size_t>(args.top_k + args.num_shared_experts);  // R at most
+  const size_t slots = t * static_cast<size_t>(args.top_k + args.num_shared_experts);  // R at most
   const size_t e_local = static_cast<size_t>(args.num_local_experts);
   const size_t act = static_cast<size_t>(DtypeBytes(args.activation_dtype));
   const size_t scale_rows = static_cast<size_t>(
@@ -93,17 +92,14 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, WorkspaceCarv
   MXMOE_RETURN_IF_ERROR(carver->Carve("token_of_row", slots, &ws->token_of_row));
   MXMOE_RETURN_IF_ERROR(carver->Carve("expert_of_row", slots, &ws->expert_of_row));
   MXMOE_RETURN_IF_ERROR(carver->Carve("expert_offsets", e_local + 1, &ws->expert_offsets));
-  MXMOE_RETURN_IF_ERROR(
-      carver->Carve("blockscale_offsets", e_local + 1, &ws->blockscale_offsets));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("blockscale_offsets", e_local + 1, &ws->blockscale_offsets));
   MXMOE_RETURN_IF_ERROR(carver->Carve("sort_cursor", e_local, &ws->sort_cursor));
   MXMOE_RETURN_IF_ERROR(carver->Carve("activations", slots * h * act, &ws->activations));
   MXMOE_RETURN_IF_ERROR(carver->Carve("hidden_packed", slots * h / 2, &ws->hidden_packed));
   MXMOE_RETURN_IF_ERROR(
       carver->Carve("hidden_scales", scale_rows * hidden_scale_cols, &ws->hidden_scales));
-  MXMOE_RETURN_IF_ERROR(
-      carver->Carve("gemm1_output", slots * 2 * inter * act, &ws->gemm1_output));
-  MXMOE_RETURN_IF_ERROR(
-      carver->Carve("intermediate", slots * inter * act, &ws->intermediate));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("gemm1_output", slots * 2 * inter * act, &ws->gemm1_output));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("intermediate", slots * inter * act, &ws->intermediate));
   MXMOE_RETURN_IF_ERROR(
       carver->Carve("intermediate_packed", slots * inter / 2, &ws->intermediate_packed));
   MXMOE_RETURN_IF_ERROR(carver->Carve("intermediate_scales", scale_rows * inter_scale_cols,
@@ -135,7 +131,9 @@ float LaneOrderSum(const float* v, int64_t count) {
 // The `count` best of `candidates` by `value` (RanksBefore), best first, into `chosen`.
 void TopByRank(const float* value, std::vector<int32_t>* candidates, int64_t count,
                int32_t* chosen) {
-  auto before = [value](int32_t a, int32_t b) { return format::RanksBefore(value[a], a, value[b], b); };
+  auto before = [value](int32_t a, int32_t b) {
+    return format::RanksBefore(value[a], a, value[b], b);
+  };
   std::partial_sort(candidates->begin(), candidates->begin() + count, candidates->end(), before);
   for (int64_t s = 0; s < count; ++s) chosen[s] = (*candidates)[s];
 }
@@ -198,7 +196,8 @@ void RouteTokens(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int
       if (kept_groups < groups) {
         for (int64_t g = 0; g < groups; ++g) {
           std::vector<int32_t> members(static_cast<size_t>(group_size));
-          for (int64_t j = 0; j < group_size; ++j) members[j] = static_cast<int32_t>(g * group_size + j);
+          for (int64_t j = 0; j < group_size; ++j)
+            members[j] = static_cast<int32_t>(g * group_size + j);
           const int64_t best = std::min<int64_t>(2, group_size);
           TopByRank(v, &members, best, pair.data());
           group_score[g] = best == 2 ? MXMOE_ADD(v[pair[0]], v[pair[1]]) : v[pair[0]];
@@ -208,7 +207,8 @@ void RouteTokens(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int
         std::sort(kept.begin(), kept.end());
         candidates.clear();
         for (int32_t g : kept) {
-          for (int64_t j = 0; j < group_size; ++j) candidates.push_back(static_cast<int32_t>(g * group_size + j));
+          for (int64_t j = 0; j < group_size; ++j)
+            candidates.push_back(static_cast<int32_t>(g * group_size + j));
         }
       }
       TopByRank(v, &candidates, top_k, ids);
@@ -401,10 +401,9 @@ mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,
                     for (int64_t h = 0; h < hidden; ++h) {
                       float y = LoadAsFloat(ws.activations, dtype, row * hidden + h);
                       if (args.w2_bias != nullptr) {
-                        y = RoundToDtype(
-                            MXMOE_ADD(y, LoadAsFloat(args.w2_bias, args.w2_bias_dtype,
-                                                     e * hidden + h)),
-                            dtype);
+                        y = RoundToDtype(MXMOE_ADD(y, LoadAsFloat(args.w2_bias, args.w2_bias_dtype,
+                                                                  e * hidden + h)),
+                                         dtype);
                       }
                       acc[h] = MXMOE_ADD(acc[h], MXMOE_MUL(w, y));
                     }

@@ -69,20 +69,20 @@ int32_t SlotsPerToken(const mxmoe_moe_forward_args& args) {
 // ---- workspace ----------------------------------------------------------------------------------
 
 struct MoeWorkspace {
-  int64_t slots = 0;       // T * (top_k + S)
-  int64_t scale_rows = 0;  // bound on blockscale_offsets[E]
-  int32_t* topk_ids = nullptr;            // [T, top_k] global ids
-  float* topk_weights = nullptr;          // [T, top_k]
-  int32_t* local_expert = nullptr;        // [slots] local expert or -1
-  int32_t* slot_row = nullptr;            // [slots] sorted row or -1
-  int32_t* row_slot = nullptr;            // [slots] inverse
-  int32_t* expert_offsets = nullptr;      // [E_local + 1]
-  int32_t* blockscale_offsets = nullptr;  // [E_local + 1]
-  int32_t* problem_sizes1 = nullptr;      // [E_local, 3]
-  int32_t* problem_sizes2 = nullptr;      // [E_local, 3]
-  uint8_t* hidden_packed = nullptr;       // [slots, H/2]
-  uint8_t* hidden_scales = nullptr;       // [scale_rows, round_up(H/32, 4)]
-  uint16_t* gemm1_output = nullptr;       // [slots, 2I] activation dtype
+  int64_t slots = 0;                       // T * (top_k + S)
+  int64_t scale_rows = 0;                  // bound on blockscale_offsets[E]
+  int32_t* topk_ids = nullptr;             // [T, top_k] global ids
+  float* topk_weights = nullptr;           // [T, top_k]
+  int32_t* local_expert = nullptr;         // [slots] local expert or -1
+  int32_t* slot_row = nullptr;             // [slots] sorted row or -1
+  int32_t* row_slot = nullptr;             // [slots] inverse
+  int32_t* expert_offsets = nullptr;       // [E_local + 1]
+  int32_t* blockscale_offsets = nullptr;   // [E_local + 1]
+  int32_t* problem_sizes1 = nullptr;       // [E_local, 3]
+  int32_t* problem_sizes2 = nullptr;       // [E_local, 3]
+  uint8_t* hidden_packed = nullptr;        // [slots, H/2]
+  uint8_t* hidden_scales = nullptr;        // [scale_rows, round_up(H/32, 4)]
+  uint16_t* gemm1_output = nullptr;        // [slots, 2I] activation dtype
   uint8_t* intermediate_packed = nullptr;  // [slots, I/2]
   uint8_t* intermediate_scales = nullptr;  // [scale_rows, round_up(I/32, 4)]
   uint16_t* gemm2_output = nullptr;        // [slots, H] activation dtype
@@ -114,8 +114,8 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, size_t gemm_b
   MXMOE_RETURN_IF_ERROR(carver->Carve("problem_sizes1", 3 * e, &ws->problem_sizes1));
   MXMOE_RETURN_IF_ERROR(carver->Carve("problem_sizes2", 3 * e, &ws->problem_sizes2));
   MXMOE_RETURN_IF_ERROR(carver->Carve("hidden_packed", slots * h / 2, &ws->hidden_packed));
-  MXMOE_RETURN_IF_ERROR(carver->Carve("hidden_scales", scale_rows * ScaleCols(args.hidden_size),
-                                      &ws->hidden_scales));
+  MXMOE_RETURN_IF_ERROR(
+      carver->Carve("hidden_scales", scale_rows * ScaleCols(args.hidden_size), &ws->hidden_scales));
   MXMOE_RETURN_IF_ERROR(carver->Carve("gemm1_output", slots * 2 * inter, &ws->gemm1_output));
   MXMOE_RETURN_IF_ERROR(
       carver->Carve("intermediate_packed", slots * inter / 2, &ws->intermediate_packed));
@@ -336,13 +336,14 @@ __global__ void RoutingKernel(RoutingParams p) {
   if (p.routing == MXMOE_ROUTING_TOPK_SOFTMAX) {
     weight = fmt::ExpF32(MXMOE_ADD(my_value, -max_chosen));
   } else if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
-    weight = lane < p.top_k ? fmt::SigmoidF32(LoadAsFloat(p.logits, p.logits_dtype, row + my_id))
-                            : 0.0f;
+    weight =
+        lane < p.top_k ? fmt::SigmoidF32(LoadAsFloat(p.logits, p.logits_dtype, row + my_id)) : 0.0f;
   }
   const bool normalize = p.routing == MXMOE_ROUTING_TOPK_SOFTMAX || p.renormalize;
   if (normalize && p.routing != MXMOE_ROUTING_SOFTMAX_TOPK) {
     chosen_sum = 0.0f;  // the weights above, summed in slot order
-    for (int j = 0; j < p.top_k; ++j) chosen_sum = MXMOE_ADD(chosen_sum, __shfl_sync(~0u, weight, j));
+    for (int j = 0; j < p.top_k; ++j)
+      chosen_sum = MXMOE_ADD(chosen_sum, __shfl_sync(~0u, weight, j));
   }
   if (normalize) weight = weight / chosen_sum;
   weight = MXMOE_MUL(weight, p.scaling);
@@ -458,12 +459,12 @@ struct PaddedRowsParams {
 // Where lane `item` of the padded layout falls.
 struct LanePosition {
   int expert;
-  int64_t row;      // sorted row (valid when `real`)
-  int64_t column;   // element column of the lane's first element
+  int64_t row;     // sorted row (valid when `real`)
+  int64_t column;  // element column of the lane's first element
   int64_t scale_column;
-  bool real;        // a lane of a real row and a real column
-  bool store;       // inside blockscale_offsets[E]: its scale byte is this kernel's to write
-  uint8_t* scale;   // the scale byte of the lane's block
+  bool real;       // a lane of a real row and a real column
+  bool store;      // inside blockscale_offsets[E]: its scale byte is this kernel's to write
+  uint8_t* scale;  // the scale byte of the lane's block
 };
 
 __device__ __forceinline__ LanePosition Locate(const PaddedRowsParams& p, const int32_t* offsets,
@@ -611,9 +612,8 @@ __global__ void __launch_bounds__(kThreads) WeightedReduceKernel(ReduceParams p)
     const int32_t row = p.slot_row[slot];
     if (row < 0) continue;
     const float w = s < p.top_k ? p.topk_weights[token * p.top_k + s] : 1.0f;
-    const quant::Lane8 y = quant::AsLane8(
-        *reinterpret_cast<const uint4*>(p.expert_outputs + static_cast<int64_t>(row) * p.hidden_size +
-                                        column));
+    const quant::Lane8 y = quant::AsLane8(*reinterpret_cast<const uint4*>(
+        p.expert_outputs + static_cast<int64_t>(row) * p.hidden_size + column));
     const int64_t bias_row = static_cast<int64_t>(p.local_expert[slot]) * p.hidden_size;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -640,8 +640,9 @@ mxmoe_status CheckLimits(const mxmoe_moe_forward_args& args) {
                 " on CUDA, got ", args.num_local_experts);
   }
   if (SlotsPerToken(args) > kMaxSlotsPerToken) {
-    return Fail(MXMOE_STATUS_UNSUPPORTED, "top_k + num_shared_experts must be <= ",
-                kMaxSlotsPerToken, " on CUDA, got ", args.top_k, " + ", args.num_shared_experts);
+    return Fail(MXMOE_STATUS_UNSUPPORTED,
+                "top_k + num_shared_experts must be <= ", kMaxSlotsPerToken, " on CUDA, got ",
+                args.top_k, " + ", args.num_shared_experts);
   }
   if (args.num_global_experts > kMaxGlobalExperts) {
     return Fail(MXMOE_STATUS_UNSUPPORTED, "num_global_experts must be <= ", kMaxGlobalExperts,
@@ -752,8 +753,8 @@ RoutingParams MakeRoutingParams(const mxmoe_moe_forward_args& args, const MoeWor
 
 mxmoe_status LaunchRouting(const RoutingParams& r, cudaStream_t stream) {
   const size_t per_warp = sizeof(float) * (r.num_global_experts + (r.num_global_experts + 31) / 32);
-  const int warps = static_cast<int>(std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes /
-                                                                              per_warp)));
+  const int warps =
+      static_cast<int>(std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes / per_warp)));
   RoutingKernel<<<Blocks(r.num_tokens, warps), warps * 32, warps * per_warp, stream>>>(r);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
@@ -832,8 +833,8 @@ mxmoe_status LaunchActivationQuantize(const mxmoe_moe_forward_args& args, const 
   a.activation = args.activation;
   a.alpha = args.swiglu_alpha;
   a.limit = args.swiglu_limit;
-  ActivationQuantizeKernel<T><<<Blocks(PaddedLanes(ws, args.intermediate_size), kThreads),
-                                kThreads, OffsetsSharedBytes(args), stream>>>(a);
+  ActivationQuantizeKernel<T><<<Blocks(PaddedLanes(ws, args.intermediate_size), kThreads), kThreads,
+                                OffsetsSharedBytes(args), stream>>>(a);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
 }
@@ -871,9 +872,9 @@ mxmoe_status LaunchWeightedReduce(const mxmoe_moe_forward_args& args, const MoeW
   r.top_k = args.top_k;
   r.slots_per_token = SlotsPerToken(args);
   r.hidden_size = static_cast<int32_t>(args.hidden_size);
-  WeightedReduceKernel<T><<<Blocks(args.num_tokens * args.hidden_size / quant::kElemsPerLane,
-                                   kThreads),
-                            kThreads, 0, stream>>>(r);
+  WeightedReduceKernel<T>
+      <<<Blocks(args.num_tokens * args.hidden_size / quant::kElemsPerLane, kThreads), kThreads, 0,
+         stream>>>(r);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
 }
@@ -912,8 +913,8 @@ mxmoe_status MoeForwardWorkspaceSize(const mxmoe_moe_forward_args& args, mxmoe_b
   return MXMOE_STATUS_OK;
 }
 
-mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, mxmoe_backend backend,
-                        void* workspace, size_t workspace_bytes, void* stream_ptr) {
+mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, mxmoe_backend backend, void* workspace,
+                        size_t workspace_bytes, void* stream_ptr) {
   MXMOE_RETURN_IF_ERROR(CheckLimits(args));
   GemmBackend gemm;
   MXMOE_RETURN_IF_ERROR(GemmBackendFor(backend, &gemm));

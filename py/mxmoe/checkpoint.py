@@ -653,7 +653,7 @@ def save_moe_weights(path, prefix: str, w13_packed: torch.Tensor, w13_scales: to
     save_file(tensors, os.fspath(path), metadata=header)
 
 
-# ---- Model formats (above the file layer) ---------------------------------------------------------
+# ---- Model formats (above the file layer) --------------------------------------------------------
 #
 # load_moe_layer reads one MoE block in the format its model ships, and returns the constructor
 # arguments of MoELayer:

@@ -47,21 +47,21 @@ SHAPES = {
 
 # The real blocks: dims, routing and activation of each model's MoE layer (its config.json).
 MODELS = {
-    "gpt-oss-20b": dict(experts=32, hidden=2880, intermediate=2880, top_k=4, format="gpt-oss",
-                        config={"model_type": "gpt_oss", "num_experts_per_tok": 4,
-                                "swiglu_limit": 7.0}),
-    "gpt-oss-120b": dict(experts=128, hidden=2880, intermediate=2880, top_k=4, format="gpt-oss",
-                         config={"model_type": "gpt_oss", "num_experts_per_tok": 4,
-                                 "swiglu_limit": 7.0}),
-    "qwen3-30b-a3b": dict(experts=128, hidden=2048, intermediate=768, top_k=8,
-                          format="compressed-tensors",
-                          config={"model_type": "qwen3_moe", "num_experts_per_tok": 8,
-                                  "norm_topk_prob": True}),
-    "deepseek-v3": dict(experts=256, hidden=7168, intermediate=2048, top_k=8,
-                        format="compressed-tensors", shared=1,
-                        config={"model_type": "deepseek_v3", "num_experts_per_tok": 8,
-                                "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
-                                "norm_topk_prob": True}),
+    "gpt-oss-20b": {
+        "experts": 32, "hidden": 2880, "intermediate": 2880, "top_k": 4, "format": "gpt-oss",
+        "config": {"model_type": "gpt_oss", "num_experts_per_tok": 4, "swiglu_limit": 7.0}},
+    "gpt-oss-120b": {
+        "experts": 128, "hidden": 2880, "intermediate": 2880, "top_k": 4, "format": "gpt-oss",
+        "config": {"model_type": "gpt_oss", "num_experts_per_tok": 4, "swiglu_limit": 7.0}},
+    "qwen3-30b-a3b": {
+        "experts": 128, "hidden": 2048, "intermediate": 768, "top_k": 8,
+        "format": "compressed-tensors",
+        "config": {"model_type": "qwen3_moe", "num_experts_per_tok": 8, "norm_topk_prob": True}},
+    "deepseek-v3": {
+        "experts": 256, "hidden": 7168, "intermediate": 2048, "top_k": 8,
+        "format": "compressed-tensors", "shared": 1,
+        "config": {"model_type": "deepseek_v3", "num_experts_per_tok": 8, "n_group": 8,
+                   "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True}},
 }
 
 FLAGS = flags.FLAGS
@@ -234,7 +234,7 @@ def write_model_checkpoint(model: str, folder: str, seed: int) -> str:
                                            s13[local], p2[local], s2[local]))
             name = f"model-{len(shards):05d}.safetensors"
             save_file(tensors, os.path.join(folder, name))
-            shards.append((name, {t: None for t in tensors}))
+            shards.append((name, dict.fromkeys(tensors)))
             progress.update(begin + count)
         router = torch.randn(e, h, generator=g) * h**-0.5
         tensors = {}
@@ -297,9 +297,8 @@ def run_model(model: str, device) -> None:
     logits = layer.router_logits(hidden_states)
     ids, weights = layer.route(logits)
     o = layer.model_options()
-    common = dict(activation=o["activation"], swiglu_alpha=o["swiglu_alpha"],
-                  swiglu_limit=o["swiglu_limit"], w13_bias=o["w13_bias"], w2_bias=o["w2_bias"],
-                  num_shared_experts=o["num_shared_experts"])
+    common = {name: o[name] for name in ("activation", "swiglu_alpha", "swiglu_limit",
+                                         "w13_bias", "w2_bias", "num_shared_experts")}
     progress = Progress("float64 reference (experts in use)", 1)
     exact = reference.moe_forward(
         hidden_states, layer.w13_packed, layer.w13_scales, layer.w2_packed, layer.w2_scales,

@@ -331,15 +331,15 @@ class MoELayer(torch.nn.Module):
         return self._prepared[device]
 
     def _expert_options(self) -> dict:
-        return dict(activation=self.activation, swiglu_alpha=self.swiglu_alpha,
-                    swiglu_limit=self.swiglu_limit, w13_bias=self.w13_bias,
-                    w2_bias=self.w2_bias, num_shared_experts=self.num_shared_experts)
+        return {"activation": self.activation, "swiglu_alpha": self.swiglu_alpha,
+                "swiglu_limit": self.swiglu_limit, "w13_bias": self.w13_bias,
+                "w2_bias": self.w2_bias, "num_shared_experts": self.num_shared_experts}
 
     def _routing_options(self) -> dict:
-        return dict(routing=self.routing, num_expert_groups=self.num_expert_groups,
-                    topk_groups=self.topk_groups,
-                    routed_scaling_factor=self.routed_scaling_factor,
-                    e_score_correction_bias=self.e_score_correction_bias)
+        return {"routing": self.routing, "num_expert_groups": self.num_expert_groups,
+                "topk_groups": self.topk_groups,
+                "routed_scaling_factor": self.routed_scaling_factor,
+                "e_score_correction_bias": self.e_score_correction_bias}
 
     def _top_k(self, top_k: int | None) -> int:
         top_k = self.top_k if top_k is None else top_k

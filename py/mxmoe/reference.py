@@ -31,7 +31,6 @@ __all__ = [
     "grouped_gemm",
     "moe_forward",
     "moe_forward_unquantized",
-    "weighted_sum",
     "pack_codes",
     "quantize",
     "quantize_codes",
@@ -41,11 +40,12 @@ __all__ = [
     "silu_f32",
     "silu_mul",
     "silu_mul_experts_quantize",
-    "swizzle_scales",
     "swiglu_oai_f32",
+    "swizzle_scales",
     "swizzled_offsets",
     "unpack_codes",
     "unswizzle_scales",
+    "weighted_sum",
 ]
 
 BLOCK_SIZE = 32

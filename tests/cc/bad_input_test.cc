@@ -723,11 +723,11 @@ void TestMoeForward() {
               a.w13.num_experts = 2;
               a.w2.num_experts = 2;
             },
-            INVALID, {"expert_map is NULL, so num_local_experts (2) must equal "
-                      "num_global_experts (4)"}, outs);
+            INVALID, {"expert_map is NULL, so num_global_experts (4) must equal "
+                      "num_local_experts - num_shared_experts (2 - 0 = 2)"}, outs);
   ExpectBad(op, "num_tokens * top_k overflows int32", base, call,
             [](A& a) { a.num_tokens = int64_t{1} << 31; }, INVALID,
-            {"num_tokens * top_k must fit int32"}, outs);
+            {"num_tokens * (top_k + num_shared_experts) must fit int32"}, outs);
   ExpectBad(op, "topk id 4", given, call,
             [&](A& a) {
               static std::vector<int32_t> ids;
@@ -758,9 +758,11 @@ void TestMoeForward() {
     };
   };
   ExpectBad(op, "expert_map entry 3", base, call, mapped({0, -1, 3, 2}), INVALID,
-            {"expert_map[2] must be in [-1, num_local_experts=3), got 3"}, outs);
+            {"expert_map[2] must be in [-1, num_local_experts - num_shared_experts = 3), got 3"},
+            outs);
   ExpectBad(op, "expert_map entry -2", base, call, mapped({0, -2, 1, 2}), INVALID,
-            {"expert_map[1] must be in [-1, num_local_experts=3), got -2"}, outs);
+            {"expert_map[1] must be in [-1, num_local_experts - num_shared_experts = 3), got -2"},
+            outs);
   ExpectBad(op, "workspace too small", base,
             [&](const A* a) {
               return mxmoe_moe_forward(a, workspace.data(), needed - 1, nullptr);

@@ -152,7 +152,9 @@ def test_reads_headers_first_then_only_the_layer(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint._SafetensorsFile, "read", recording_read)
     layer = mxmoe.MoELayer.from_checkpoint(path, PREFIX)
     assert_weights_equal(layer, want)
-    assert sorted(read) == sorted(split(*want)), f"read {read}"
+    # The layer's own tensors only: its experts and its router (the block's gate).
+    assert sorted(read) == sorted([*split(*want), f"{PREFIX}.gate.weight"]), f"read {read}"
+    assert layer.router_weight is not None
     # A bad header fails before any tensor data is read.
     read.clear()
     bad = split(*want)

@@ -65,7 +65,7 @@ def stable_topk(v: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(-v, dim=-1, stable=True).indices[..., :k]
 
 
-# ---- GPT-OSS ------------------------------------------------------------------------------------
+# ---- GPT-OSS -------------------------------------------------------------------------------------
 
 
 def gpt_oss_reference(x, router_w, router_b, gate_up, gate_up_bias, down, down_bias, top_k,
@@ -144,7 +144,7 @@ def test_gpt_oss_block(tmp_path):
                        .forward_hidden(x), out)
 
 
-# ---- DeepSeek-V3 ----------------------------------------------------------------------------------
+# ---- DeepSeek-V3 ---------------------------------------------------------------------------------
 
 
 def deepseek_v3_reference(x, router_w, correction, w13, w2, shared13, shared2, top_k, groups,
@@ -248,7 +248,7 @@ def test_deepseek_v3_block(tmp_path):
     assert torch.equal(explicit.forward_hidden(x), out)
 
 
-# ---- Qwen3-MoE ------------------------------------------------------------------------------------
+# ---- Qwen3-MoE -----------------------------------------------------------------------------------
 
 
 def qwen3_moe_reference(x, router_w, w13, w2, top_k):
@@ -303,7 +303,7 @@ def test_qwen3_moe_block(tmp_path):
     report("qwen3-moe", out, ref, bf16_out)
 
 
-# ---- malformed checkpoints ------------------------------------------------------------------------
+# ---- malformed checkpoints -----------------------------------------------------------------------
 
 
 def test_malformed_gpt_oss_checkpoints_name_file_tensor_and_shape(tmp_path):
@@ -321,7 +321,7 @@ def test_malformed_gpt_oss_checkpoints_name_file_tensor_and_shape(tmp_path):
     bad = dict(tensors)
     bad[f"{prefix}.experts.gate_up_proj_scales"] = torch.zeros(4, 64, 2, dtype=torch.int32)
     save_file(bad, str(tmp_path / "bad2.safetensors"))
-    with pytest.raises(mxmoe.InvalidArgumentError, match="gate_up_proj_scales.*int32"):
+    with pytest.raises(mxmoe.InvalidArgumentError, match=r"gate_up_proj_scales.*int32"):
         mxmoe.MoELayer.from_checkpoint(tmp_path / "bad2.safetensors", prefix)
     bad = {k: v for k, v in tensors.items() if "down_proj_blocks" not in k}
     save_file(bad, str(tmp_path / "bad3.safetensors"))

@@ -245,8 +245,10 @@ def module_call(small, out, global_experts=None, topk=None, **fields):
 
 BAD_FIELDS = [
     ({"activation": 2}, "activation must be SILU_AND_MUL (0) or SWIGLU_OAI (1), got 2"),
-    ({"activation": 1, "swiglu_alpha": 1.0, "swiglu_limit": 0.0}, "swiglu_limit must be > 0, got 0"),
-    ({"activation": 1, "swiglu_alpha": 1.0, "swiglu_limit": -7.0}, "swiglu_limit must be > 0, got -7"),
+    ({"activation": 1, "swiglu_alpha": 1.0, "swiglu_limit": 0.0},
+     "swiglu_limit must be > 0, got 0"),
+    ({"activation": 1, "swiglu_alpha": 1.0, "swiglu_limit": -7.0},
+     "swiglu_limit must be > 0, got -7"),
     ({"activation": 1, "swiglu_alpha": float("inf"), "swiglu_limit": 7.0},
      "swiglu_alpha must be finite, got inf"),
     ({"routing": 3}, "routing must be SOFTMAX_TOPK (0), TOPK_SOFTMAX (1) or SIGMOID_GROUPED_TOPK "

@@ -5,14 +5,17 @@ forward on its own tokens:
 
     ep = ExpertParallelMoE.from_checkpoint("model.safetensors", "model.layers.0.mlp",
                                            num_experts=128, dispatch="mxfp4")
-    out = ep.forward_topk(hidden_states, topk_ids, topk_weights)     # [T_rank, H]
+    out = ep(hidden_states, router_logits)       # [T_rank, H]; or ep.forward_hidden(hidden)
 
-``ExpertParallelMoE`` (expert parallelism): rank r holds a contiguous block of the experts
-(uneven splits allowed) and only reads those from the checkpoint. A forward sorts the rank's
-(token, slot) pairs by owning rank and local expert, exchanges the counts (the one host
-synchronisation per call: ``all_to_all_single`` needs its split sizes on the host), sends the rows
-with ``all_to_all_single``, runs the experts on the received rows with the library's ops
-(experts_quantize, grouped_gemm, silu_mul_experts_quantize), sends the expert outputs back with
+``ExpertParallelMoE`` (expert parallelism): rank r holds a contiguous block of the routed experts
+(uneven splits allowed) and only reads those from the checkpoint; shared experts, the router and
+the routing options are on every rank. A forward routes the rank's tokens with the layer's
+routing (``ops.route``: every mode of ``MoELayer``), sorts the (token, slot) pairs by owning
+rank and local expert, exchanges the counts (the one host synchronisation per call:
+``all_to_all_single`` needs its split sizes on the host), sends the rows with
+``all_to_all_single``, runs the experts on the received rows (and the shared experts on its own
+tokens) with the library's stage ops (experts_quantize, grouped_gemm, moe_activation_quantize
+with the layer's activation and biases, moe_add_expert_bias), sends the expert outputs back with
 the reverse ``all_to_all_single`` and sums them on the token's rank in the single-process layer's
 slot order and precision (fp32 products and sums, one rounding at the end). Each expert output
 row depends only on its token row and its expert, so the result is bit-identical to
@@ -25,13 +28,14 @@ same bits ``experts_quantize`` produces) and sends E2M1 codes + E8M0 scales (H/2
 sees exactly the bits it would have computed. Expert outputs always return in the activation
 dtype (2 H bytes per (token, slot)): the bits the single-process reduce reads.
 
-``TensorParallelMoE`` (tensor parallelism): every rank of the group holds every expert with a
-slice of the intermediate dimension I (gate and up rows of w13, columns of w2), runs the same
-tokens and routing, and the fp32 weighted partial sums are all-reduced, then rounded once. Shards
-are whole MXFP4 blocks of 32, so the intermediate activations are quantized exactly as in one
-process; only GEMM2's sum over I is split, each part rounded to the activation dtype. Bound
-(tested): elementwise |out_tp - out_1| <= 2^-7 * (A + |out_1|), A = sum over slots s and ranks r
-of w_s * |p_rs| (p_rs: rank r's GEMM2 output for slot s).
+``TensorParallelMoE`` (tensor parallelism): every rank of the group holds every expert (shared
+ones included) with a slice of the intermediate dimension I (gate and up rows of w13 and their
+bias, columns of w2), runs the same tokens and router logits, and the fp32 weighted partial sums
+are all-reduced, then rounded once. Shards are whole MXFP4 blocks of 32, so the intermediate
+activations are quantized exactly as in one process; only GEMM2's sum over I is split, each part
+rounded to the activation dtype (rank 0 adds the w2 bias, rounding once more). Bound (tested):
+elementwise |out_tp - out_1| <= 2^-6 * A + 2^-7 * |out_1|, A = sum over slots s and ranks r of
+w_s * |p_rs| (p_rs: rank r's expert output for slot s): about two bf16 roundings per partial.
 
 Limits:
 - One group: either expert or tensor parallelism; EP with TP inside each EP group is not built.
@@ -153,32 +157,66 @@ def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
     return counts.scatter_add_(0, keys, torch.ones_like(keys))
 
 
-def _run_experts(weights: tuple, a_packed, a_scales, expert_offsets, blockscale_offsets,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _run_experts(layer: MoELayer, a_packed, a_scales, expert_offsets, blockscale_offsets,
+                 dtype: torch.dtype, w2_bias=None) -> torch.Tensor:
     """Rows grouped by local expert, MXFP4 [R, H/2] + swizzled scales -> expert outputs [R, H].
 
-    The same ops, in the same order and rounding points, as the single-process moe_forward.
+    The stage ops of ``ops.moe_forward`` in its order and rounding points: GEMM1, (+ w13 bias)
+    activation and quantization, GEMM2, (+ w2 bias).
     """
-    w13, w13_scales, w2, w2_scales = weights
+    w13, w13_scales, w2, w2_scales = layer._weights()
     gemm1 = ops.grouped_gemm(a_packed, a_scales, w13, w13_scales, expert_offsets,
                              blockscale_offsets, out_dtype=dtype)
-    inter_packed, inter_scales = ops.silu_mul_experts_quantize(gemm1, expert_offsets,
-                                                               blockscale_offsets)
-    return ops.grouped_gemm(inter_packed, inter_scales, w2, w2_scales, expert_offsets,
-                            blockscale_offsets, out_dtype=dtype)
+    inter_packed, inter_scales = ops.moe_activation_quantize(
+        gemm1, expert_offsets, blockscale_offsets, activation=layer.activation,
+        swiglu_alpha=layer.swiglu_alpha, swiglu_limit=layer.swiglu_limit,
+        w13_bias=layer.w13_bias)
+    y = ops.grouped_gemm(inter_packed, inter_scales, w2, w2_scales, expert_offsets,
+                         blockscale_offsets, out_dtype=dtype)
+    if w2_bias is not None:
+        y = ops.moe_add_expert_bias(y, expert_offsets, w2_bias)
+    return y
+
+
+def _with_shared_weights(weights: torch.Tensor, num_shared: int) -> torch.Tensor:
+    """[T, k] routed weights -> [T, k + S]: the shared experts' slots (weight 1) last, the
+    single-process slot order."""
+    if num_shared == 0:
+        return weights
+    ones = torch.ones(weights.shape[0], num_shared, dtype=torch.float32, device=weights.device)
+    return torch.cat([weights, ones], dim=1)
 
 
 def _weighted_sum(contributions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[T, k, H] expert outputs, [T, k] fp32 weights -> [T, H] fp32.
+    """[T, P, H] expert outputs, [T, P] fp32 weights -> [T, H] fp32, unrounded.
 
-    The single-process reduce: from +0, acc = acc + w_s * y_s in slot order, each product and sum
-    rounded to fp32 separately (two torch ops, never a fused multiply-add).
+    The single-process reduce (``ops.moe_weighted_sum`` before its final rounding): from +0,
+    acc = acc + w_s * y_s in slot order, each product and sum rounded to fp32 separately (two
+    torch ops, never a fused multiply-add).
     """
-    t, top_k, h = contributions.shape
+    t, slots, h = contributions.shape
     acc = torch.zeros(t, h, dtype=torch.float32, device=contributions.device)
-    for s in range(top_k):
+    for s in range(slots):
         acc = acc + weights[:, s:s + 1] * contributions[:, s].to(torch.float32)
     return acc
+
+
+def _route(layer: MoELayer, router_logits, top_k, renormalize, tokens: int):
+    """The layer's routing (``ops.route``: the bits ``MoELayer.forward`` routes with)."""
+    logits = ops._tensor(router_logits, "router_logits")
+    if logits.dim() < 1:
+        raise ops._invalid("router_logits must be [..., E_global], got a scalar")
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.shape[0] != tokens:
+        raise ops._invalid(f"router_logits must have one row per token ({tokens}), got shape "
+                           f"{ops._shape_str(logits.shape)}")
+    top_k = layer._top_k(top_k)
+    if tokens == 0:  # a rank without tokens this step (ops.route needs at least one row)
+        return (torch.empty(0, top_k, dtype=torch.int32, device=logits.device),
+                torch.empty(0, top_k, dtype=torch.float32, device=logits.device))
+    return ops.route(logits, top_k,
+                     layer.renormalize if renormalize is None else bool(renormalize),
+                     **layer._routing_options())
 
 
 def split_experts(num_experts: int, world_size: int,
@@ -241,16 +279,17 @@ class ExpertParallelMoE(torch.nn.Module):
         if not isinstance(local_layer, MoELayer):
             raise ops._invalid(f"local_layer must be an MoELayer, got "
                                f"{type(local_layer).__name__}")
+        routed = local_layer.num_experts - local_layer.num_shared_experts
         expert_map = local_layer.expert_map
         if expert_map is None:
-            expert_map = torch.arange(local_layer.num_experts, dtype=torch.int32)
+            expert_map = torch.arange(routed, dtype=torch.int32)
         ids = expert_map.tolist()
         kept = sorted(v for v in ids if v >= 0)
-        if error is None and local_layer.num_experts == 0:
-            error = "holds no experts; every rank needs at least one"
-        if error is None and kept != list(range(local_layer.num_experts)):
-            error = (f"expert_map must map {local_layer.num_experts} local experts onto ids "
-                     f"0..{local_layer.num_experts - 1} once each, got local ids {kept}")
+        if error is None and routed == 0:
+            error = "holds no routed experts; every rank needs at least one"
+        if error is None and kept != list(range(routed)):
+            error = (f"expert_map must map the {routed} local routed experts onto ids "
+                     f"0..{routed - 1} once each, got local ids {kept}")
         description = {
             "error": error,
             "hidden": local_layer.hidden_size,
@@ -294,16 +333,17 @@ class ExpertParallelMoE(torch.nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_tensors, prefix: str, num_experts: int, group=None,
-                        dispatch: str = "mxfp4", experts_per_rank=None,
-                        device=None) -> ExpertParallelMoE:
-        """Reads this rank's block of experts from a checkpoint (``MoELayer.from_checkpoint``).
+                        dispatch: str = "mxfp4", experts_per_rank=None, device=None,
+                        **options) -> ExpertParallelMoE:
+        """Reads this rank's block of experts from a checkpoint (``MoELayer.from_checkpoint``:
+        any format it reads; shared experts, router and routing options on every rank).
 
         Parameters
         ----------
-        path_or_tensors, prefix
-            As for ``MoELayer.from_checkpoint``.
+        path_or_tensors, prefix, options
+            As for ``MoELayer.from_checkpoint`` (options: format, top_k, routing, ...).
         num_experts : int
-            E_global.
+            E_global, the routed experts.
         group, dispatch
             As for the constructor.
         experts_per_rank : sequence of int, optional
@@ -318,26 +358,33 @@ class ExpertParallelMoE(torch.nn.Module):
                                f"{experts_per_rank}); every rank needs at least one")
         layer = MoELayer.from_checkpoint(path_or_tensors, prefix, num_experts=num_experts,
                                          expert_map=_block_map(num_experts, begin, end),
-                                         device=device)
+                                         device=device, **options)
         return cls(layer, group=group, dispatch=dispatch)
 
     @classmethod
     def from_layer(cls, layer: MoELayer, group=None, dispatch: str = "mxfp4",
                    experts_per_rank=None) -> ExpertParallelMoE:
-        """Keeps this rank's block of the experts of a whole (single-process) layer."""
+        """Keeps this rank's block of the routed experts of a whole (single-process) layer, and
+        its shared experts, router and options."""
         if layer.expert_map is not None:
             raise ops._invalid("layer must hold all experts (no expert_map)")
         rank, world = _group_rank_world(group)
-        begin, end = split_experts(layer.num_experts, world, experts_per_rank)[rank]
+        routed = layer.num_experts - layer.num_shared_experts
+        begin, end = split_experts(routed, world, experts_per_rank)[rank]
         if end == begin:
-            raise ops._invalid(f"rank {rank} would hold no experts (E = {layer.num_experts}, "
+            raise ops._invalid(f"rank {rank} would hold no experts (E = {routed}, "
                                f"experts_per_rank {experts_per_rank}); every rank needs at "
                                f"least one")
-        local = MoELayer(layer.w13_packed[begin:end].clone(),
-                         layer.w13_scales[begin:end].clone(),
-                         layer.w2_packed[begin:end].clone(), layer.w2_scales[begin:end].clone(),
-                         expert_map=_block_map(layer.num_experts, begin, end).to(
-                             layer.w13_packed.device))
+        keep = [*range(begin, end), *range(routed, layer.num_experts)]  # shared experts last
+        index = torch.tensor(keep, device=layer.w13_packed.device)
+        options = layer.model_options()
+        for name in ("w13_bias", "w2_bias"):
+            if options[name] is not None:
+                options[name] = options[name][index]
+        local = MoELayer(layer.w13_packed[index], layer.w13_scales[index],
+                         layer.w2_packed[index], layer.w2_scales[index],
+                         expert_map=_block_map(routed, begin, end).to(layer.w13_packed.device),
+                         **options)
         return cls(local, group=group, dispatch=dispatch)
 
     @property
@@ -356,6 +403,25 @@ class ExpertParallelMoE(torch.nn.Module):
         self._traffic.clear()
         return super()._apply(fn, *args, **kwargs)
 
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                top_k: int | None = None, renormalize: bool | None = None) -> torch.Tensor:
+        """Routes this rank's tokens with the layer's routing mode and runs them through the
+        experts of all ranks (+ shared experts); arguments and result as ``MoELayer.forward``,
+        bit-identical to it. Collective: every rank calls it, with zero tokens if it has none.
+        """
+        lead = hidden_states.shape[:-1]
+        tokens = 1
+        for d in lead:
+            tokens *= int(d)
+        ids, weights = _route(self.local, router_logits, top_k, renormalize, tokens)
+        return self.forward_topk(hidden_states, ids.reshape(*lead, ids.shape[-1]),
+                                 weights.reshape(*lead, ids.shape[-1]))
+
+    def forward_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The whole MoE block from hidden states with the layer's router (every rank holds
+        it), as ``MoELayer.forward_hidden``."""
+        return self.forward(hidden_states, self.local.router_logits(hidden_states))
+
     def forward_topk(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor) -> torch.Tensor:
         """Runs this rank's tokens through the experts of all ranks, routing given.
@@ -373,7 +439,7 @@ class ExpertParallelMoE(torch.nn.Module):
         -------
         torch.Tensor
             [..., H] in hidden_states' dtype, bit-identical to ``MoELayer.forward_topk`` of the
-            whole layer on these tokens.
+            whole layer on these tokens (shared experts included).
         """
         x, ids, weights, lead = _check_tokens(hidden_states, topk_ids, topk_weights,
                                               self.hidden_size, self.num_global_experts)
@@ -392,7 +458,6 @@ class ExpertParallelMoE(torch.nn.Module):
         t, top_k = ids.shape
         h = self.hidden_size
         world, max_local = self.world_size, self._max_local
-        num_local = self.local.num_experts
         mark = _Timer(timings, device)
 
         # Sort this rank's (token, slot) pairs by (destination, local expert, token, slot).
@@ -433,44 +498,63 @@ class ExpertParallelMoE(torch.nn.Module):
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group)
         mark("dispatch")
 
-        # Received rows come by (source rank, local expert); group them by local expert.
-        recv_expert_counts = recv_meta[:, :num_local]  # [world, E_local] on the device
-        per_expert = recv_host[:, :num_local].sum(0)
-        expert_of_row = torch.arange(num_local, device=device).repeat(world).repeat_interleave(
+        # Received rows come by (source rank, local expert); group them by local expert, then
+        # append this rank's own tokens once per shared expert (local experts routed.., last).
+        num_shared = self.local.num_shared_experts
+        routed = self.local.num_experts - num_shared
+        recv_expert_counts = recv_meta[:, :routed]  # [world, routed] on the device
+        expert_of_row = torch.arange(routed, device=device).repeat(world).repeat_interleave(
             recv_expert_counts.reshape(-1), output_size=rows)
         grouped_order = torch.sort(expert_of_row, stable=True).indices
+        counts = recv_expert_counts.sum(0)
+        per_expert = recv_host[:, :routed].sum(0).tolist() + [t] * num_shared
+        if num_shared:
+            counts = torch.cat([counts, torch.full((num_shared,), t, dtype=torch.int64,
+                                                   device=device)])
         # Offsets from the device copy of the counts (a host -> device copy would synchronise);
         # the scale row count, an allocation size, from the host copy.
-        expert_offsets, blockscale_offsets = ops.expert_offsets_from_counts(
-            recv_expert_counts.sum(0))
-        scale_rows = int(((per_expert + 127) // 128 * 128).sum())
+        expert_offsets, blockscale_offsets = ops.expert_offsets_from_counts(counts)
+        scale_rows = sum((c + 127) // 128 * 128 for c in per_expert)
+        grouped = recv[grouped_order]
+        if num_shared:
+            grouped = torch.cat([grouped, payload.repeat(num_shared, 1)])
         if self.dispatch == "mxfp4":
-            a_packed = recv[:, :h // 2][grouped_order]
+            # A fresh [R, H/2] tensor: a column slice of no rows still has the payload's strides.
+            a_packed = torch.empty(grouped.shape[0], h // 2, dtype=torch.uint8, device=device)
+            a_packed.copy_(grouped[:, :h // 2])
             # Scale row j of expert e goes to row blockscale_offsets[e] + j of a linear [scale_rows,
             # H/32] matrix, zeros elsewhere; swizzling it 128 rows at a time gives the per-expert
             # swizzled layout experts_quantize writes (expert blocks start at multiples of 128).
             sorted_expert = expert_of_row[grouped_order]
+            if num_shared:
+                sorted_expert = torch.cat([sorted_expert, routed + torch.arange(
+                    num_shared, device=device).repeat_interleave(t)])
             shift = (blockscale_offsets - expert_offsets)[:-1].to(torch.int64)
-            target = torch.arange(rows, device=device) + shift[sorted_expert]
+            target = torch.arange(grouped.shape[0], device=device) + shift[sorted_expert]
             linear = torch.zeros(scale_rows, h // _BLOCK, dtype=torch.uint8, device=device)
-            linear[target] = recv[:, h // 2:][grouped_order]
+            linear[target] = grouped[:, h // 2:]
             a_scales = ops.swizzle_scales(linear)
         else:
-            grouped = recv.view(dtype)[grouped_order]
-            a_packed, a_scales = ops.experts_quantize(grouped, expert_offsets, blockscale_offsets,
-                                                      scale_rows)
-        y = _run_experts(self.local._weights(), a_packed, a_scales, expert_offsets,
-                         blockscale_offsets, dtype)
+            a_packed, a_scales = ops.experts_quantize(grouped.view(dtype), expert_offsets,
+                                                      blockscale_offsets, scale_rows)
+        y = _run_experts(self.local, a_packed, a_scales, expert_offsets, blockscale_offsets,
+                         dtype, self.local.w2_bias)
         mark("experts")
 
-        # Combine: outputs go back in received order, then into their (token, slot) places.
+        # Combine: outputs go back in received order, then into their (token, slot) places;
+        # the shared experts' outputs (weight 1) follow the routed slots.
         back_send = self._traffic.get("back_send", rows, h, dtype, device)
-        back_send[grouped_order] = y
+        back_send[grouped_order] = y[:rows]
         back_recv = self._traffic.get("back_recv", t * top_k, h, dtype, device)
         dist.all_to_all_single(back_recv, back_send, in_splits, out_splits, group=self.group)
-        contributions = self._traffic.get("contributions", t * top_k, h, dtype, device)
-        contributions[order] = back_recv
-        out = _weighted_sum(contributions.view(t, top_k, h), weights).to(dtype)
+        slots = top_k + num_shared
+        contributions = self._traffic.get("contributions", t * slots, h, dtype, device).view(
+            t, slots, h)
+        place = order if num_shared == 0 else (order // top_k) * slots + order % top_k
+        contributions.view(t * slots, h)[place] = back_recv
+        if num_shared:
+            contributions[:, top_k:] = y[rows:].view(num_shared, t, h).transpose(0, 1)
+        out = _weighted_sum(contributions, _with_shared_weights(weights, num_shared)).to(dtype)
         mark("combine")
         return out
 
@@ -498,8 +582,14 @@ class _Timer:
 
 
 def _layer_config(layer: MoELayer) -> dict:
-    """What besides shapes must agree across ranks (activation, routing, biases, dtypes)."""
-    return {"weights": str(layer.w13_packed.dtype)}
+    """What besides shapes must agree across ranks: the model options (tensors by presence and
+    shape; their values are each rank's own)."""
+    config = {}
+    for name, value in layer.model_options().items():
+        if isinstance(value, torch.Tensor):  # per-expert tensors differ in size across ranks
+            value = f"{str(value.dtype).replace('torch.', '')} tensor"
+        config[name] = value
+    return config
 
 
 # ---- Tensor parallelism --------------------------------------------------------------------------
@@ -539,8 +629,8 @@ def _shard_layer(layer: MoELayer, begin: int, end: int, width: int) -> MoELayer:
     h = layer.hidden_size
     device = layer.w13_packed.device
 
-    def rows(t, cols):  # [E, 2I, c] -> [E, 2 width, c]: gate rows, then up rows, zero-padded
-        out = torch.zeros(e, 2 * width, cols, dtype=t.dtype, device=device)
+    def rows(t, *cols):  # [E, 2I, ...] -> [E, 2 width, ...]: gate rows, then up, zero-padded
+        out = torch.zeros(e, 2 * width, *cols, dtype=t.dtype, device=device)
         out[:, :end - begin] = t[:, begin:end]
         out[:, width:width + end - begin] = t[:, i + begin:i + end]
         return out
@@ -550,8 +640,11 @@ def _shard_layer(layer: MoELayer, begin: int, end: int, width: int) -> MoELayer:
         out[:, :, :(end - begin) // per] = t[:, :, begin // per:end // per]
         return out
 
+    options = layer.model_options()
+    if options["w13_bias"] is not None:  # zero bias on the padding: a zero activation there
+        options["w13_bias"] = rows(options["w13_bias"])
     return MoELayer(rows(layer.w13_packed, half_h), rows(layer.w13_scales, h // _BLOCK),
-                    cols(layer.w2_packed, 2), cols(layer.w2_scales, _BLOCK))
+                    cols(layer.w2_packed, 2), cols(layer.w2_scales, _BLOCK), **options)
 
 
 class TensorParallelMoE(torch.nn.Module):
@@ -599,9 +692,11 @@ class TensorParallelMoE(torch.nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_tensors, prefix: str, num_experts: int | None = None,
-                        group=None, equal_shards: bool = True, device=None):
-        """Reads the layer on the CPU, keeps this rank's shard, moves it to ``device``."""
-        layer = MoELayer.from_checkpoint(path_or_tensors, prefix, num_experts=num_experts)
+                        group=None, equal_shards: bool = True, device=None, **options):
+        """Reads the layer on the CPU (``MoELayer.from_checkpoint``, with its options), keeps
+        this rank's shard, moves it to ``device``."""
+        layer = MoELayer.from_checkpoint(path_or_tensors, prefix, num_experts=num_experts,
+                                         **options)
         return cls.from_layer(layer, group, equal_shards).to(device or "cpu")
 
     @property
@@ -612,27 +707,50 @@ class TensorParallelMoE(torch.nn.Module):
         return (f"rank={self.rank}/{self.world_size}, intermediate={self.intermediate_size}, "
                 f"shard={self.shard.intermediate_size}")
 
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                top_k: int | None = None, renormalize: bool | None = None) -> torch.Tensor:
+        """Same arguments and result as ``MoELayer.forward`` (within the bound above);
+        collective: every rank passes the same tokens and logits."""
+        lead = hidden_states.shape[:-1]
+        tokens = 1
+        for d in lead:
+            tokens *= int(d)
+        ids, weights = _route(self.shard, router_logits, top_k, renormalize, tokens)
+        return self.forward_topk(hidden_states, ids.reshape(*lead, ids.shape[-1]),
+                                 weights.reshape(*lead, ids.shape[-1]))
+
+    def forward_hidden(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The whole MoE block from hidden states with the layer's router."""
+        return self.forward(hidden_states, self.shard.router_logits(hidden_states))
+
     def forward_topk(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor,
                      topk_weights: torch.Tensor) -> torch.Tensor:
         """Same arguments and result as ``MoELayer.forward_topk`` (within the bound above);
         collective: every rank passes the same tokens and routing."""
+        routed = self.shard.num_experts - self.shard.num_shared_experts
         x, ids, weights, lead = _check_tokens(hidden_states, topk_ids, topk_weights,
-                                              self.hidden_size, self.shard.num_experts)
-        partial = _weighted_sum(self._expert_outputs(x, ids), weights)
+                                              self.hidden_size, routed)
+        partial = _weighted_sum(self._expert_outputs(x, ids),
+                                _with_shared_weights(weights, self.shard.num_shared_experts))
         dist.all_reduce(partial, group=self.group)
         return partial.to(x.dtype).reshape(*lead, self.hidden_size)
 
     def _expert_outputs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """[T, H], [T, k] -> this rank's GEMM2 outputs [T, k, H] (activation dtype)."""
-        t, top_k = ids.shape
+        """[T, H], [T, k] -> this rank's expert outputs [T, k + S, H] (activation dtype; the w2
+        bias, added once, on rank 0 only), shared experts' slots last."""
+        t = ids.shape[0]
+        e, num_shared = self.shard.num_experts, self.shard.num_shared_experts
+        if num_shared:
+            shared = torch.arange(e - num_shared, e, dtype=ids.dtype, device=ids.device)
+            ids = torch.cat([ids, shared.expand(t, num_shared)], dim=1)
+        slots = ids.shape[1]
         key = ids.reshape(-1).to(torch.int64)
         order = torch.sort(key, stable=True).indices
-        counts = _count(key, self.shard.num_experts)
-        expert_offsets, blockscale_offsets = ops.expert_offsets_from_counts(counts)
-        a_packed, a_scales = ops.experts_quantize(x[order // top_k], expert_offsets,
+        expert_offsets, blockscale_offsets = ops.expert_offsets_from_counts(_count(key, e))
+        a_packed, a_scales = ops.experts_quantize(x[order // slots], expert_offsets,
                                                   blockscale_offsets)
-        y = _run_experts(self.shard._weights(), a_packed, a_scales, expert_offsets,
-                         blockscale_offsets, x.dtype)
-        contributions = torch.empty(t * top_k, self.hidden_size, dtype=x.dtype, device=x.device)
+        y = _run_experts(self.shard, a_packed, a_scales, expert_offsets, blockscale_offsets,
+                         x.dtype, self.shard.w2_bias if self.rank == 0 else None)
+        contributions = torch.empty(t * slots, self.hidden_size, dtype=x.dtype, device=x.device)
         contributions[order] = y
-        return contributions.view(t, top_k, self.hidden_size)
+        return contributions.view(t, slots, self.hidden_size)

@@ -27,10 +27,30 @@ def pool():
     p.close()
 
 
-def make_layer(e, h, i, seed, dtype=torch.bfloat16):
-    w13 = random_activations((e, 2 * i, h), seed=seed, dtype=dtype, scale=h**-0.5)
-    w2 = random_activations((e, h, i), seed=seed + 1, dtype=dtype, scale=i**-0.5)
-    return mxmoe.MoELayer.from_float(w13, w2)
+def model_options(model: str, e: int, h: int, i: int, seed: int) -> tuple[int, dict]:
+    """(weight experts, MoELayer options) of a model's block with e routed experts."""
+    def rand(*shape, dtype=torch.bfloat16, scale=0.1):
+        return random_activations(shape, seed=seed + 7 + len(shape), dtype=dtype, scale=scale)
+
+    if model == "qwen3":
+        return e, {"top_k": 2, "router_weight": rand(e, h, scale=h**-0.5)}
+    if model == "gpt-oss":
+        return e, {"activation": "swiglu_oai", "routing": "topk_softmax", "top_k": 2,
+                   "w13_bias": rand(e, 2 * i), "w2_bias": rand(e, h),
+                   "router_weight": rand(e, h, scale=h**-0.5), "router_bias": rand(e)}
+    if model == "deepseek-v3":
+        return e + 1, {"routing": "sigmoid_grouped_topk", "top_k": 3, "num_expert_groups": 4,
+                       "topk_groups": 2, "routed_scaling_factor": 2.5, "num_shared_experts": 1,
+                       "e_score_correction_bias": rand(e, dtype=torch.float32),
+                       "router_weight": rand(e, h, dtype=torch.float32, scale=h**-0.5)}
+    raise ValueError(model)
+
+
+def make_layer(e, h, i, seed, dtype=torch.bfloat16, model=None):
+    weight_experts, options = (e, {}) if model is None else model_options(model, e, h, i, seed)
+    w13 = random_activations((weight_experts, 2 * i, h), seed=seed, dtype=dtype, scale=h**-0.5)
+    w2 = random_activations((weight_experts, h, i), seed=seed + 1, dtype=dtype, scale=i**-0.5)
+    return mxmoe.MoELayer.from_float(w13, w2, **options)
 
 
 def make_tokens(tokens, h, e, top_k, seed, dtype=torch.bfloat16, skip_experts=(),
@@ -117,6 +137,43 @@ def test_expert_parallel_bit_identical(pool, name, world, dispatch):
                           f"(holds {held} experts): not bit-identical, max |diff| {diff}")
 
 
+MODELS = ["qwen3", "gpt-oss", "deepseek-v3"]
+
+
+def model_task(ctx, model: str, dispatch: str):
+    e, h, i = 8, 64, 64
+    layer = make_layer(e, h, i, seed=60, model=model)
+    ep = parallel.ExpertParallelMoE.from_layer(layer, group=ctx.group, dispatch=dispatch)
+    tokens = [9, 0, 5, 2][:ctx.world]
+    xs = [random_activations((t, h), seed=70 + r) for r, t in enumerate(tokens)]
+    logits = [random_activations((t, e), seed=80 + r, dtype=torch.float32)
+              for r, t in enumerate(tokens)]
+    begin = sum(tokens[:ctx.rank])
+    mine = slice(begin, begin + tokens[ctx.rank])
+    # Routing by the layer's mode, all ranks' tokens in one process as the reference.
+    want = layer(torch.cat(xs), torch.cat(logits))[mine]
+    got = ep(xs[ctx.rank], logits[ctx.rank])
+    # The router too (torch's linear on the same rows, so the same logits). MoELayer itself
+    # refuses zero tokens with some routing modes: compare the shape there.
+    got_hidden = ep.forward_hidden(xs[ctx.rank])
+    if tokens[ctx.rank]:
+        hidden_ok = bit_equal(got_hidden, layer.forward_hidden(xs[ctx.rank]))
+    else:
+        hidden_ok = got_hidden.shape == (0, h)
+    return bit_equal(got, want), hidden_ok, bool(want.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("dispatch", ["bf16", "mxfp4"])
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("model", MODELS)
+def test_expert_parallel_models_bit_identical(pool, model, world, dispatch):
+    for rank, (routed, hidden, nonzero) in enumerate(
+            pool.run(model_task, model, dispatch, world=world)):
+        assert routed, f"{model} world={world} dispatch={dispatch} rank={rank}: forward differs"
+        assert hidden, f"{model} world={world} dispatch={dispatch} rank={rank}: forward_hidden"
+        assert nonzero or rank == 1, f"{model} rank={rank}: an all-zero output checks little"
+
+
 def checkpoint_task(ctx, path: str, e: int, h: int, i: int, dispatch: str):
     layer = make_layer(e, h, i, seed=7)
     ep = parallel.ExpertParallelMoE.from_checkpoint(path, "mlp", num_experts=e, group=ctx.group,
@@ -199,16 +256,23 @@ def test_needs_an_initialised_group():
 # ---- Tensor parallelism ---------------------------------------------------------------------
 
 
-def tp_task(ctx, e, h, i, top_k, tokens, equal_shards, seed):
-    layer = make_layer(e, h, i, seed=seed)
+def tp_task(ctx, e, h, i, top_k, tokens, equal_shards, seed, model=None):
+    layer = make_layer(e, h, i, seed=seed, model=model)
     tp = parallel.TensorParallelMoE.from_layer(layer, group=ctx.group, equal_shards=equal_shards)
     x, ids, w = make_tokens(tokens, h, e, top_k, seed=seed + 1)
-    got = tp.forward_topk(x, ids, w)
-    want = layer.forward_topk(x, ids, w)
-    # A = sum over slots and ranks of w_s |p_rs|, from every rank's GEMM2 outputs.
+    if model is None:
+        got = tp.forward_topk(x, ids, w)
+        want = layer.forward_topk(x, ids, w)
+    else:
+        logits = random_activations((tokens, e), seed=seed + 2, dtype=torch.float32)
+        got = tp(x, logits)
+        want = layer(x, logits)
+        ids, w = layer.route(logits)
+    # A = sum over slots and ranks of w_s |p_rs|, from every rank's expert outputs.
+    w = parallel._with_shared_weights(w, layer.num_shared_experts)
     partial = (tp._expert_outputs(x, ids).float().abs() * w.unsqueeze(-1)).sum(1)
     dist.all_reduce(partial, group=ctx.group)
-    bound = 2.0**-7 * (partial + want.float().abs())
+    bound = 2.0**-6 * partial + 2.0**-7 * want.float().abs()
     excess = float(((got.float() - want.float()).abs() - bound).max())
     everyone = [torch.empty_like(got) for _ in range(ctx.world)]
     dist.all_gather(everyone, got, group=ctx.group)
@@ -229,6 +293,16 @@ def test_tensor_parallel_within_bound(pool, world, i, equal_shards):
         print(f"TP I={i} world={world} rank={rank}: max |diff| {diff:.3e}, bit-identical {same}")
         assert agree, f"{i=} {world=} rank={rank}: ranks returned different outputs"
         assert excess <= 0, f"{i=} {world=} rank={rank}: beyond the bound by {excess:.3e}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("model", MODELS)
+def test_tensor_parallel_models_within_bound(pool, model, world):
+    # I = 160: 5 blocks, so 4 ranks get 2, 1, 1, 1 blocks, padded to 2.
+    for rank, (excess, agree, diff, _, _) in enumerate(
+            pool.run(tp_task, 8, 64, 160, 2, 7, True, 90, model, world=world)):
+        assert agree, f"{model} world={world} rank={rank}: ranks returned different outputs"
+        assert excess <= 0, f"{model} world={world} rank={rank}: beyond the bound by {excess:.3e}"
 
 
 def test_shard_intermediate():

@@ -238,6 +238,11 @@ def error_task(ctx, kind: str):
         x, ids, w = make_tokens(3, h, e, 2, seed=ctx.rank,
                                 dtype=torch.float16 if ctx.rank == 1 else torch.bfloat16)
         make = lambda: ep.forward_topk(x, ids, w)  # noqa: E731
+    elif kind == "ids":
+        ep = parallel.ExpertParallelMoE.from_layer(layer, group=ctx.group)
+        x, ids, w = make_tokens(3, h, e, 2, seed=ctx.rank)
+        ids[1, 1] = 7
+        make = lambda: ep.forward_topk(x, ids, w)  # noqa: E731
     else:
         make = lambda: parallel.ExpertParallelMoE.from_layer(layer, group=ctx.group)  # noqa: E731
     message = expect_error(make)
@@ -253,6 +258,7 @@ def error_task(ctx, kind: str):
     ("intermediate", "disagree on the intermediate size I: rank 0 has 32, rank 1 has 64"),
     ("overlap", "expert 1 is held by ranks 0 and 1"),
     ("dtype", "rank 0: 128-byte bfloat16, rank 1: 128-byte float16"),
+    ("ids", "topk_ids must be global expert ids in [0, 4), got 7"),
 ])
 def test_expert_parallel_mismatch_fails_on_every_rank(pool, kind, fragment):
     for rank, (message, total) in enumerate(pool.run(error_task, kind, world=2)):

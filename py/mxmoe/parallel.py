@@ -40,9 +40,12 @@ w_s * |p_rs| (p_rs: rank r's expert output for slot s): about two bf16 roundings
 Limits:
 - One group: either expert or tensor parallelism; EP with TP inside each EP group is not built.
 - Placement is a contiguous block of experts per rank (``experts_per_rank``).
-- gloo serves CPU tensors, NCCL CUDA tensors. Over NCCL the code is the same; bit-identity there
-  also needs the GPU backend's GEMM rows to be independent of the other rows of the group
-  (compiled here, not yet run on GPUs).
+- gloo serves CPU tensors, NCCL CUDA tensors (call torch.cuda.set_device(local_rank) first: the
+  constructor's exchange is an all_gather_object). Over NCCL the code is the same; bit-identity
+  there also needs the GPU backend's GEMM rows to be independent of the other rows of the group
+  (tests/gpu/test_parallel_gpu.py checks it on 2 GPUs; not yet run).
+- A rank that fails on its own mid-forward (bad input is checked before the first exchange)
+  leaves its peers waiting until the process group's timeout.
 - Every rank must call forward (with zero tokens if it has none): the exchanges are collective.
 - Outputs of the library ops (GEMM results, quantized rows) are allocated per call through torch;
   the dispatch and combine buffers are kept and reused across calls.

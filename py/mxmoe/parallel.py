@@ -89,12 +89,16 @@ def _exchange_descriptions(description: dict, group) -> list[dict]:
         raise ops._invalid("; ".join(errors))
     for key, what in (("hidden", "the hidden size H"), ("global_experts", "E_global"),
                       ("dispatch", "the dispatch format"), ("device_type", "the device type"),
-                      ("intermediate", "the intermediate size I"),
-                      ("config", "the layer configuration")):
+                      ("intermediate", "the intermediate size I")):
         values = [d.get(key) for d in gathered]
         if any(v != values[0] for v in values):
             listed = ", ".join(f"rank {r} has {v}" for r, v in enumerate(values))
             raise ops._invalid(f"the ranks disagree on {what}: {listed}")
+    for option in gathered[0]["config"]:
+        values = [d["config"].get(option) for d in gathered]
+        if any(v != values[0] for v in values):
+            listed = ", ".join(f"rank {r} has {v}" for r, v in enumerate(values))
+            raise ops._invalid(f"the ranks' layers disagree on {option}: {listed}")
     return gathered
 
 

@@ -225,6 +225,8 @@ def error_task(ctx, kind: str):
         layer = make_layer(e + (ctx.rank == 1), h, i, seed=9)
     elif kind == "intermediate":
         layer = make_layer(e, h, 64 if ctx.rank == 1 else i, seed=9)
+    elif kind == "routing":
+        layer = make_layer(e, h, i, seed=9, model="gpt-oss" if ctx.rank == 1 else "qwen3")
     else:
         layer = make_layer(e, h, i, seed=9)
     if kind == "overlap":
@@ -257,6 +259,8 @@ def error_task(ctx, kind: str):
     ("experts", "disagree on E_global: rank 0 has 4, rank 1 has 5"),
     ("intermediate", "disagree on the intermediate size I: rank 0 has 32, rank 1 has 64"),
     ("overlap", "expert 1 is held by ranks 0 and 1"),
+    ("routing", "the ranks' layers disagree on activation: rank 0 has silu, rank 1 has "
+                "swiglu_oai"),
     ("dtype", "rank 0: 128-byte bfloat16, rank 1: 128-byte float16"),
     ("ids", "topk_ids must be global expert ids in [0, 4), got 7"),
 ])

@@ -6,8 +6,12 @@ passes ``torch.cuda.current_stream().cuda_stream`` for CUDA tensors and calls th
 the thin ``mxmoe._mxmoe`` module. The backend is chosen by the C library from the tensors'
 device (and the ``MXMOE_BACKEND`` environment variable); ``backend_for`` says which.
 
-numpy arrays are accepted wherever a tensor is (they become CPU tensors via
-``torch.from_numpy``); results are always torch tensors.
+numpy arrays and any object with ``__dlpack__`` (CuPy, JAX, ...) are accepted wherever a tensor
+is (zero-copy views; zero-size arrays with any strides are valid); results are always torch
+tensors. Each function calls one ``torch.ops.mxmoe`` custom op (``mxmoe.library``), so
+``torch.compile(fullgraph=True)``, ``torch.export`` and ``torch.jit.trace`` see the calls.
+Inference only: an input that requires grad is refused (message naming it) unless grad mode is
+off (``torch.no_grad()`` / ``torch.inference_mode()``).
 
 Limits:
 - Offsets and expert ids in CUDA tensors cannot be checked here without a host synchronisation;
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from mxmoe import _mxmoe
 
@@ -119,12 +124,29 @@ def _dtype_names(dtypes) -> str:
 
 
 def _tensor(x, name: str) -> torch.Tensor:
-    """A tensor view of x (torch.Tensor or numpy.ndarray), detached from autograd."""
+    """A tensor view of x (torch.Tensor, numpy.ndarray or any ``__dlpack__`` object).
+
+    A tensor that requires grad is refused while grad mode is on: the ops have no backward, so
+    letting it through would silently give the MoE a zero gradient.
+    """
     if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
-    raise _invalid(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise _invalid(f"{name} requires grad, but mxmoe ops are inference only (no "
+                           f"backward): call under torch.no_grad() or torch.inference_mode(), "
+                           f"or pass {name}.detach()")
+        t = x.detach() if x.requires_grad else x
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(x)
+    elif hasattr(x, "__dlpack__"):
+        try:
+            t = torch.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+            raise _invalid(f"{name} ({type(x).__name__}) could not be read through DLPack: "
+                           f"{exc}") from None
+    else:
+        raise _invalid(f"{name} must be a torch.Tensor, numpy.ndarray or an object with "
+                       f"__dlpack__, got {type(x).__name__}")
+    return t
 
 
 def _optional_tensor(x, name: str) -> torch.Tensor | None:
@@ -166,6 +188,17 @@ def _check_k(k: int, name: str, symbol: str, shape, note: str = "") -> None:
     if k % BLOCK_SIZE:
         raise _invalid(f"{name} must have {symbol} % 32 == 0{note}, got {symbol}={k} (shape "
                        f"{_shape_str(shape)})")
+
+
+def _library(t: torch.Tensor):
+    """The op namespace for a call whose first tensor is ``t``: ``torch.ops.mxmoe`` wherever the
+    call could be recorded (torch.compile, torch.export, torch.jit.trace, make_fx or any other
+    dispatch mode, tensor subclasses), else the same implementations called directly, which
+    saves the dispatcher's per-call cost (bench/bench_op_overhead.py)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(t) is not torch.Tensor
+            or _current_dispatch_mode() is not None):
+        return torch.ops.mxmoe
+    return _registered_ops.DIRECT
 
 
 def _scale_layout(scale_layout: str) -> int:
@@ -257,9 +290,15 @@ def backend_for(tensor) -> str:
     t = _tensor(tensor, "tensor")
     _check_served(t, "tensor")
     if t.device.type == "cpu":
-        return _mxmoe.backend_for_device(_mxmoe.DEVICE_CPU, 0)
+        return _backend_for_device(_mxmoe.DEVICE_CPU, 0)
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return _mxmoe.backend_for_device(_mxmoe.DEVICE_CUDA, index)
+    return _backend_for_device(_mxmoe.DEVICE_CUDA, index)
+
+
+@torch.compiler.assume_constant_result
+def _backend_for_device(device_type: int, index: int) -> str:
+    # A property of the machine and MXMOE_BACKEND, constant for a compiled graph's lifetime.
+    return _mxmoe.backend_for_device(device_type, index)
 
 
 # ---- Quantize / dequantize -----------------------------------------------------------------------
@@ -296,14 +335,7 @@ def quantize(x, scale_layout: str = "linear") -> tuple[torch.Tensor, torch.Tenso
     _check_k(k, "x", "K", x.shape)
     lead = x.shape[:-1]
     rows = math.prod(lead)  # not reshape(-1, k): with K = 0 the -1 is ambiguous
-    x2 = x.reshape(rows, k)
-    packed = torch.empty(rows, k // 2, dtype=torch.uint8, device=x.device)
-    if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
-        scales = torch.empty(_round_up(rows, 128), _round_up(k // 32, 4), dtype=torch.uint8,
-                             device=x.device)
-    else:
-        scales = torch.empty(rows, k // 32, dtype=torch.uint8, device=x.device)
-    _mxmoe.quantize(x2, packed, scales, layout, _stream(x.device))
+    packed, scales = _library(x).quantize(x.reshape(rows, k), layout)
     if layout == _mxmoe.SCALE_LAYOUT_LINEAR:
         return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // 32)
     return packed, scales
@@ -349,11 +381,9 @@ def dequantize(packed, scales, scale_layout: str = "linear",
     else:
         _check(scales, "scales", "[..., K/32]", (*lead, k // 32), (torch.uint8,))
     _check_same_device(scales, "scales", packed, "packed")
-    out = torch.empty(rows, k, dtype=dtype, device=packed.device)
     scales2 = scales if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4 else scales.reshape(
         rows, k // 32)
-    _mxmoe.dequantize(packed.reshape(rows, k // 2), scales2, layout, out,
-                      _stream(packed.device))
+    out = _library(packed).dequantize(packed.reshape(rows, k // 2), scales2, layout, dtype)
     return out.reshape(*lead, k)
 
 
@@ -416,35 +446,30 @@ def _check_offsets(x: torch.Tensor, expert_offsets, blockscale_offsets):
     return expert_offsets, blockscale_offsets
 
 
-def _max_scale_rows(rows: int, num_experts: int) -> int:
-    """The most scale rows any valid grouped layout of ``rows`` rows in E experts uses:
-    sum(round_up(m_e, 128)) <= rows + 127 * min(rows, E), rounded down to a multiple of 128
-    (format::MaxScaleRows in format.h, the same rule)."""
+def default_scale_rows(rows: int, num_experts: int) -> int:
+    """Scale rows the per-expert quantizers allocate by default:
+    round_down(rows + 127 * min(rows, E), 128) (format::MaxScaleRows in format.h, the same rule).
+
+    The bound sum(round_up(m_e, 128)) <= rows + 127 * min(rows, E) (at most min(rows, E) experts
+    own rows; the sum is a multiple of 128), the same on every device, eager or compiled:
+    reading the exact count (blockscale_offsets[E]) would synchronise a GPU and make the output
+    shape depend on data, which torch.compile cannot trace. Rows past blockscale_offsets[E] are
+    zero. Pass scale_rows=int(blockscale_offsets[-1]) for the exact count.
+    """
     return (rows + 127 * min(rows, num_experts)) // 128 * 128
 
 
-def _scale_rows(scale_rows, rows: int, num_experts: int,
-                blockscale_offsets: torch.Tensor) -> int:
-    """Rows of the scale output, checked before anything is allocated from them."""
-    bound = _max_scale_rows(rows, num_experts)
-    if scale_rows is not None:
-        scale_rows = _int_arg(scale_rows, "scale_rows")
-        if not 0 <= scale_rows <= bound:
-            raise _invalid(f"scale_rows must be in [0, {bound}] (the most scale rows {rows} rows "
-                           f"in {num_experts} experts can use), got {scale_rows}")
-        return scale_rows
-    if blockscale_offsets.device.type != "cpu":
-        # Reading the exact count would synchronise: take the bound.
+def _scale_rows(scale_rows, rows: int, num_experts: int) -> int:
+    """Rows of the scale output, checked before anything is allocated from them: an explicit
+    count must not exceed the bound no valid layout exceeds; the default is that bound."""
+    bound = default_scale_rows(rows, num_experts)
+    if scale_rows is None:
         return bound
-    # The exact count is free on the CPU, but it is unvalidated metadata until the C API has
-    # checked the offsets: never allocate more than a valid layout could need.
-    last = int(blockscale_offsets[-1])
-    if not 0 <= last <= bound:
-        raise _invalid(f"blockscale_offsets[E] must be in [0, {bound}] (at most "
-                       f"round_down(rows + 127*min(rows, E), 128) for rows={rows}, "
-                       f"E={num_experts}; blockscale_offsets are cumulative round_up(m_e, 128)), "
-                       f"got {last}")
-    return last
+    scale_rows = _int_arg(scale_rows, "scale_rows")
+    if not 0 <= scale_rows <= bound:
+        raise _invalid(f"scale_rows must be in [0, {bound}] (the most scale rows {rows} rows "
+                       f"in {num_experts} experts can use), got {scale_rows}")
+    return scale_rows
 
 
 def _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mul: bool):
@@ -464,13 +489,10 @@ def _experts_quantize(x, expert_offsets, blockscale_offsets, scale_rows, silu_mu
         _check_k(width, "x", "K", x.shape)
     expert_offsets, blockscale_offsets = _check_offsets(x, expert_offsets, blockscale_offsets)
     num_experts = expert_offsets.shape[0] - 1
-    scale_rows = _scale_rows(scale_rows, rows, num_experts, blockscale_offsets)
-    packed = torch.empty(rows, width // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.zeros(scale_rows, _round_up(width // 32, 4), dtype=torch.uint8,
-                         device=x.device)
-    op = _mxmoe.silu_mul_experts_quantize if silu_mul else _mxmoe.experts_quantize
-    op(x, expert_offsets, blockscale_offsets, packed, scales, _stream(x.device))
-    return packed, scales
+    scale_rows = _scale_rows(scale_rows, rows, num_experts)
+    lib = _library(x)
+    op = lib.silu_mul_experts_quantize if silu_mul else lib.experts_quantize
+    return op(x, expert_offsets, blockscale_offsets, scale_rows)
 
 
 def experts_quantize(x, expert_offsets, blockscale_offsets,
@@ -486,9 +508,9 @@ def experts_quantize(x, expert_offsets, blockscale_offsets,
     blockscale_offsets : torch.Tensor
         [E+1] int32, cumulative round_up(m_e, 128) (see ``expert_offsets_from_counts``).
     scale_rows : int, optional
-        Rows of the scale output, at most the bound B = round_down(rows + 127*min(rows, E), 128)
-        that no valid layout exceeds; default blockscale_offsets[E] on the CPU (checked against B
-        before allocating), and B on a GPU (no synchronisation).
+        Rows of the scale output, at most the bound B = ``default_scale_rows(rows, E)`` =
+        round_down(rows + 127*min(rows, E), 128) that no valid layout exceeds; default B, which
+        needs no data (so no GPU synchronisation, and a shape torch.compile can trace).
 
     Returns
     -------
@@ -536,10 +558,7 @@ def swizzle_scales(s) -> torch.Tensor:
            (torch.uint8,))
     _check_served(s, "s")
     s3 = s if s.dim() == 3 else s.unsqueeze(0)
-    batch, rows, cols = s3.shape
-    out = torch.empty(batch, _round_up(rows, 128), _round_up(cols, 4), dtype=torch.uint8,
-                      device=s.device)
-    _mxmoe.swizzle_scales(s3, out, _stream(s.device))
+    out = _library(s3).swizzle_scales(s3)
     return out if s.dim() == 3 else out[0]
 
 
@@ -570,8 +589,7 @@ def unswizzle_scales(s, rows: int, cols: int) -> torch.Tensor:
         _check(s, "s", "[round_up(rows,128), round_up(cols,4)]", padded, (torch.uint8,))
     _check_served(s, "s")
     s3 = s if s.dim() == 3 else s.unsqueeze(0)
-    out = torch.empty(s3.shape[0], rows, cols, dtype=torch.uint8, device=s.device)
-    _mxmoe.unswizzle_scales(s3, out, _stream(s.device))
+    out = _library(s3).unswizzle_scales(s3, rows, cols)
     return out if s.dim() == 3 else out[0]
 
 
@@ -631,16 +649,8 @@ def quantize_weights(w, scale_layout: str = "linear") -> tuple[torch.Tensor, tor
     w = _tensor(w, "w")
     _check(w, "w", "[E, N, K]", (None, None, None), _ACTIVATION_DTYPES)
     _check_served(w, "w")
-    e, n, k = w.shape
-    _check_k(k, "w", "K", w.shape)
-    packed = torch.empty(e, n, k // 2, dtype=torch.uint8, device=w.device)
-    if layout == _mxmoe.SCALE_LAYOUT_SWIZZLED_128X4:
-        scales = torch.empty(e, _round_up(n, 128), _round_up(k // 32, 4), dtype=torch.uint8,
-                             device=w.device)
-    else:
-        scales = torch.empty(e, n, k // 32, dtype=torch.uint8, device=w.device)
-    _mxmoe.quantize_weights(w, packed, scales, layout, _stream(w.device))
-    return packed, scales
+    _check_k(w.shape[2], "w", "K", w.shape)
+    return _library(w).quantize_weights(w, layout)
 
 
 def _check_linear_weights(packed, scales, name: str, scales_name: str):
@@ -680,11 +690,7 @@ def prepare_weights(packed, scales, backend: str | None = None) -> PreparedWeigh
     if backend not in _BACKENDS:
         raise _invalid(f"backend must be one of 'cpu', 'sm90', 'sm100' or None, got {backend!r}")
     e, n, half_k = packed.shape
-    code = _BACKENDS[backend]
-    nbytes = _mxmoe.prepare_weights_size(packed, scales, e, n, half_k * 2, code)
-    buffer = torch.empty(nbytes, dtype=torch.uint8, device=packed.device)
-    _mxmoe.prepare_weights(packed, scales, e, n, half_k * 2, code, buffer,
-                           _stream(packed.device))
+    buffer = _library(packed).prepare_weights(packed, scales, _BACKENDS[backend])
     return PreparedWeights(buffer, e, n, half_k * 2, backend)
 
 
@@ -753,7 +759,6 @@ def grouped_gemm(a, a_scales, b_packed, b_scales, expert_offsets, blockscale_off
         raise _invalid(f"out_dtype must be bfloat16 or float16, got {out_dtype}")
     b, b_s, fmt, backend, e, n, k = _weights(b_packed, b_scales, "b_packed", "b_scales",
                                              b_format)
-    rows = a.shape[0]
     _check(a, "a", f"[rows, K/2] (K = {k} from b_packed)", (None, k // 2), (torch.uint8,))
     a_scales = _tensor(a_scales, "a_scales")
     _check(a_scales, "a_scales", "[a_scale_rows, round_up(K/32,4)]",
@@ -772,15 +777,9 @@ def grouped_gemm(a, a_scales, b_packed, b_scales, expert_offsets, blockscale_off
     if problem_sizes is not None:
         _check(problem_sizes, "problem_sizes", "[E, 3] (m_e, N, K)", (e, 3), (torch.int32,))
         _check_same_device(problem_sizes, "problem_sizes", a, "a")
-    c = torch.empty(rows, n, dtype=out_dtype, device=a.device)
-    stream = _stream(a.device)
-    nbytes = _workspace_size(_mxmoe.grouped_gemm_workspace_size, a, a_scales, b, b_s, fmt,
-                             backend, e, n, k, expert_offsets, blockscale_offsets, problem_sizes,
-                             c)
-    _mxmoe.grouped_gemm(a, a_scales, b, b_s, fmt, backend, e, n, k, expert_offsets,
-                        blockscale_offsets, problem_sizes, c, _workspace(a.device, nbytes),
-                        stream)
-    return c
+    return _library(a).grouped_gemm(a, a_scales, b, b_s, fmt, backend, e, n, k,
+                                    expert_offsets, blockscale_offsets, problem_sizes,
+                                    out_dtype)
 
 
 # ---- MoE forward ---------------------------------------------------------------------------------
@@ -804,28 +803,45 @@ def _choice(value: str, name: str, table: dict) -> int:
 def _moe_options(hidden, e: int, i: int, global_experts: int, activation: str,
                  swiglu_alpha: float, swiglu_limit: float, w13_bias, w2_bias, routing: str,
                  num_expert_groups: int, topk_groups: int, routed_scaling_factor: float,
-                 e_score_correction_bias, num_shared_experts: int):
-    """The model options as the extension's MoeOptions (the C layer checks their values)."""
-    options = _mxmoe.MoeOptions()
-    options.activation = _choice(activation, "activation", ACTIVATIONS)
-    options.swiglu_alpha = float(swiglu_alpha)
-    options.swiglu_limit = float(swiglu_limit)
-    options.routing = _choice(routing, "routing", ROUTINGS)
-    options.num_expert_groups = int(num_expert_groups)
-    options.topk_groups = int(topk_groups)
-    options.routed_scaling_factor = float(routed_scaling_factor)
-    options.num_shared_experts = int(num_shared_experts)
+                 e_score_correction_bias, num_shared_experts: int) -> tuple:
+    """The model options in the order of the ``moe_forward`` op's trailing arguments (enum codes,
+    floats, ints and the bias tensors; the C layer checks their values)."""
     h = hidden.shape[1]
+    biases = []
     for name, bias, shape, desc in (("w13_bias", w13_bias, (e, 2 * i), "[E_local, 2I]"),
                                     ("w2_bias", w2_bias, (e, h), "[E_local, H]"),
                                     ("e_score_correction_bias", e_score_correction_bias,
                                      (global_experts,), "[E_global]")):
         bias = _optional_tensor(bias, name)
-        if bias is None:
-            continue
-        _check(bias, name, desc, shape, _BIAS_DTYPES)
-        _check_same_device(bias, name, hidden, "hidden")
-        setattr(options, name, bias)
+        if bias is not None:
+            _check(bias, name, desc, shape, _BIAS_DTYPES)
+            _check_same_device(bias, name, hidden, "hidden")
+        biases.append(bias)
+    return (_choice(activation, "activation", ACTIVATIONS), float(swiglu_alpha),
+            float(swiglu_limit), biases[0], biases[1], _choice(routing, "routing", ROUTINGS),
+            _int_arg(num_expert_groups, "num_expert_groups"), _int_arg(topk_groups, "topk_groups"),
+            float(routed_scaling_factor), biases[2],
+            _int_arg(num_shared_experts, "num_shared_experts"))
+
+
+def _make_moe_options(activation: int, swiglu_alpha: float, swiglu_limit: float, w13_bias,
+                      w2_bias, routing: int, num_expert_groups: int, topk_groups: int,
+                      routed_scaling_factor: float, e_score_correction_bias,
+                      num_shared_experts: int):
+    """The extension's MoeOptions from the op's trailing arguments."""
+    options = _mxmoe.MoeOptions()
+    options.activation = activation
+    options.swiglu_alpha = swiglu_alpha
+    options.swiglu_limit = swiglu_limit
+    options.routing = routing
+    options.num_expert_groups = num_expert_groups
+    options.topk_groups = topk_groups
+    options.routed_scaling_factor = routed_scaling_factor
+    options.num_shared_experts = num_shared_experts
+    for name, bias in (("w13_bias", w13_bias), ("w2_bias", w2_bias),
+                       ("e_score_correction_bias", e_score_correction_bias)):
+        if bias is not None:
+            setattr(options, name, bias)
     return options
 
 
@@ -858,7 +874,8 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
     renormalize : bool
         Renormalise the top-k weights to sum 1 (router_logits path).
     topk_ids, topk_weights : torch.Tensor, optional
-        [T, top_k] int32 global expert ids and [T, top_k] float32 weights.
+        [T, top_k] int32 or int64 global expert ids and [T, top_k] float32, bfloat16 or float16
+        weights (int64 and 16-bit weights cost one conversion of T*top_k elements).
     expert_map : torch.Tensor, optional
         [E_global] int32, global -> local routed expert id, -1 = not on this device
         (contributes 0).
@@ -934,14 +951,20 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
     else:
         if topk_ids is None or topk_weights is None:
             raise _invalid("pass router_logits (with top_k) or both topk_ids and topk_weights")
-        _check(topk_ids, "topk_ids", "[T, top_k]", (t, None), (torch.int32,))
+        _check(topk_ids, "topk_ids", "[T, top_k]", (t, None), (torch.int32, torch.int64))
         if top_k is not None and _int_arg(top_k, "top_k") != topk_ids.shape[1]:
             raise _invalid(f"top_k={top_k} disagrees with topk_ids [T, top_k] of shape "
                            f"{_shape_str(topk_ids.shape)}")
         top_k = topk_ids.shape[1]
-        _check(topk_weights, "topk_weights", "[T, top_k]", (t, top_k), (torch.float32,))
+        _check(topk_weights, "topk_weights", "[T, top_k]", (t, top_k),
+               (torch.float32, torch.bfloat16, torch.float16))
         _check_same_device(topk_ids, "topk_ids", hidden, "hidden")
         _check_same_device(topk_weights, "topk_weights", hidden, "hidden")
+        # torch.topk's int64 ids and bf16/fp16 weights: one small conversion each (T*top_k
+        # elements), exact for weights; an id outside int32 is out of range anyway and wraps
+        # (then the C API's id check applies to the wrapped value).
+        topk_ids = topk_ids.to(torch.int32)
+        topk_weights = topk_weights.to(torch.float32)
         global_experts = (expert_map.shape[0] if expert_map is not None
                           else e - int(num_shared_experts))
     if expert_map is None and global_experts != e - int(num_shared_experts):
@@ -954,13 +977,10 @@ def moe_forward(hidden, w13_packed, w13_scales, w2_packed, w2_scales, router_log
                            w13_bias, w2_bias, routing, num_expert_groups, topk_groups,
                            routed_scaling_factor, e_score_correction_bias, num_shared_experts)
 
-    out = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
-    stream = _stream(hidden.device)
-    args = (hidden, w13, w13_s, w2, w2_s, fmt, backend, e, i, global_experts, top_k,
-            bool(renormalize), router_logits, topk_ids, topk_weights, expert_map, out, options)
-    nbytes = _workspace_size(_mxmoe.moe_forward_workspace_size, *args)
-    _mxmoe.moe_forward(*args, _workspace(hidden.device, nbytes), stream)
-    return out
+    return _library(hidden).moe_forward(hidden, w13, w13_s, w2, w2_s, fmt, backend, e, i,
+                                        global_experts, top_k, bool(renormalize),
+                                        router_logits, topk_ids, topk_weights, expert_map,
+                                        *options)
 
 
 # ---- Stages of the MoE forward, for callers that split it (expert parallelism) -------------------
@@ -1091,3 +1111,7 @@ def moe_weighted_sum(expert_outputs, weights, valid=None) -> torch.Tensor:
     if valid is not None:
         _check(valid, "valid", "[T, P]", (t, p), (torch.bool,))
     return reference.weighted_sum(expert_outputs, weights, valid).to(expert_outputs.dtype)
+
+
+# The custom ops' implementations use this module's workspace cache and stream helpers.
+from mxmoe import library as _registered_ops  # noqa: E402, F401

@@ -351,14 +351,14 @@ def experts_quantize(x: torch.Tensor, expert_offsets: torch.Tensor,
 
     Returns packed [rows, K/2] (rows past expert_offsets[E] are zero) and scales
     [scale_rows, round_up(K/32, 4)] (rows not owned by an expert are zero). scale_rows defaults
-    to mxmoe.ops' data-independent bound round_down(rows + 127*E, 128).
+    to mxmoe.ops' data-independent bound round_down(rows + 127*min(rows, E), 128).
     """
     eo = [int(v) for v in expert_offsets.tolist()]
     bo = [int(v) for v in blockscale_offsets.tolist()]
     rows, k = x.shape
     scale_cols = k // BLOCK_SIZE
     if scale_rows is None:
-        scale_rows = (rows + 127 * (len(eo) - 1)) // 128 * 128
+        scale_rows = (rows + 127 * min(rows, len(eo) - 1)) // 128 * 128
     packed = torch.zeros(rows, k // 2, dtype=torch.uint8)
     scales = torch.zeros(scale_rows, _round_up(scale_cols, 4), dtype=torch.uint8)
     for e in range(len(eo) - 1):

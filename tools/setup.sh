@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the build needs, idempotently, then returns: Bazel 4.2.3 (Debian's
-# bazel-bootstrap) and the project venv .venv with the pinned packages of tools/requirements.txt.
+# bazel-bootstrap), cmake and pkg-config (apt), and the project venv .venv with the pinned
+# packages of tools/requirements.txt.
 # The CUDA toolkit (nvcc, default /usr/local/cuda or $CUDA_PATH) must already be there: it is
 # checked, not installed. Safe to run any number of times; a second run does nothing.
 set -euo pipefail
@@ -19,6 +20,17 @@ if ! command -v bazel >/dev/null 2>&1; then
   log "installing bazel-bootstrap (apt)"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bazel-bootstrap >/dev/null
+fi
+
+# 1b. cmake and pkg-config: tests/build/install_layout_test.sh builds the examples against the
+# install layout with both, as a project outside Bazel would.
+missing_apt=()
+command -v cmake >/dev/null 2>&1 || missing_apt+=(cmake)
+command -v pkg-config >/dev/null 2>&1 || missing_apt+=(pkg-config)
+if [[ ${#missing_apt[@]} -gt 0 ]]; then
+  log "installing ${missing_apt[*]} (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_apt[@]}" >/dev/null
 fi
 
 # 2. CUDA toolkit: compiled (never run) on machines without a GPU.

@@ -15,8 +15,8 @@
 //   4. QuantizeLane (4 lanes per 32-element block, warp shuffles) against a per-block reference
 //      built from format.h only (the CPU backend's QuantizeBlock), on random and hard blocks, for
 //      both encodings of bf16 blocks.
-// A standalone program for the GPU host (tools/gpu/run.sh runs it; built by
-// tests/gpu/build_quantize_lane_test.sh). MXMOE_GPU_TEST_QUICK=1 samples instead of enumerating
+// A standalone program for the GPU host (tools/gpu/run.sh runs it; the Bazel target
+// //tests/gpu:quantize_lane_test). MXMOE_GPU_TEST_QUICK=1 samples instead of enumerating
 // (compute-sanitizer runs). Prints "N passed, M failed"; exit code != 0 on any failure.
 #include <cuda_runtime.h>
 #include <stdint.h>

@@ -1,11 +1,12 @@
 #!/bin/bash
-# On the GPU host (from the repo root, the binary from tests/gpu/build_gemm_sm90_test.sh in
-# .gpu_pack/sm90): correctness for every token tile, compute-sanitizer, tile-width experiments,
-# an ncu look at a decode call, and bench/bench_gemm.py (torch peers, same routing).
-# Usage: tests/gpu/run_gemm_sm90_device.sh OUTDIR [--no-bench]
+# On the GPU host, from the pack folder of tools/gpu/pack.sh (its bin/grouped_gemm_sm90_test is
+# //tests/gpu:grouped_gemm_sm90_test; BIN=path overrides): correctness for every token tile,
+# compute-sanitizer, tile-width experiments, an ncu look at a decode call, and
+# bench/bench_gemm.py (torch peers, same routing).
+# Usage: bash run_gemm_sm90_device.sh OUTDIR [--no-bench]
 set -uo pipefail
 OUT=${1:?outdir}
-BIN=.gpu_pack/sm90/grouped_gemm_sm90_test
+BIN=${BIN:-bin/grouped_gemm_sm90_test}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/summary.txt"
 for bn in 16 32 64 128; do

@@ -1,10 +1,11 @@
 #!/bin/bash
-# On the GPU host (repo root): A/B of the SM90 grouped GEMM test binary against a baseline build
-# on the same card, with the new binary's correctness (every token tile), compute-sanitizer and
-# an ncu look (warp stalls, per-SASS-line source counters) at a decode and a prefill call.
-# Binaries (tests/gpu/build_gemm_sm90_test.sh): .gpu_pack/sm90/grouped_gemm_sm90_test (new) and
-# .gpu_pack/sm90/grouped_gemm_sm90_test_base (baseline). Each step is skipped when it could run
-# past BUDGET seconds (default 450). Usage: tests/gpu/run_gemm_sm90_perf.sh OUTDIR [steps]
+# On the GPU host (from the pack folder of tools/gpu/pack.sh): A/B of the SM90 grouped GEMM test
+# binary against a baseline build on the same card, with the new binary's correctness (every
+# token tile), compute-sanitizer and an ncu look (warp stalls, per-SASS-line source counters) at
+# a decode and a prefill call. Binaries (//tests/gpu:grouped_gemm_sm90_test): NEW (default
+# bin/grouped_gemm_sm90_test) and BASE (default bin/grouped_gemm_sm90_test_base, a baseline
+# build). Each step is skipped when it could run past BUDGET seconds (default 450).
+# Usage: bash run_gemm_sm90_perf.sh OUTDIR [steps]
 # steps: a comma list of correct,bench,exp,ncu,san,peers (default all but peers). peers:
 # bench/bench_gemm.py (torch bf16/FP8 peers, docs/design.md protocol) with the new binary,
 # then again with the baseline binary (--no-torch) on the same routing, into OUTDIR/base.
@@ -12,8 +13,8 @@ set -uo pipefail
 OUT=${1:?outdir}
 STEPS=${2:-correct,bench,exp,ncu,san}
 BUDGET=${BUDGET:-450}
-NEW=.gpu_pack/sm90/grouped_gemm_sm90_test
-BASE=.gpu_pack/sm90/grouped_gemm_sm90_test_base
+NEW=${NEW:-bin/grouped_gemm_sm90_test}
+BASE=${BASE:-bin/grouped_gemm_sm90_test_base}
 mkdir -p "$OUT" "$OUT/base"
 S="$OUT/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv > "$S"

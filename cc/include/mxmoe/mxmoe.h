@@ -26,6 +26,12 @@
 extern "C" {
 #endif
 
+// libmxmoe is compiled with -fvisibility=hidden: the declarations below are its exports (its
+// version script, cc/libmxmoe.map, lets nothing else out either).
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 #define MXMOE_VERSION_MAJOR 0
 #define MXMOE_VERSION_MINOR 1
 #define MXMOE_VERSION_PATCH 0
@@ -393,6 +399,10 @@ typedef struct mxmoe_moe_forward_args {
 mxmoe_status mxmoe_moe_forward_workspace_size(const mxmoe_moe_forward_args* args, size_t* bytes);
 mxmoe_status mxmoe_moe_forward(const mxmoe_moe_forward_args* args, void* workspace,
                                size_t workspace_bytes, void* stream);
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -445,9 +445,10 @@ def _lane_order_sum(v: torch.Tensor) -> torch.Tensor:
     partial[0]."""
     t, e = v.shape
     lanes = 32
-    padded = torch.zeros(t, _round_up(max(e, 1), lanes), dtype=torch.float32, device=v.device)
+    width = _round_up(max(e, 1), lanes)
+    padded = torch.zeros(t, width, dtype=torch.float32, device=v.device)
     padded[:, :e] = v
-    blocks = padded.view(t, -1, lanes)
+    blocks = padded.view(t, width // lanes, lanes)  # not -1: ambiguous when T = 0
     partial = torch.zeros(t, lanes, dtype=torch.float32, device=v.device)
     for r in range(blocks.shape[1]):
         partial = partial + blocks[:, r]

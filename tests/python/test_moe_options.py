@@ -109,6 +109,21 @@ def test_awkward_shapes_gpt_oss_width_fp16_one_token_and_empty_experts():
     assert_equal(layer(x, logits), reference_forward(layer, x, logits), "H=2880 I=160 fp16 T=1")
 
 
+@pytest.mark.parametrize("routing", list(ROUTING_OPTIONS))
+def test_zero_tokens_in_every_routing_mode(routing):
+    # T = 0 is a valid batch (an idle expert-parallel rank): empty ids, weights and output, in
+    # the layer, ops.route and the reference alike.
+    layer, x, logits = build("swiglu_oai", BF16, routing, 1, tokens=0, seed=11)
+    assert x.shape[0] == 0 and logits.shape[0] == 0
+    ids, weights = layer.route(logits)
+    assert ids.shape == (0, 3) and ids.dtype == torch.int32
+    assert weights.shape == (0, 3) and weights.dtype == torch.float32
+    out = layer(x, logits)
+    assert out.shape == (0, x.shape[1]) and out.dtype == x.dtype
+    assert_equal(out, reference_forward(layer, x, logits), f"T=0 {routing=}")
+    assert layer.forward_topk(x, ids, weights).shape == (0, x.shape[1])
+
+
 def test_fp16_bias_and_bf16_logits_with_expert_map():
     e_global, h, i, top_k = 8, 64, 64, 2
     w13, w2 = expert_weights(e_global // 2 + 1, h, i, seed=40)

@@ -11,7 +11,7 @@
 #      travels without symlinks; run.sh links the module with -l:libmxmoe.so.<major>).
 #   3. bin/: the statically linked C++ GPU programs of //tests/gpu:gpu_programs (the C++ GPU
 #      tests and the CUDA example), run by run.sh's cctest and sanitizer stages.
-#   4. the Python package sources (mxmoe/*.py, mxmoe/_mxmoe_ext.cc: the nanobind module is
+#   4. the Python package sources (mxmoe/*.py and its subpackages, mxmoe/_mxmoe_ext.cc: the nanobind module is
 #      compiled on the GPU host against the host's own Python and nanobind), the public headers,
 #      tests/gpu, bench/*.py, run.sh, and COMMIT (the commit, "-dirty" if the tree has changes).
 # On the GPU host: `bash PACK_DIR/run.sh OUTDIR` (tools/gpu/run.sh).
@@ -51,6 +51,11 @@ for program in ${programs}; do
   cp "${bin_dir}/${program}" "${pack}/bin/"
 done
 cp py/mxmoe/*.py py/mxmoe/_mxmoe_ext.cc "${pack}/mxmoe/"
+for sub in py/mxmoe/*/; do  # subpackages (mxmoe.integrations)
+  [[ -f "${sub}__init__.py" ]] || continue
+  mkdir -p "${pack}/mxmoe/$(basename "${sub}")"
+  cp "${sub}"*.py "${pack}/mxmoe/$(basename "${sub}")/"
+done
 cp -r cc/include/mxmoe "${pack}/include/"
 cp tests/gpu/*.py "${pack}/tests/gpu/"
 cp bench/*.py "${pack}/bench/"

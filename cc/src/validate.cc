@@ -801,20 +801,6 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
   if (a.hidden_size > kInt64Max / 2 || a.intermediate_size > kInt64Max / 2) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "hidden_size / intermediate_size too large");
   }
-  {
-    // Every backend's workspace is fewer than 16 slices of at most [routed rows + scale padding,
-    // max(H, 2I, E_global)] elements of 4 bytes: bounding that sum here means no size computation
-    // in a *_workspace_size can wrap (T=7, H=2.4e17, top_k=6 once came back OK, wrapped).
-    const int64_t padded_rows = std::max<int64_t>(
-        slots + 127 * std::min<int64_t>(slots, a.num_local_experts), a.num_tokens);
-    const int64_t widest = std::max({a.hidden_size, 2 * a.intermediate_size,
-                                     int64_t{a.num_global_experts}});
-    int64_t bytes = 0;
-    MXMOE_RETURN_IF_ERROR(BufferBytes(
-        Data("the workspace (16 slices of [routed rows, max(H, 2I, E_global)] x 4 bytes)", nullptr,
-             {16, padded_rows, widest}, 4),
-        &bytes));
-  }
   std::vector<Buffer> buffers = {
       Data("hidden_states", a.hidden_states, {a.num_tokens, a.hidden_size}, 2),
       Data("output", a.output, {a.num_tokens, a.hidden_size}, 2),
@@ -831,6 +817,20 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
   if (format::MaxScaleRows(slots, a.num_local_experts) > kInt32Max) {
     return Fail(MXMOE_STATUS_INVALID_ARGUMENT, "num_tokens * (top_k + num_shared_experts) = ",
                 slots, " routed rows plus their 128-row scale padding must fit int32");
+  }
+  {
+    // Every backend's workspace is fewer than 16 slices of at most [routed rows + scale padding,
+    // max(H, 2I, E_global)] elements of 4 bytes: bounding that sum here means no size computation
+    // in a *_workspace_size can wrap (T=7, H=2.4e17, top_k=6 once came back OK, wrapped).
+    const int64_t padded_rows = std::max<int64_t>(
+        slots + 127 * std::min<int64_t>(slots, a.num_local_experts), a.num_tokens);
+    const int64_t widest = std::max({a.hidden_size, 2 * a.intermediate_size,
+                                     int64_t{a.num_global_experts}});
+    int64_t bytes = 0;
+    MXMOE_RETURN_IF_ERROR(BufferBytes(
+        Data("the workspace (16 slices of [routed rows, max(H, 2I, E_global)] x 4 bytes)", nullptr,
+             {16, padded_rows, widest}, 4),
+        &bytes));
   }
   const int32_t routed_local = a.num_local_experts - a.num_shared_experts;
   MXMOE_RETURN_IF_ERROR(CheckWeightsMatch("w13", a.w13, a.num_local_experts, "num_local_experts",

@@ -708,8 +708,10 @@ mxmoe_status CheckMoeModelOptions(const mxmoe_moe_forward_args& a, std::vector<B
                 "routed_scaling_factor must be > 0 and finite, or 0 (= 1), got ",
                 a.routed_scaling_factor);
   }
-  if (a.router_logits == nullptr) {
-    // Precomputed top-k: its weights are used as they are.
+  // Precomputed top-k: its weights are used as they are. With no tokens there is nothing to
+  // route, and an empty router_logits tensor may well have a NULL data pointer (DLPack and torch
+  // give zero-size tensors one), so the routing fields are not tied to it then.
+  if (a.router_logits == nullptr && a.num_tokens > 0) {
     if (a.routing != MXMOE_ROUTING_SOFTMAX_TOPK) {
       return Fail(MXMOE_STATUS_INVALID_ARGUMENT,
                   "routing applies to router_logits only; with precomputed topk_ids it must be "

@@ -406,7 +406,8 @@ def expert_offsets_from_counts(counts) -> tuple[torch.Tensor, torch.Tensor]:
         [E+1] int32 cumulative round_up(count, 128).
 
     Raises InvalidArgumentError for a negative count or offsets beyond int32 (checked for CPU
-    tensors and sequences; CUDA counts are not read back, which would synchronise).
+    tensors and sequences in eager mode; CUDA counts are not read back, which would
+    synchronise, nor are counts under torch.compile).
     """
     if isinstance(counts, (torch.Tensor, np.ndarray)):
         counts = _tensor(counts, "counts")
@@ -420,8 +421,9 @@ def expert_offsets_from_counts(counts) -> tuple[torch.Tensor, torch.Tensor]:
     zero = torch.zeros(1, dtype=torch.int64, device=c.device)
     expert_offsets = torch.cat([zero, torch.cumsum(c, 0)])
     blockscale_offsets = torch.cat([zero, torch.cumsum((c + 127) // 128 * 128, 0)])
-    if c.device.type == "cpu" and c.numel():
-        # Checked before the int32 cast, which would wrap 2**32 to 0 silently.
+    if c.device.type == "cpu" and c.numel() and not torch.compiler.is_compiling():
+        # Checked before the int32 cast, which would wrap 2**32 to 0 silently (not under
+        # torch.compile, where the values are symbolic; the C API checks the offsets then).
         low = int(c.min())
         if low < 0:
             e = int((c < 0).nonzero()[0])

@@ -93,7 +93,17 @@ def _experts_quant(op, input_tensor, expert_offsets, blockscale_offsets, n_exper
     if eo.dim() == 1 and eo.shape[0] != int(n_experts) + 1:
         raise ops._invalid(f"expert_offsets must have n_experts + 1 = {int(n_experts) + 1} "
                            f"entries, got shape {ops._shape_str(eo.shape)}")
-    return op(x, eo, blockscale_offsets, scale_rows=bound * int(topk))
+    # vLLM's scale buffer has MAX_TOKENS_PER_EXPERT * topk rows whatever the batch; mxmoe never
+    # allocates more than a valid layout of these rows can use (the tight bound), so a larger
+    # vLLM buffer is the tight result followed by zero rows (which vLLM's kernels never read).
+    vllm_rows = bound * int(topk)
+    tight = ops.default_scale_rows(x.shape[0], int(n_experts))
+    if vllm_rows <= tight:
+        return op(x, eo, blockscale_offsets, scale_rows=vllm_rows)
+    packed, scales = op(x, eo, blockscale_offsets)
+    full = scales.new_zeros(vllm_rows, scales.shape[1])
+    full[:scales.shape[0]] = scales
+    return packed, full
 
 
 def mxfp4_experts_quant(input_tensor: torch.Tensor, expert_offsets: torch.Tensor,

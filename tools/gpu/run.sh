@@ -12,9 +12,10 @@
 #   pytest     python3 -m pytest PATHS (default tests/gpu) -> pytest.log, pytest.xml (junit)
 #   cctest     every C++ GPU test in bin/ (or NAMES) -> cctest.log
 #   memcheck   compute-sanitizer --tool memcheck over pytest PATHS (default: the pytest paths)
-#   racecheck  and --tool racecheck, both with MXMOE_GPU_TEST_QUICK=1 (small shapes) and the
+#   racecheck  and --tool racecheck, and
+#   synccheck  --tool synccheck, all with MXMOE_GPU_TEST_QUICK=1 (small shapes) and the
 #              torch caching allocator off (so every tensor is its own allocation), then over
-#              each C++ test in quick mode -> memcheck.log, racecheck.log
+#              each C++ test in quick mode -> memcheck.log, racecheck.log, synccheck.log
 #   bench      python3 SCRIPT --out OUTDIR [ARGS] for each SCRIPT (default bench/bench_*.py);
 #              each writes OUTDIR/<gpu>-<suite>.json -> bench_<name>.log
 # Every stage's log goes to OUTDIR; a summary table (also OUTDIR/summary.txt) is printed LAST.
@@ -31,7 +32,7 @@ fi
 mkdir -p "$1"
 out="$(cd "$1" && pwd)"
 shift
-stages="build,pytest,cctest,memcheck,racecheck,bench"
+stages="build,pytest,cctest,memcheck,racecheck,synccheck,bench"
 pytest_paths="tests/gpu"
 sanitize_paths=""
 cctests=""
@@ -170,7 +171,7 @@ if wants cctest && [[ -n "${cctests}" ]]; then
   stage cctest "${out}/cctest.log" \
     bash -c "$(declare -f run_cctests); cctests='${cctests}'; run_cctests 0"
 fi
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   if wants "${tool}"; then
     if [[ ${module_ok} -eq 1 ]]; then
       stage "${tool}" "${out}/${tool}.log" bash -c "$(declare -f run_cctests sanitize); \

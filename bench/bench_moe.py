@@ -1,18 +1,39 @@
 """Whole-layer MoE benchmark (docs/design.md protocol): mxmoe beside torch peers and floors.
 
-One run on one GPU. For each model shape and token count T, the full layer (routing through
-output, same router logits for everyone) is timed for
+One run on one GPU. For each model shape, block and token count T, the full layer (routing
+through output, same router logits for everyone) is timed for
   mxmoe       mxmoe.ops.moe_forward on MXFP4 weights (W4A4),
   torch_bf16  a torch MoE with bf16 weights via torch._grouped_mm,
-  torch_fp8   a torch MoE with FP8 rowwise weights and activations via torch._scaled_grouped_mm,
+  torch_fp8   a torch MoE with FP8 rowwise weights and activations via torch._scaled_grouped_mm
+(mxmoe.peers; the peers route in torch, mxmoe in its own kernel),
 next to the floors: bytes of the active experts' MXFP4 weights and scales over the device-to-device
 copy bandwidth measured in this run, and the GEMM FLOPs over the FP8 dense peak (1979 TFLOP/s).
 Times are medians of CUDA-event timings; small T replays CUDA graphs; inputs rotate over several
 sets so successive iterations route to different experts (weights are not served from L2).
-The quantization error of the mxmoe layer against the unquantized bf16 layer is reported per row.
 
-Usage: python bench/bench_moe.py --out DIR [--shapes ...] [--tokens ...] [--commit SHA]
-Writes DIR/<gpu>-moe.json (keys gpu, commit, date, copy_GBps, rows) and prints a table last.
+Blocks (row key "block"; both blocks of a shape see the same hidden states and logits):
+  shape  the Qwen3-MoE block at every model's shape: softmax top-k (renormalised), SiLU-and-mul,
+         no biases. This IS qwen3-30b-a3b's real block, so qwen3-30b-a3b has no "model" row.
+  model  the model's real block, computed identically by mxmoe and the peers (the same
+         moe_forward keyword arguments):
+         gpt-oss-120b  SwiGLU-OAI (alpha 1.702, limit 7.0), random bf16 biases w13_bias [E, 2I]
+                       (std 0.02) and w2_bias [E, H] (std 0.01), top-k of the logits then softmax;
+         deepseek-v3   sigmoid grouped top-k (8 groups, 4 kept, e_score_correction_bias [E] fp32
+                       std 0.01, renormalised, routed_scaling_factor 2.5), SiLU-and-mul, no biases,
+                       1 shared expert (the last of E + 1 weight experts, weight 1 for every token).
+The floors count the active routed experts plus the shared ones (DeepSeek-V3: + 1 expert's bytes,
+and top_k + 1 slots of FLOPs per token); bias bytes are left out (GPT-OSS: (2I + H) bf16 per
+expert against 3HI MXFP4 values, 0.13%).
+
+Accuracy (row key mxmoe_rel_l2_vs_bf16): the mxmoe layer against the bf16 peer on the same block,
+both routed by the contract's routing (the peer gets mxmoe.ops.route's ids and weights), on the
+first input set. peer_routing_id_match: the fraction of tokens for which the peers' own torch
+routing (the timed one) picks the same experts as mxmoe.ops.route (below 1.0 only on
+near-ties).
+
+Usage: python bench/bench_moe.py --out DIR [--shapes ...] [--blocks shape|model|both]
+                                 [--tokens ...] [--impls ...] [--commit SHA]
+Writes DIR/<gpu>-moe.json (keys gpu, commit, date, copy_GBps, blocks, rows) and prints a table.
 """
 
 from __future__ import annotations
@@ -32,10 +53,25 @@ import mxmoe
 from mxmoe import ops
 from mxmoe.measure import cuda_event_ms, rel_l2
 from mxmoe.peers import TorchBf16Moe, TorchFp8Moe
+from mxmoe.peers import route as peer_route
 
 FP8_PEAK_FLOPS = 1979e12
 ROTATIONS = 4
 GRAPH_MAX_TOKENS = 256
+
+# The real blocks that differ from the shape block: moe_forward's model options, with the random
+# tensors described by their std (made by model_block_options).
+MODEL_BLOCKS = {
+    "gpt-oss-120b": {"activation": "swiglu_oai", "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+                     "routing": "topk_softmax", "w13_bias_std": 0.02, "w2_bias_std": 0.01},
+    "deepseek-v3": {"routing": "sigmoid_grouped_topk", "num_expert_groups": 8, "topk_groups": 4,
+                    "routed_scaling_factor": 2.5, "e_score_correction_bias_std": 0.01,
+                    "num_shared_experts": 1},
+}
+SHAPE_BLOCK = ("softmax top-k (renormalised), SiLU-and-mul, no biases, no shared experts "
+               "(the Qwen3-MoE block; qwen3-30b-a3b's real block)")
+ROUTING_KEYS = ("routing", "num_expert_groups", "topk_groups", "routed_scaling_factor",
+                "e_score_correction_bias")
 
 
 def time_calls(fns, use_graph: bool, repeats: int = 15, inner: int = 8) -> float:
@@ -77,14 +113,6 @@ def mxfp4_expert_bytes(h: int, inter: int) -> int:
     return w13 + w2
 
 
-def active_experts(logits_sets, top_k: int) -> float:
-    counts = []
-    for logits in logits_sets:
-        ids = torch.topk(logits.float(), top_k, dim=-1).indices
-        counts.append(torch.unique(ids).numel())
-    return sum(counts) / len(counts)
-
-
 def random_bf16(shape, std, gen):
     """Normal(0, std) bf16 tensor on the GPU, generated expert by expert (no fp32 copy of all)."""
     out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
@@ -93,12 +121,28 @@ def random_bf16(shape, std, gen):
     return out
 
 
-def bench_shape(name, e, h, inter, top_k, token_list, copy_gbps, impls, log):
+def model_block_options(name: str, e: int, h: int, inter: int, gen) -> dict:
+    """moe_forward's model keyword arguments of ``name``'s real block (E routed experts)."""
+    options = {k: v for k, v in MODEL_BLOCKS[name].items() if not k.endswith("_std")}
+    spec = MODEL_BLOCKS[name]
+    local = e + spec.get("num_shared_experts", 0)
+    if "w13_bias_std" in spec:
+        options["w13_bias"] = random_bf16((local, 2 * inter), spec["w13_bias_std"], gen)
+        options["w2_bias"] = random_bf16((local, h), spec["w2_bias_std"], gen)
+    if "e_score_correction_bias_std" in spec:
+        options["e_score_correction_bias"] = (
+            torch.randn(e, device="cuda", generator=gen) * spec["e_score_correction_bias_std"])
+    return options
+
+
+def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, impls, log):
+    """Rows of one (shape, block): w13/w2 hold the routed experts, then the shared ones."""
     rows = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    log(f"[{name}] generating weights E={e} H={h} I={inter}")
-    w13 = random_bf16((e, 2 * inter, h), 1 / math.sqrt(h), gen)
-    w2 = random_bf16((e, h, inter), 1 / math.sqrt(inter), gen)
+    e_local, _, h = w13.shape
+    inter = w2.shape[2]
+    shared = options.get("num_shared_experts", 0)
+    e = e_local - shared
+    routing = {k: v for k, v in options.items() if k in ROUTING_KEYS}
     w13_packed, w13_scales = ops.quantize_weights(w13)
     w2_packed, w2_scales = ops.quantize_weights(w2)
     # Prepared once, as MoELayer does: the backend's fastest layout.
@@ -107,33 +151,47 @@ def bench_shape(name, e, h, inter, top_k, token_list, copy_gbps, impls, log):
     del w13_packed, w13_scales, w2_packed, w2_scales
     peers = {}
     if "torch_bf16" in impls:
-        peers["torch_bf16"] = TorchBf16Moe(w13, w2, top_k)
+        peers["torch_bf16"] = TorchBf16Moe(w13, w2, top_k, **options)
     if "torch_fp8" in impls:
-        peers["torch_fp8"] = TorchFp8Moe(w13, w2, top_k)
+        peers["torch_fp8"] = TorchFp8Moe(w13, w2, top_k, **options)
     for tokens in token_list:
-        log(f"[{name}] T={tokens}")
+        log(f"[{name} {block}] T={tokens}")
+        # Seeded per T only: the shape and model blocks of a shape see the same inputs.
+        gen = torch.Generator(device="cuda").manual_seed(1000 + tokens)
         inputs = [
             (torch.randn(tokens, h, device="cuda", generator=gen).bfloat16(),
              torch.randn(tokens, e, device="cuda", generator=gen))
             for _ in range(ROTATIONS)
         ]
+        # The contract's routing (the ids mxmoe uses), outside the timed calls.
+        routed = [ops.route(lg, top_k, True, **routing) for _, lg in inputs]
         use_graph = tokens <= GRAPH_MAX_TOKENS
-        row = {"shape": name, "tokens": tokens, "graph": use_graph}
-        experts = active_experts([lg for _, lg in inputs], top_k)
+        row = {"shape": name, "block": block, "tokens": tokens, "graph": use_graph}
+        experts = sum(torch.unique(ids).numel() for ids, _ in routed) / len(routed) + shared
         row["active_experts"] = experts
         row["floor_bytes_ms"] = experts * mxfp4_expert_bytes(h, inter) / (copy_gbps * 1e9) * 1e3
-        flops = 2 * tokens * top_k * (h * 2 * inter + inter * h)
+        flops = 2 * tokens * (top_k + shared) * (h * 2 * inter + inter * h)
         row["floor_fp8_ms"] = flops / FP8_PEAK_FLOPS * 1e3
+        if peers:
+            peer_block = next(iter(peers.values())).block
+            same = [(peer_route(lg, peer_block)[0].sort(dim=1).values ==
+                     ids.long().sort(dim=1).values).all(dim=1)
+                    for (_, lg), (ids, _) in zip(inputs, routed, strict=True)]
+            row["peer_routing_id_match"] = float(torch.cat(same).float().mean())
         if "mxmoe" in impls:
             try:
                 fns = [lambda x=x, lg=lg: ops.moe_forward(x, *mx_weights, router_logits=lg,
-                                                          top_k=top_k, renormalize=True)
+                                                          top_k=top_k, renormalize=True,
+                                                          **options)
                        for x, lg in inputs]
                 row["mxmoe_ms"] = time_calls(fns, use_graph)
                 x, lg = inputs[0]
-                out = ops.moe_forward(x, *mx_weights, router_logits=lg, top_k=top_k)
+                out = ops.moe_forward(x, *mx_weights, router_logits=lg, top_k=top_k,
+                                      renormalize=True, **options)
                 if "torch_bf16" in peers:
-                    row["mxmoe_rel_l2_vs_bf16"] = rel_l2(out, peers["torch_bf16"](x, lg))
+                    ids, weights = routed[0]
+                    ref = peers["torch_bf16"](x, topk_ids=ids, topk_weights=weights)
+                    row["mxmoe_rel_l2_vs_bf16"] = rel_l2(out, ref)
             except Exception as exc:
                 row["mxmoe_error"] = f"{type(exc).__name__}: {exc}"[:300]
         for peer_name, peer in peers.items():
@@ -145,15 +203,41 @@ def bench_shape(name, e, h, inter, top_k, token_list, copy_gbps, impls, log):
         rows.append(row)
         log("   " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                                 for k, v in row.items()}))
-        del inputs
+        del inputs, routed
         torch.cuda.empty_cache()
-    del w13, w2, peers
+    return rows  # the caller empties the cache once this block's weights are released
+
+
+def bench_shape(name, e, h, inter, top_k, blocks, token_list, copy_gbps, impls, log):
+    """The shape block and/or the model block of one shape, on one set of random weights (the
+    shape block uses the first E experts; the model block adds its shared experts)."""
+    blocks = [b for b in blocks if b == "shape" or name in MODEL_BLOCKS]
+    if not blocks:
+        log(f"[{name}] no model block (its shape block is its real block); skipped")
+        return []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shared = MODEL_BLOCKS.get(name, {}).get("num_shared_experts", 0) if "model" in blocks else 0
+    log(f"[{name}] generating weights E={e}+{shared} H={h} I={inter}")
+    w13 = random_bf16((e + shared, 2 * inter, h), 1 / math.sqrt(h), gen)
+    w2 = random_bf16((e + shared, h, inter), 1 / math.sqrt(inter), gen)
+    rows = []
+    for block in blocks:
+        if block == "shape":
+            options = {}
+            n = e
+        else:
+            options = model_block_options(name, e, h, inter, gen)
+            n = e + options.get("num_shared_experts", 0)
+        rows += bench_block(name, block, w13[:n], w2[:n], options, top_k, token_list,
+                            copy_gbps, impls, log)
+        torch.cuda.empty_cache()
+    del w13, w2
     torch.cuda.empty_cache()
     return rows
 
 
 def print_table(result):
-    header = (f"{'shape':<15}{'T':>6}{'mxmoe ms':>10}{'bf16 ms':>10}{'fp8 ms':>10}"
+    header = (f"{'shape':<15}{'block':<7}{'T':>6}{'mxmoe ms':>10}{'bf16 ms':>10}{'fp8 ms':>10}"
               f"{'floor ms':>10}{'x floor':>8}{'vs fp8':>8}{'vs bf16':>8}")
     print(f"GPU: {result['gpu']}  copy {result['copy_GBps']:.0f} GB/s  commit {result['commit']}")
     print(header)
@@ -169,16 +253,19 @@ def print_table(result):
         def ratio(a, b):
             return f"{a / b:8.2f}" if a is not None and b is not None else f"{'-':>8}"
 
-        print(f"{row['shape']:<15}{row['tokens']:>6}{fmt(mx)}{fmt(bf)}{fmt(f8)}{fmt(floor)}"
-              f"{ratio(mx, floor)}{ratio(f8, mx)}{ratio(bf, mx)}")
+        print(f"{row['shape']:<15}{row.get('block', 'shape'):<7}{row['tokens']:>6}{fmt(mx)}"
+              f"{fmt(bf)}{fmt(f8)}{fmt(floor)}{ratio(mx, floor)}{ratio(f8, mx)}{ratio(bf, mx)}")
     print("x floor = mxmoe / max(bytes floor, fp8 floor); vs fp8 / vs bf16 = peer time / mxmoe "
-          "time (> 1: mxmoe faster)")
+          "time (> 1: mxmoe faster); block: shape = Qwen3-style block, model = the model's own")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--blocks", choices=("shape", "model", "both"), default="both",
+                        help="shape: the Qwen3-style block at each shape; model: the real block "
+                             "of gpt-oss-120b / deepseek-v3; both (default)")
     parser.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     parser.add_argument("--impls", nargs="*", default=["mxmoe", "torch_bf16", "torch_fp8"])
     parser.add_argument("--commit", default=commit())
@@ -186,6 +273,7 @@ def main():
     if not torch.cuda.is_available():
         print("bench_moe: no CUDA device", file=sys.stderr)
         return 2
+    blocks = ["shape", "model"] if args.blocks == "both" else [args.blocks]
     started = time.time()
 
     def log(msg):
@@ -198,13 +286,17 @@ def main():
     rows = []
     for name in args.shapes:
         e, h, inter, top_k = SHAPES[name]
-        rows += bench_shape(name, e, h, inter, top_k, args.tokens, copy_gbps, args.impls, log)
+        rows += bench_shape(name, e, h, inter, top_k, blocks, args.tokens, copy_gbps, args.impls,
+                            log)
     result = {
         "gpu": gpu,
         "commit": args.commit,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "copy_GBps": copy_gbps,
         "fp8_peak_TFLOPs": FP8_PEAK_FLOPS / 1e12,
+        "blocks": {"shape": SHAPE_BLOCK, "model": MODEL_BLOCKS,
+                   "floors": "active routed experts + shared experts; bias bytes left out "
+                             "(0.13% of an expert's MXFP4 bytes for GPT-OSS)"},
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)

@@ -4,7 +4,8 @@ Time against tokens T (log-log) for every implementation in the file (`<impl>_ms
 floor (the larger of the MXFP4 weight-bytes floor and the FP8-peak floor) as a dashed line.
 
 Usage: python bench/plot_results.py bench/results/h100-moe.json [--out bench/results]
-Writes <out>/<stem>-<shape>.png (e.g. h100-moe-gpt-oss-120b.png). Needs matplotlib.
+Writes <out>/<stem>-<shape>.png (e.g. h100-moe-gpt-oss-120b.png; -<shape>-model.png for a real
+model block of bench_moe.py). Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ def plot(path: str, out_dir: str) -> list[str]:
     with open(path) as f:
         result = json.load(f)
     stem = os.path.splitext(os.path.basename(path))[0]
-    shapes = list(dict.fromkeys(row["shape"] for row in result["rows"]))
+    # One figure per (shape, block): bench_moe.py's rows carry "block" ("shape" or "model").
+    groups = list(dict.fromkeys((row["shape"], row.get("block", "shape"))
+                                for row in result["rows"]))
     written = []
-    for shape in shapes:
-        rows = sorted((r for r in result["rows"] if r["shape"] == shape),
+    for shape, block in groups:
+        rows = sorted((r for r in result["rows"]
+                       if r["shape"] == shape and r.get("block", "shape") == block),
                       key=lambda r: r["tokens"])
+        name = shape if block == "shape" else f"{shape}-{block}"
         tokens = [r["tokens"] for r in rows]
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         impls = [k for k in LABELS if any(k in r for r in rows)]
@@ -46,12 +51,12 @@ def plot(path: str, out_dir: str) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("tokens T")
         ax.set_ylabel("time per layer (ms)")
-        ax.set_title(f"{shape}: {result['gpu']}\n(copy {result['copy_GBps']:.0f} GB/s, "
+        ax.set_title(f"{name}: {result['gpu']}\n(copy {result['copy_GBps']:.0f} GB/s, "
                      f"commit {result['commit'][:10]})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        target = os.path.join(out_dir, f"{stem}-{shape}.png")
+        target = os.path.join(out_dir, f"{stem}-{name}.png")
         fig.savefig(target, dpi=110)
         plt.close(fig)
         written.append(target)

@@ -100,10 +100,12 @@ struct Weights {
   DeviceBuffer prepared;
   mxmoe_expert_weights Linear() const {
     return {kExperts,     n, k, MXMOE_WEIGHT_FORMAT_LINEAR, MXMOE_BACKEND_AUTO, packed.data(),
-            scales.data()};
+            scales.data(), 0};
   }
   mxmoe_expert_weights Prepared(mxmoe_backend backend) const {
-    return {kExperts, n, k, MXMOE_WEIGHT_FORMAT_PREPARED, backend, prepared.bytes_ptr(), nullptr};
+    // prepared_bytes: the buffer's length (the C API checks it against the size query).
+    return {kExperts, n, k, MXMOE_WEIGHT_FORMAT_PREPARED, backend, prepared.bytes_ptr(), nullptr,
+            prepared.bytes};
   }
 };
 

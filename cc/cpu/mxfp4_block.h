@@ -41,7 +41,8 @@ inline uint8_t QuantizeBlockPortable(const float* x, uint8_t* packed) {
     return format::kScaleNaN;
   }
   const uint8_t scale = format::ScaleFromAmax(amax);
-  const float multiplier = format::QuantMultiplier(scale);  // 2^(127 - scale), exact products
+  // 2^(127 - scale), exact products; 0 for scale 0 (signed zeros, vLLM's rule).
+  const float multiplier = format::QuantMultiplier(scale);
   for (int i = 0; i < kPackedBlockBytes; ++i) {
     const uint8_t lo = format::FloatToE2M1(MXMOE_MUL(x[2 * i], multiplier));
     const uint8_t hi = format::FloatToE2M1(MXMOE_MUL(x[2 * i + 1], multiplier));

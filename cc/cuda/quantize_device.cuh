@@ -268,10 +268,11 @@ __device__ __forceinline__ Lane8 SiluMulTable(const float* table, const Lane8& g
   return y;
 }
 
-// E2M1 codes of two fp32 values (products x * 2^(127-s) of the quantization rule, |v| < 8 or
-// +-Inf, never NaN): element v0's code in bits 0..3, v1's in bits 16..19. Bit-identical to
-// format::FloatToE2M1 on each (tests/gpu/quantize_lane_test.cu checks every 16-bit input at
-// every scale), in about 14 instructions for the pair instead of a branch chain per element:
+// E2M1 codes of two fp32 values (products x * QuantMultiplier(s) of the quantization rule,
+// |v| < 8 or +-Inf, never NaN): element v0's code in bits 0..3, v1's in bits 16..19.
+// Bit-identical to format::FloatToE2M1 on each (tests/gpu/quantize_lane_test.cu checks every
+// 16-bit input at every scale), in about 14 instructions for the pair instead of a branch chain
+// per element:
 //   1. Round both to fp16 in one instruction. Every |v| >= 2^-14 that can occur is exact in fp16
 //      (a bf16 or fp16 significand times a power of two); smaller ones may round, but stay far
 //      below 0.25, the first rounding threshold, and keep their sign (-tiny -> code 8).
@@ -313,8 +314,9 @@ __device__ __forceinline__ uint32_t EncodeE2M1x2Bf16(uint32_t v) {
 }
 
 // EncodeE2M1x2Bf16 of the bf16 pair x2 times the bf16 pair m2 (the scale's multiplier in both
-// halves; a normal power of two: scales 0..253, all that bf16 blocks produce, since the largest
-// bf16 magnitude, Inf included, gets 253).
+// halves: a normal power of two for scales 1..253, and 0 for scale 0, which gives signed zeros;
+// 0..253 is all that bf16 blocks produce, since the largest bf16 magnitude, Inf included, gets
+// 253).
 __device__ __forceinline__ uint32_t ScaleEncodeE2M1x2Bf16(uint32_t x2, uint32_t m2) {
   const __nv_bfloat162 v2 = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&x2),
                                     *reinterpret_cast<const __nv_bfloat162*>(&m2));

@@ -110,7 +110,8 @@ def quantize_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         [..., K] uint8, one code (0..15) per element.
     scales : torch.Tensor
         [..., K/32] uint8 E8M0 scales (LINEAR layout). A block holding a NaN gets 0xFF and all
-        codes 0.
+        codes 0; a block with scale byte 0 (amax below about 2^-125) gets signed zeros (codes 0
+        and 8).
     """
     k = x.shape[-1]
     if k % BLOCK_SIZE:
@@ -119,7 +120,10 @@ def quantize_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.to(torch.float32).reshape(*lead, k // BLOCK_SIZE, BLOCK_SIZE)
     scales, nan_blocks = _block_scales(xf)
     # x * 2^(127 - s) in float32: a power-of-two product, rounded only if it lands subnormal.
-    multiplier = _pow2_f32(127 - scales.to(torch.int64)).unsqueeze(-1)
+    # Scale byte 0 multiplies by 0 instead (vLLM's rule): signed zeros, codes 0 and 8.
+    s64 = scales.to(torch.int64)
+    multiplier = torch.where(s64 == 0, torch.zeros((), dtype=torch.float32, device=x.device),
+                             _pow2_f32(127 - s64)).unsqueeze(-1)
     v = xf * multiplier
     magnitude = _e2m1_magnitude_codes(torch.where(torch.isnan(v), torch.zeros_like(v), v.abs()))
     codes = magnitude | (torch.signbit(v).to(torch.uint8) << 3)

@@ -63,8 +63,9 @@ void TestE2M1Table() {
 void TestScaleValues() {
   for (int s = 0; s < 255; ++s) {
     EXPECT(ScaleToFloat(s) == ldexp(1.0, s - 127), "ScaleToFloat(%d) = %g", s, ScaleToFloat(s));
-    EXPECT(QuantMultiplier(s) == ldexp(1.0, 127 - s), "QuantMultiplier(%d) = %g", s,
-           QuantMultiplier(s));
+    // Scale byte 0 zeroes the block (vLLM's rule); every other byte multiplies by 2^(127-s).
+    const double want = s == 0 ? 0.0 : ldexp(1.0, 127 - s);
+    EXPECT(QuantMultiplier(s) == want, "QuantMultiplier(%d) = %g", s, QuantMultiplier(s));
   }
   EXPECT(isnan(ScaleToFloat(0xFF)), "ScaleToFloat(0xFF) must be NaN");
 }

@@ -134,25 +134,28 @@ void TestHandComputedBlocks() {
   ExpectBlock("negative zero", {-0.0f, 0.0f, -0.0f}, 0, {8, 0, 8});
   // Tiny negative values round to -0 (code 8).
   ExpectBlock("tiny negative to -0", {4, -0.125f, 0.125f}, 127, {6, 8, 0});
-  // Scale clamped at 0: amax 2^-125 has e = 2 -> s = 0, multiplier 2^127: 2^-125 -> 4.
-  ExpectBlock("scale clamped at 0 (e=2)", {ldexpf(1, -125), ldexpf(1, -126)}, 0, {6, 4});
+  // Scale clamped at 0: amax 2^-125 has e = 2 -> s = 0, and scale byte 0 zeroes the block with
+  // the sign kept (vLLM's quantizer), instead of multiplying by 2^127 (which would give 4, 2).
+  ExpectBlock("scale clamped at 0 (e=2)", {ldexpf(1, -125), -ldexpf(1, -126), ldexpf(1, -126)}, 0,
+              {0, 8, 0});
   // e = 3 -> s = 1.
   ExpectBlock("scale 1 (e=3)", {ldexpf(1, -124), ldexpf(1, -125)}, 1, {6, 4});
 }
 
 void TestSubnormals() {
   // bf16 subnormals (exponent field 0): value = mantissa * 2^-133. The fp32 bit rule sees
-  // exponent 0: s = 0, multiplier 2^127.
+  // exponent 0: s = 0, and scale byte 0 zeroes the block, signs kept (vLLM's rule; a 2^127
+  // multiplier would have given codes 2, 1, 2, 8, 0).
   std::vector<uint16_t> input(32, 0);
-  input[0] = Bf16Bits(0x0040);  // 2^-127 -> 1.0 (code 2)
-  input[1] = Bf16Bits(0x0020);  // 2^-128 -> 0.5 (code 1)
-  input[2] = Bf16Bits(0x0030);  // 1.5 * 2^-128 -> 0.75, a tie -> 1.0 (code 2)
-  input[3] = Bf16Bits(0x8010);  // -2^-129 -> -0.25, a tie -> -0 (code 8)
-  input[4] = Bf16Bits(0x0001);  // 2^-133 -> 2^-6 -> 0
+  input[0] = Bf16Bits(0x0040);  // 2^-127
+  input[1] = Bf16Bits(0x0020);  // 2^-128
+  input[2] = Bf16Bits(0x8030);  // -1.5 * 2^-128 -> -0 (code 8)
+  input[3] = Bf16Bits(0x8010);  // -2^-129 -> -0 (code 8)
+  input[4] = Bf16Bits(0x0001);  // 2^-133
   const Quantized q = QuantizeRows(input, 1, 32);
   EXPECT(q.status == MXMOE_STATUS_OK, "subnormals: status %d", q.status);
   EXPECT(q.scales[0] == 0, "subnormals: scale %d, expected 0", q.scales[0]);
-  const uint8_t expected[5] = {2, 1, 2, 8, 0};
+  const uint8_t expected[5] = {0, 0, 8, 8, 0};
   for (int i = 0; i < 5; ++i) {
     EXPECT(Code(q, i) == expected[i], "subnormals: element %d code %d, expected %d", i,
            Code(q, i), expected[i]);

@@ -110,8 +110,13 @@ MXMOE_HD uint8_t ScaleFromAmax(float amax) {
   return static_cast<uint8_t>(s < 254 ? s : 254);
 }
 
-// 2^(127 - s) as an fp32 (s in [0, 254]; s = 254 gives the subnormal 2^-127).
+// What a block's elements are multiplied by before FloatToE2M1: 2^(127 - s) for s in [1, 254]
+// (s = 254 gives the subnormal 2^-127), and 0 for s = 0. Scale byte 0 (amax below about
+// 2^-125, amax = 0 included) turns every element into a signed zero (codes 0 and 8), as vLLM's
+// quantizer does (its output scale is 0 when the E8M0 value is 0), rather than scaling the
+// block by 2^127.
 MXMOE_HD float QuantMultiplier(uint8_t s) {
+  if (s == 0) return 0.0f;
   const int exp = 254 - static_cast<int>(s);  // biased exponent of 2^(127-s)
   return exp > 0 ? BitsFloat(static_cast<uint32_t>(exp) << 23) : BitsFloat(1u << 22);
 }

@@ -15,13 +15,10 @@ import torch
 
 import mxmoe
 from mxmoe import checkpoint
+from mxmoe.measure import rel_l2
 
 transformers = pytest.importorskip("transformers")
 BF16 = torch.bfloat16
-
-
-def rel_l2(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def randomize(module, seed, scale=0.05):

@@ -292,6 +292,8 @@ def run_model(model: str, device) -> None:
           f" output {list(out.shape)} {str(out.dtype).replace('torch.', '')}")
     if not FLAGS.reference:
         return
+    from mxmoe.measure import rel_l2
+
     cpu = torch.device("cpu")
     layer = layer.to(cpu)
     logits = layer.router_logits(hidden_states)

@@ -25,6 +25,10 @@ if [[ ! -e "${asan_runtime}" ]]; then
   echo "sanitize.sh: gcc has no ASan runtime (${asan_runtime}); install libasan" >&2
   exit 1
 fi
+# libstdc++ is preloaded with the ASan runtime: loaded later (by torch or the extension), its
+# __cxa_throw is not found by ASan's interceptor, and the first C++ exception thrown in the
+# extension aborts with "CHECK failed: asan_interceptors.cpp ... real___cxa_throw".
+stdcxx="$(realpath "$(gcc -print-file-name=libstdc++.so)")"
 
 for stage in "${stages[@]}"; do
   start=${SECONDS}
@@ -37,7 +41,7 @@ for stage in "${stages[@]}"; do
       # detect_leaks=0 for the interpreter; new_delete_type_mismatch=0 because torch's
       # uninstrumented operator delete pairs are not ours to judge.
       bazel test --config=asan "${extra[@]}" \
-        --test_env=LD_PRELOAD="${asan_runtime}" \
+        --test_env=LD_PRELOAD="${asan_runtime}:${stdcxx}" \
         --test_env=ASAN_OPTIONS=detect_leaks=0:new_delete_type_mismatch=0:detect_odr_violation=0 \
         --test_env=MXMOE_SANITIZED=1 \
         -- //tests/python/...

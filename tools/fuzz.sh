@@ -39,14 +39,16 @@ if [[ -z "${clangxx}" ]] || ! echo 'int main(){}' | "${clangxx}" -x c++ -fsaniti
 fi
 
 bazel build //cc/cuda:kernels >&2
-kernels="$(bazel info bazel-bin 2>/dev/null)/cc/cuda/libkernels_cuda.a"
+# //cc/cuda:kernels is the three per-architecture archives (tools/bazel/cuda.bzl).
+bin_dir="$(bazel info bazel-bin 2>/dev/null)"
+kernels=("${bin_dir}"/cc/cuda/libkernels_{all_archs,sm90,sm100}_cuda.a)
 cuda="${CUDA_PATH:-/usr/local/cuda}"
 binary="${out}/c_api_libfuzzer"
 flags=(-std=c++17 -O1 -g -fno-omit-frame-pointer -ffp-contract=off -I. -Icc/include
        -I"${cuda}/include" -fsanitize=address,undefined -fno-sanitize-recover=all)
 echo "[fuzz] building ${binary} with ${clangxx}" >&2
 "${clangxx}" "${flags[@]}" -fsanitize=fuzzer -DMXMOE_LIBFUZZER tests/fuzz/c_api_fuzzer.cc \
-  cc/src/*.cc cc/cpu/*.cc -Wl,--whole-archive "${kernels}" -Wl,--no-whole-archive \
+  cc/base/*.cc cc/src/*.cc cc/cpu/*.cc -Wl,--whole-archive "${kernels[@]}" -Wl,--no-whole-archive \
   "${cuda}/lib64/libcudart_static.a" -ldl -lrt -lpthread -o "${binary}"
 
 status=0

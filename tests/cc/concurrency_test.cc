@@ -15,6 +15,7 @@
 #include "mxmoe/format.h"
 #include "mxmoe/mxmoe.h"
 #include "tests/cc/expect.h"
+#include "tests/cc/random_bf16.h"
 
 namespace {
 
@@ -24,14 +25,9 @@ constexpr mxmoe_device kCpu = {MXMOE_DEVICE_CPU, 0};
 constexpr int kThreads = 6;
 constexpr int kIterations = 3;
 
+// Values in [-1000, 1000] / 3000.
 std::vector<uint16_t> RandomBf16(size_t n, uint32_t seed) {
-  std::vector<uint16_t> v(n);
-  uint32_t x = seed * 2654435761u + 7;
-  for (uint16_t& h : v) {
-    x = x * 1664525u + 1013904223u;
-    h = mxmoe::format::FloatToBf16((static_cast<int32_t>(x >> 8) % 2001 - 1000) / 3000.0f);
-  }
-  return v;
+  return mxmoe_test::LcgBf16(n, seed, 3000.0f);
 }
 
 struct Problem {

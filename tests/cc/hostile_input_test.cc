@@ -21,6 +21,7 @@
 #include "mxmoe/format.h"
 #include "mxmoe/mxmoe.h"
 #include "tests/cc/expect.h"
+#include "tests/cc/random_bf16.h"
 
 namespace {
 
@@ -49,14 +50,9 @@ void ExpectStatus(const char* what, mxmoe_status got, mxmoe_status want,
   }
 }
 
+// Values in [-1000, 1000] / 4000.
 std::vector<uint16_t> RandomBf16(size_t n, uint32_t seed) {
-  std::vector<uint16_t> v(n);
-  uint32_t x = seed * 2654435761u + 1;
-  for (uint16_t& h : v) {
-    x = x * 1664525u + 1013904223u;
-    h = mxmoe::format::FloatToBf16((static_cast<int32_t>(x >> 8) % 2001 - 1000) / 4000.0f);
-  }
-  return v;
+  return mxmoe_test::LcgBf16(n, seed, 4000.0f);
 }
 
 // LINEAR weights [E, n, k] quantized from random bf16, and their CPU PREPARED buffer.

@@ -5,7 +5,11 @@ through output, same router logits for everyone) is timed for
   mxmoe       mxmoe.ops.moe_forward on MXFP4 weights (W4A4),
   torch_bf16  a torch MoE with bf16 weights via torch._grouped_mm,
   torch_fp8   a torch MoE with FP8 rowwise weights and activations via torch._scaled_grouped_mm
-(mxmoe.peers; the peers route in torch, mxmoe in its own kernel),
+              (mxmoe.peers; these two route in torch, mxmoe in its own kernel),
+  vllm_marlin vLLM's Marlin W4A16 MXFP4 MoE on the same MXFP4 codes and scales, run op for op
+              as vLLM's fused_marlin_moe (its routing kernels, moe_align_block_size, two
+              moe_wna16_marlin_gemm calls, its activation op); only with --vllm PATH (a vLLM
+              wheel or directory: bench/peers/vllm_marlin.py),
 next to the floors: bytes of the active experts' MXFP4 weights and scales over the device-to-device
 copy bandwidth measured in this run, and the GEMM FLOPs over the FP8 dense peak (1979 TFLOP/s).
 Times are medians of CUDA-event timings; small T replays CUDA graphs; inputs rotate over several
@@ -25,14 +29,19 @@ The floors count the active routed experts plus the shared ones (DeepSeek-V3: + 
 and top_k + 1 slots of FLOPs per token); bias bytes are left out (GPT-OSS: (2I + H) bf16 per
 expert against 3HI MXFP4 values, 0.13%).
 
-Accuracy (row key mxmoe_rel_l2_vs_bf16): the mxmoe layer against the bf16 peer on the same block,
-both routed by the contract's routing (the peer gets mxmoe.ops.route's ids and weights), on the
-first input set. peer_routing_id_match: the fraction of tokens for which the peers' own torch
-routing (the timed one) picks the same experts as mxmoe.ops.route (below 1.0 only on
+Accuracy, on the first input set, every layer routed by the contract's routing (mxmoe.ops.route's
+ids and weights, passed to the peers): <impl>_rel_l2_vs_bf16 against the bf16 torch layer, and
+<impl>_rel_l2_vs_w4a4_ref / _vs_w4a16_ref against the two float64-GEMM references on the same
+MXFP4 weights (mxmoe.reference, on the GPU): W4A4 = mxmoe's contract (activations quantized to
+MXFP4 too; mxmoe should match it to rounding), W4A16 = bf16 activations (what a W4A16 peer such
+as Marlin computes; its own quantization error is the smaller one). peer_routing_id_match /
+vllm_marlin_routing_id_match: the fraction of tokens for which the torch peers' routing / vLLM's
+routing kernels (the timed ones) pick the same experts as mxmoe.ops.route (below 1.0 only on
 near-ties).
 
 Usage: python bench/bench_moe.py --out DIR [--shapes ...] [--blocks shape|model|both]
-                                 [--tokens ...] [--impls ...] [--commit SHA]
+                                 [--tokens ...] [--impls ...] [--vllm PATH] [--commit SHA]
+                                 [--no-check]
 Writes DIR/<gpu>-moe.json (keys gpu, commit, date, copy_GBps, blocks, rows) and prints a table.
 """
 
@@ -48,9 +57,11 @@ import time
 
 import torch
 from common import SHAPES, TOKENS, commit, gpu_short_name, measure_copy_bandwidth
+from peers.vllm_marlin import VllmMarlinMoe
+from peers.vllm_marlin import load as load_vllm
 
 import mxmoe
-from mxmoe import ops
+from mxmoe import ops, reference
 from mxmoe.measure import cuda_event_ms, rel_l2
 from mxmoe.peers import TorchBf16Moe, TorchFp8Moe
 from mxmoe.peers import route as peer_route
@@ -135,7 +146,36 @@ def model_block_options(name: str, e: int, h: int, inter: int, gen) -> dict:
     return options
 
 
-def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, impls, log):
+def model_options(options: dict) -> dict:
+    """The block's options without the routing ones (for calls given top-k ids and weights)."""
+    return {k: v for k, v in options.items() if k not in ROUTING_KEYS}
+
+
+def torch_router(peers: dict):
+    """The torch peers' routing (peer_route with their block), or None without torch peers."""
+    block = next((p.block for p in peers.values() if hasattr(p, "block")), None)
+    return None if block is None else (lambda lg: peer_route(lg, block))
+
+
+def check_accuracy(row, impl_outputs, x, ids, weights, linear, options, bf16_ref):
+    """The accuracy keys of one row (see the module doc) from the layers' outputs."""
+    w13p, w13s, w2p, w2s = linear
+    model = model_options(options)
+    refs = {"bf16": bf16_ref}
+    refs["w4a4_ref"] = reference.moe_forward(x, w13p, w13s, w2p, w2s, topk_ids=ids,
+                                             topk_weights=weights, **model)
+    refs["w4a16_ref"] = reference.moe_forward_unquantized(
+        x, lambda e: reference.dequantize(w13p[e], w13s[e], torch.float32),
+        lambda e: reference.dequantize(w2p[e], w2s[e], torch.float32), ids, weights,
+        num_experts=w13p.shape[0], **model)
+    for impl, out in impl_outputs.items():
+        for ref_name, ref in refs.items():
+            if ref is not None:
+                row[f"{impl}_rel_l2_vs_{ref_name}"] = rel_l2(out, ref)
+
+
+def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, impls, log,
+                vllm_ops=None, check=True):
     """Rows of one (shape, block): w13/w2 hold the routed experts, then the shared ones."""
     rows = []
     e_local, _, h = w13.shape
@@ -148,12 +188,18 @@ def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, imp
     # Prepared once, as MoELayer does: the backend's fastest layout.
     mx_weights = (ops.prepare_weights(w13_packed, w13_scales), None,
                   ops.prepare_weights(w2_packed, w2_scales), None)
-    del w13_packed, w13_scales, w2_packed, w2_scales
+    linear = (w13_packed, w13_scales, w2_packed, w2_scales)  # the references' and Marlin's input
     peers = {}
     if "torch_bf16" in impls:
         peers["torch_bf16"] = TorchBf16Moe(w13, w2, top_k, **options)
     if "torch_fp8" in impls:
         peers["torch_fp8"] = TorchFp8Moe(w13, w2, top_k, **options)
+    if "vllm_marlin" in impls:
+        try:
+            peers["vllm_marlin"] = VllmMarlinMoe(vllm_ops, *linear, top_k, **options)
+        except Exception as exc:
+            log(f"[{name} {block}] vllm_marlin unavailable: {type(exc).__name__}: {exc}")
+            peers["vllm_marlin"] = f"{type(exc).__name__}: {exc}"[:300]
     for tokens in token_list:
         log(f"[{name} {block}] T={tokens}")
         # Seeded per T only: the shape and model blocks of a shape see the same inputs.
@@ -172,12 +218,16 @@ def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, imp
         row["floor_bytes_ms"] = experts * mxfp4_expert_bytes(h, inter) / (copy_gbps * 1e9) * 1e3
         flops = 2 * tokens * (top_k + shared) * (h * 2 * inter + inter * h)
         row["floor_fp8_ms"] = flops / FP8_PEAK_FLOPS * 1e3
-        if peers:
-            peer_block = next(iter(peers.values())).block
-            same = [(peer_route(lg, peer_block)[0].sort(dim=1).values ==
-                     ids.long().sort(dim=1).values).all(dim=1)
-                    for (_, lg), (ids, _) in zip(inputs, routed, strict=True)]
-            row["peer_routing_id_match"] = float(torch.cat(same).float().mean())
+        for key, router in (("peer", torch_router(peers)),
+                            ("vllm_marlin", getattr(peers.get("vllm_marlin"), "route", None))):
+            if router is not None:
+                same = [(router(lg)[0].long().sort(dim=1).values ==
+                         ids.long().sort(dim=1).values).all(dim=1)
+                        for (_, lg), (ids, _) in zip(inputs, routed, strict=True)]
+                row[f"{key}_routing_id_match"] = float(torch.cat(same).float().mean())
+        outputs = {}
+        x, _ = inputs[0]
+        ids, weights = routed[0]
         if "mxmoe" in impls:
             try:
                 fns = [lambda x=x, lg=lg: ops.moe_forward(x, *mx_weights, router_logits=lg,
@@ -185,21 +235,29 @@ def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, imp
                                                           **options)
                        for x, lg in inputs]
                 row["mxmoe_ms"] = time_calls(fns, use_graph)
-                x, lg = inputs[0]
-                out = ops.moe_forward(x, *mx_weights, router_logits=lg, top_k=top_k,
-                                      renormalize=True, **options)
-                if "torch_bf16" in peers:
-                    ids, weights = routed[0]
-                    ref = peers["torch_bf16"](x, topk_ids=ids, topk_weights=weights)
-                    row["mxmoe_rel_l2_vs_bf16"] = rel_l2(out, ref)
+                outputs["mxmoe"] = ops.moe_forward(x, *mx_weights, topk_ids=ids,
+                                                   topk_weights=weights, **model_options(options))
             except Exception as exc:
                 row["mxmoe_error"] = f"{type(exc).__name__}: {exc}"[:300]
         for peer_name, peer in peers.items():
+            if isinstance(peer, str):
+                row[f"{peer_name}_error"] = peer
+                continue
             try:
                 fns = [lambda x=x, lg=lg, peer=peer: peer(x, lg) for x, lg in inputs]
                 row[f"{peer_name}_ms"] = time_calls(fns, use_graph)
+                if peer_name != "torch_bf16":
+                    outputs[peer_name] = peer(x, topk_ids=ids, topk_weights=weights)
             except Exception as exc:
                 row[f"{peer_name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if check and outputs:
+            try:
+                bf16_ref = (peers["torch_bf16"](x, topk_ids=ids, topk_weights=weights)
+                            if "torch_bf16" in peers else None)
+                check_accuracy(row, outputs, x, ids, weights, linear, options, bf16_ref)
+            except Exception as exc:
+                row["check_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        del outputs
         rows.append(row)
         log("   " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                                 for k, v in row.items()}))
@@ -208,7 +266,8 @@ def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, imp
     return rows  # the caller empties the cache once this block's weights are released
 
 
-def bench_shape(name, e, h, inter, top_k, blocks, token_list, copy_gbps, impls, log):
+def bench_shape(name, e, h, inter, top_k, blocks, token_list, copy_gbps, impls, log,
+                vllm_ops=None, check=True):
     """The shape block and/or the model block of one shape, on one set of random weights (the
     shape block uses the first E experts; the model block adds its shared experts)."""
     blocks = [b for b in blocks if b == "shape" or name in MODEL_BLOCKS]
@@ -229,7 +288,7 @@ def bench_shape(name, e, h, inter, top_k, blocks, token_list, copy_gbps, impls, 
             options = model_block_options(name, e, h, inter, gen)
             n = e + options.get("num_shared_experts", 0)
         rows += bench_block(name, block, w13[:n], w2[:n], options, top_k, token_list,
-                            copy_gbps, impls, log)
+                            copy_gbps, impls, log, vllm_ops, check)
         torch.cuda.empty_cache()
     del w13, w2
     torch.cuda.empty_cache()
@@ -238,13 +297,15 @@ def bench_shape(name, e, h, inter, top_k, blocks, token_list, copy_gbps, impls, 
 
 def print_table(result):
     header = (f"{'shape':<15}{'block':<7}{'T':>6}{'mxmoe ms':>10}{'bf16 ms':>10}{'fp8 ms':>10}"
-              f"{'floor ms':>10}{'x floor':>8}{'vs fp8':>8}{'vs bf16':>8}")
+              f"{'marlin ms':>10}{'floor ms':>10}{'x floor':>8}{'vs fp8':>8}{'vs bf16':>8}"
+              f"{'vs marlin':>10}")
     print(f"GPU: {result['gpu']}  copy {result['copy_GBps']:.0f} GB/s  commit {result['commit']}")
     print(header)
     for row in result["rows"]:
         mx = row.get("mxmoe_ms")
         bf = row.get("torch_bf16_ms")
         f8 = row.get("torch_fp8_ms")
+        ml = row.get("vllm_marlin_ms")
         floor = max(row["floor_bytes_ms"], row["floor_fp8_ms"])
 
         def fmt(v):
@@ -254,9 +315,11 @@ def print_table(result):
             return f"{a / b:8.2f}" if a is not None and b is not None else f"{'-':>8}"
 
         print(f"{row['shape']:<15}{row.get('block', 'shape'):<7}{row['tokens']:>6}{fmt(mx)}"
-              f"{fmt(bf)}{fmt(f8)}{fmt(floor)}{ratio(mx, floor)}{ratio(f8, mx)}{ratio(bf, mx)}")
-    print("x floor = mxmoe / max(bytes floor, fp8 floor); vs fp8 / vs bf16 = peer time / mxmoe "
-          "time (> 1: mxmoe faster); block: shape = Qwen3-style block, model = the model's own")
+              f"{fmt(bf)}{fmt(f8)}{fmt(ml)}{fmt(floor)}{ratio(mx, floor)}{ratio(f8, mx)}"
+              f"{ratio(bf, mx)}  {ratio(ml, mx)}")
+    print("x floor = mxmoe / max(bytes floor, fp8 floor); vs fp8 / vs bf16 / vs marlin = peer "
+          "time / mxmoe time (> 1: mxmoe faster); block: shape = Qwen3-style block, model = the "
+          "model's own")
 
 
 def main():
@@ -268,11 +331,23 @@ def main():
                              "of gpt-oss-120b / deepseek-v3; both (default)")
     parser.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     parser.add_argument("--impls", nargs="*", default=["mxmoe", "torch_bf16", "torch_fp8"])
+    parser.add_argument("--vllm", metavar="PATH",
+                        help="a vLLM wheel or directory: adds the vllm_marlin peer "
+                             "(bench/peers/vllm_marlin.py)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the accuracy columns (the float64 references)")
     parser.add_argument("--commit", default=commit())
     args = parser.parse_args()
+    if "vllm_marlin" in args.impls and not args.vllm:
+        parser.error("--impls vllm_marlin needs --vllm PATH")
     if not torch.cuda.is_available():
         print("bench_moe: no CUDA device", file=sys.stderr)
         return 2
+    vllm_ops = None
+    if args.vllm:
+        vllm_ops = load_vllm(args.vllm)  # fails loudly: a peer asked for is never dropped
+        if "vllm_marlin" not in args.impls:
+            args.impls.append("vllm_marlin")
     blocks = ["shape", "model"] if args.blocks == "both" else [args.blocks]
     started = time.time()
 
@@ -287,13 +362,18 @@ def main():
     for name in args.shapes:
         e, h, inter, top_k = SHAPES[name]
         rows += bench_shape(name, e, h, inter, top_k, blocks, args.tokens, copy_gbps, args.impls,
-                            log)
+                            log, vllm_ops, not args.no_check)
     result = {
         "gpu": gpu,
         "commit": args.commit,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "copy_GBps": copy_gbps,
         "fp8_peak_TFLOPs": FP8_PEAK_FLOPS / 1e12,
+        "torch": torch.__version__,
+        "peers": {"torch_bf16": "mxmoe.peers.TorchBf16Moe (torch._grouped_mm)",
+                  "torch_fp8": "mxmoe.peers.TorchFp8Moe (torch._scaled_grouped_mm)",
+                  **({"vllm_marlin": f"vLLM {vllm_ops.version} Marlin W4A16 MXFP4 MoE "
+                                     f"(bench/peers/vllm_marlin.py)"} if vllm_ops else {})},
         "blocks": {"shape": SHAPE_BLOCK, "model": MODEL_BLOCKS,
                    "floors": "active routed experts + shared experts; bias bytes left out "
                              "(0.13% of an expert's MXFP4 bytes for GPT-OSS)"},

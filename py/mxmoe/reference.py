@@ -12,7 +12,9 @@ fused multiply-add (float64 product and sum, rounded to odd, then once to float3
 
 Limits: meant for tests and the demo, not for speed. The GEMM and MoE references run in float64
 on dequantized operands and dequantize one expert at a time, so they fit real model shapes as
-long as only the experts in use are materialised.
+long as only the experts in use are materialised. ``moe_forward`` and
+``moe_forward_unquantized`` run on the device of their inputs (bench/bench_moe.py checks every
+implementation against them on the GPU).
 """
 
 from __future__ import annotations
@@ -552,9 +554,11 @@ def _with_shared(local: torch.Tensor, weights: torch.Tensor, num_experts: int,
     if num_shared == 0:
         return local, weights
     t = local.shape[0]
-    shared = torch.arange(num_experts - num_shared, num_experts, dtype=torch.int64)
+    shared = torch.arange(num_experts - num_shared, num_experts, dtype=torch.int64,
+                          device=local.device)
     local = torch.cat([local, shared.unsqueeze(0).expand(t, num_shared)], dim=1)
-    weights = torch.cat([weights, torch.ones(t, num_shared, dtype=torch.float32)], dim=1)
+    weights = torch.cat([weights, torch.ones(t, num_shared, dtype=torch.float32,
+                                             device=weights.device)], dim=1)
     return local, weights
 
 
@@ -610,7 +614,7 @@ def moe_forward(hidden: torch.Tensor, w13_packed: torch.Tensor, w13_scales: torc
     t, h = hidden.shape
     dtype = hidden.dtype
     used = sorted(int(e) for e in torch.unique(local).tolist() if 0 <= e < num_experts)
-    contributions = torch.zeros(t, local.shape[1], h, dtype=dtype)
+    contributions = torch.zeros(t, local.shape[1], h, dtype=dtype, device=hidden.device)
     for done, e in enumerate(used):
         token, slot = torch.nonzero(local == e, as_tuple=True)
         xq, xs = quantize_codes(hidden[token])
@@ -656,7 +660,7 @@ def moe_forward_unquantized(hidden: torch.Tensor, w13, w2, topk_ids: torch.Tenso
     dtype = hidden.dtype
     get13 = (lambda e: w13[e]) if isinstance(w13, torch.Tensor) else w13
     get2 = (lambda e: w2[e]) if isinstance(w2, torch.Tensor) else w2
-    contributions = torch.zeros(t, local.shape[1], h, dtype=dtype)
+    contributions = torch.zeros(t, local.shape[1], h, dtype=dtype, device=hidden.device)
     valid = local >= 0
     if num_experts is not None:
         valid &= local < num_experts

@@ -13,7 +13,8 @@
 #      tests and the CUDA example), run by run.sh's cctest and sanitizer stages.
 #   4. the Python package sources (mxmoe/*.py and its subpackages, mxmoe/_mxmoe_ext.cc: the nanobind module is
 #      compiled on the GPU host against the host's own Python and nanobind), the public headers,
-#      tests/gpu, bench/*.py, run.sh, and COMMIT (the commit, "-dirty" if the tree has changes).
+#      tests/gpu, bench/*.py and bench/peers/*.py, run.sh, and COMMIT (the commit, "-dirty" if
+#      the tree has changes).
 # On the GPU host: `bash PACK_DIR/run.sh OUTDIR` (tools/gpu/run.sh).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -45,7 +46,7 @@ programs="$(bazel query --noshow_progress \
 [[ -n "${programs}" ]] || { echo "pack.sh: //tests/gpu:gpu_programs lists no programs" >&2; exit 1; }
 
 rm -rf "${pack}"
-mkdir -p "${pack}"/{lib,bin,mxmoe,include,tests/gpu,bench}
+mkdir -p "${pack}"/{lib,bin,mxmoe,include,tests/gpu,bench/peers}
 cp "${bin_dir}/cc/libmxmoe.so" "${pack}/lib/${soname}"
 for program in ${programs}; do
   cp "${bin_dir}/${program}" "${pack}/bin/"
@@ -59,6 +60,7 @@ done
 cp -r cc/include/mxmoe "${pack}/include/"
 cp tests/gpu/*.py "${pack}/tests/gpu/"
 cp bench/*.py "${pack}/bench/"
+cp bench/peers/*.py "${pack}/bench/peers/"
 cp tools/gpu/run.sh "${pack}/run.sh"
 cp tools/gpu/perf_experiment.sh "${pack}/perf_experiment.sh"
 chmod -R u+w "${pack}"  # bazel-bin outputs are read-only

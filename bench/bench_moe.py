@@ -359,10 +359,6 @@ def main():
     log(f"{gpu}: copy bandwidth {copy_gbps:.0f} GB/s; mxmoe backend "
         f"{mxmoe.backend_for(torch.empty(1, device='cuda'))}")
     rows = []
-    for name in args.shapes:
-        e, h, inter, top_k = SHAPES[name]
-        rows += bench_shape(name, e, h, inter, top_k, blocks, args.tokens, copy_gbps, args.impls,
-                            log, vllm_ops, not args.no_check)
     result = {
         "gpu": gpu,
         "commit": args.commit,
@@ -381,9 +377,13 @@ def main():
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{gpu_short_name(gpu)}-moe.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    log(f"wrote {path}")
+    for name in args.shapes:
+        e, h, inter, top_k = SHAPES[name]
+        rows += bench_shape(name, e, h, inter, top_k, blocks, args.tokens, copy_gbps, args.impls,
+                            log, vllm_ops, not args.no_check)
+        with open(path, "w") as f:  # after every shape: a run cut short keeps what it measured
+            json.dump(result, f, indent=1)
+        log(f"wrote {path} ({len(rows)} rows)")
     print_table(result)
     return 0
 

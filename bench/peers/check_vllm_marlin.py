@@ -55,7 +55,7 @@ BLOCKS = {
 }
 
 
-def check_block(ref, ops, name, spec, e=16, h=512, inter=256, tokens=37):
+def check_block(ref, ops, name, spec, e=16, h=512, inter=256, tokens=37, **peer_flags):
     gen = torch.Generator(device="cuda").manual_seed(7)
     shared = spec.get("shared", 0)
     local = e + shared
@@ -80,7 +80,8 @@ def check_block(ref, ops, name, spec, e=16, h=512, inter=256, tokens=37):
         options["w2_bias"] = randn(local, h, std=0.01)
     if spec.get("correction"):
         options["e_score_correction_bias"] = torch.randn(e, device="cuda", generator=gen) * 0.01
-    peer = vllm_marlin.VllmMarlinMoe(ops, w13p, w13s, w2p, w2s, spec["top_k"], **options)
+    peer = vllm_marlin.VllmMarlinMoe(ops, w13p, w13s, w2p, w2s, spec["top_k"], **options,
+                                     **peer_flags)
     route_keys = ("routing", "num_expert_groups", "topk_groups", "routed_scaling_factor",
                   "e_score_correction_bias")
     ids, weights = ref.route(logits, spec["top_k"], True,
@@ -133,6 +134,13 @@ def main() -> int:
                        "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     bad = [r["block"] for r in rows
            if "error" in r or not r["finite"] or r["rel_l2_vs_w4a16_ref"] > TOLERANCE]
+    if bad:  # diagnosis: the same blocks with the scale pairs left unswapped
+        for name in bad:
+            try:
+                row = check_block(ref, ops, name, BLOCKS[name], _scale_pair_swap=False)
+                print("diagnosis, scale pairs unswapped: " + json.dumps(row))
+            except Exception as exc:
+                print(f"diagnosis, scale pairs unswapped: {name}: {type(exc).__name__}: {exc}")
     print("FAILED: " + ", ".join(bad) if bad else "OK: every block within "
           f"{TOLERANCE} of the W4A16 reference")
     return 1 if bad else 0

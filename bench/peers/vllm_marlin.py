@@ -114,13 +114,15 @@ def _bias_perm() -> list[int]:
     return [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)]
 
 
-def _marlin_scales(scales: torch.Tensor) -> torch.Tensor:
-    """One expert's E8M0 scales [N, K/32] uint8 -> Marlin's [K/32, N] float8_e8m0fnu."""
+def _marlin_scales(scales: torch.Tensor, pair_swap: bool = True) -> torch.Tensor:
+    """One expert's E8M0 scales [N, K/32] uint8 -> Marlin's [K/32, N] float8_e8m0fnu.
+    ``pair_swap`` False is a deliberately wrong layout, for check_vllm_marlin's diagnosis."""
     n = scales.shape[0]
     s = scales.view(torch.float8_e8m0fnu).to(torch.bfloat16).T  # [K/32, N]
     s = s.reshape(-1, 64)[:, _scale_perm()].reshape(-1, n)
     # The bf16-activation dequantizer reads scales in pairs swapped within groups of four.
-    s = s.reshape(-1, 4)[:, [0, 2, 1, 3]].reshape(-1, n)
+    if pair_swap:
+        s = s.reshape(-1, 4)[:, [0, 2, 1, 3]].reshape(-1, n)
     return s.to(torch.float8_e8m0fnu).contiguous()
 
 
@@ -163,7 +165,7 @@ class VllmMarlinMoe:
                  swiglu_limit: float = 7.0, w13_bias=None, w2_bias=None,
                  routing: str = "softmax_topk", num_expert_groups: int = 0, topk_groups: int = 0,
                  routed_scaling_factor: float = 1.0, e_score_correction_bias=None,
-                 num_shared_experts: int = 0):
+                 num_shared_experts: int = 0, _scale_pair_swap: bool = True):
         if activation not in ("silu", "swiglu_oai"):
             raise ValueError(f"activation must be 'silu' or 'swiglu_oai', got {activation!r}")
         if routing not in ("softmax_topk", "topk_softmax", "sigmoid_grouped_topk"):
@@ -197,8 +199,10 @@ class VllmMarlinMoe:
             w13_bias = None if w13_bias is None else w13_bias[:, order]
         self.w13 = _marlin_weights(w13_packed)
         self.w2 = _marlin_weights(w2_packed)
-        self.s13 = torch.stack([_marlin_scales(w13_scales[e]) for e in range(self.num_experts)])
-        self.s2 = torch.stack([_marlin_scales(w2_scales[e]) for e in range(self.num_experts)])
+        self.s13 = torch.stack([_marlin_scales(w13_scales[e], _scale_pair_swap)
+                                for e in range(self.num_experts)])
+        self.s2 = torch.stack([_marlin_scales(w2_scales[e], _scale_pair_swap)
+                               for e in range(self.num_experts)])
         self.b13 = None if w13_bias is None else torch.stack(
             [_marlin_bias(w13_bias[e]) for e in range(self.num_experts)])
         self.b2 = None if w2_bias is None else torch.stack(

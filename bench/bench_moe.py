@@ -213,6 +213,8 @@ def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, imp
         routed = [ops.route(lg, top_k, True, **routing) for _, lg in inputs]
         use_graph = tokens <= GRAPH_MAX_TOKENS
         row = {"shape": name, "block": block, "tokens": tokens, "graph": use_graph}
+        if getattr(peers.get("vllm_marlin"), "padding", lambda: "")():
+            row["vllm_marlin_padding"] = peers["vllm_marlin"].padding()
         experts = sum(torch.unique(ids).numel() for ids, _ in routed) / len(routed) + shared
         row["active_experts"] = experts
         row["floor_bytes_ms"] = experts * mxfp4_expert_bytes(h, inter) / (copy_gbps * 1e9) * 1e3

@@ -2,9 +2,10 @@
 
   python bench/peers/check_vllm_marlin.py --vllm PATH [--out DIR]
 
-For each block (SiLU; SwiGLU-OAI with biases and top-k-then-softmax; sigmoid grouped top-k with
-a shared expert), random bf16 weights are quantized to MXFP4 by mxmoe's pure-torch reference
-(py/mxmoe/reference.py, loaded by path, so the mxmoe extension is not needed), and the peer's
+For each block (SiLU; SwiGLU-OAI with biases and top-k-then-softmax, at H and I that vLLM pads;
+sigmoid grouped top-k with a shared expert), random bf16 weights are quantized to MXFP4 by
+mxmoe's pure-torch reference (py/mxmoe/reference.py, loaded by path, so the mxmoe extension is
+not needed), and the peer's
 layer is compared with two float64-GEMM references on the same MXFP4 weights and the same
 routing: W4A16 (bf16 activations, what Marlin computes) and W4A4 (mxmoe's contract, activations
 quantized to MXFP4 too). Its routing kernels are compared with the contract's routing.
@@ -47,15 +48,17 @@ def rel_l2(a, b) -> float:
 
 BLOCKS = {
     "silu": {"top_k": 2},
+    # H and I off vLLM's Marlin alignment (256 / 128), as GPT-OSS's 2880: the padded path.
     "gpt-oss": {"top_k": 4, "activation": "swiglu_oai", "routing": "topk_softmax",
-                "bias": True},
+                "bias": True, "h": 480, "inter": 160},
     "deepseek-v3": {"top_k": 4, "routing": "sigmoid_grouped_topk", "num_expert_groups": 4,
                     "topk_groups": 2, "routed_scaling_factor": 2.5, "correction": True,
                     "shared": 1},
 }
 
 
-def check_block(ref, ops, name, spec, e=16, h=512, inter=256, tokens=37, **peer_flags):
+def check_block(ref, ops, name, spec, e=16, tokens=37, **peer_flags):
+    h, inter = spec.get("h", 512), spec.get("inter", 256)
     gen = torch.Generator(device="cuda").manual_seed(7)
     shared = spec.get("shared", 0)
     local = e + shared
@@ -99,7 +102,8 @@ def check_block(ref, ops, name, spec, e=16, h=512, inter=256, tokens=37, **peer_
     ref_order = torch.argsort(ids.long(), dim=1)
     weight_err = float((torch.gather(peer_weights, 1, order)
                         - torch.gather(weights, 1, ref_order)).abs().max())
-    return {"block": name, "rel_l2_vs_w4a16_ref": rel_l2(out, w4a16),
+    return {"block": name, "H": h, "I": inter, "padding": peer.padding(),
+            "rel_l2_vs_w4a16_ref": rel_l2(out, w4a16),
             "rel_l2_vs_w4a4_ref": rel_l2(out, w4a4),
             "w4a4_ref_vs_w4a16_ref": rel_l2(w4a4, w4a16),
             "routing_id_match": float(same.float().mean()),

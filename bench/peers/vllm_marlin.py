@@ -14,6 +14,11 @@ the way vLLM 0.26's ``fused_marlin_moe`` does, op for op, from vLLM's compiled e
               gate0, up0, gate1, ... as in GPT-OSS checkpoints, which that op expects);
   GEMM2       ``moe_wna16_marlin_gemm`` (+ w2 bias, times the routing weight);
   combine     a bf16 sum over the slots (``torch.sum``, as ``fused_marlin_moe``).
+Padding, as vLLM's ``mxfp4_round_up_hidden_size_and_intermediate_size`` does for Marlin on CUDA:
+H is rounded up to a multiple of 256 and I to a multiple of 128 (zero codes, zero scale bytes,
+zero biases; Marlin has no tile configuration for N = 2880), the hidden states are zero-padded
+in every call and the output sliced back. GPT-OSS (H = I = 2880) runs at H 3072, I 2944; the
+Qwen3 and DeepSeek-V3 shapes need no padding.
 Shared experts (DeepSeek-V3) ride along as extra slots of weight 1 (the shared-expert fusion
 SGLang and vLLM's ROCm path use), so the peer does the same work as mxmoe's layer.
 
@@ -48,6 +53,7 @@ MEMBERS = ("vllm/_moe_C_stable_libtorch.abi3.so", "vllm/_C_stable_libtorch.abi3.
            "vllm/scalar_type.py")
 OPTIONAL = ("vllm/_version.py",)
 GROUP = 32  # MXFP4 block size
+HIDDEN_ALIGN, INTER_ALIGN = 256, 128  # vLLM's Marlin rounding of H and I (CUDA)
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,21 @@ def _marlin_weights(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Zero-pads the last two dims of t [E, r, c] to [E, rows, cols]."""
+    return torch.nn.functional.pad(t, (0, cols - t.shape[-1], 0, rows - t.shape[-2]))
+
+
+def _pad_w13(t: torch.Tensor, inter: int, padded_inter: int, cols: int) -> torch.Tensor:
+    """[E, 2I, c] (gate rows, then up) -> [E, 2I', cols]: gate and up padded separately."""
+    return torch.cat([_pad(t[:, :inter], padded_inter, cols),
+                      _pad(t[:, inter:], padded_inter, cols)], dim=1)
+
+
 def _marlin_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     if bias is None:
         return None
@@ -183,9 +204,22 @@ class VllmMarlinMoe:
         self.routed_scaling_factor = routed_scaling_factor
         self.num_shared = num_shared_experts
         self.num_experts = w13_packed.shape[0]
-        self.hidden = w2_packed.shape[1]
-        self.inter = w2_packed.shape[2] * 2
+        self.hidden_in = w2_packed.shape[1]
+        inter = w2_packed.shape[2] * 2
+        self.w2_in_inter = inter
+        self.hidden = _round_up(self.hidden_in, HIDDEN_ALIGN)
+        self.inter = _round_up(inter, INTER_ALIGN)
         device = w13_packed.device
+        if (self.hidden, self.inter) != (self.hidden_in, inter):
+            h, i = self.hidden, self.inter
+            w13_packed = _pad_w13(w13_packed, inter, i, h // 2)
+            w13_scales = _pad_w13(w13_scales, inter, i, h // GROUP)
+            w2_packed = _pad(w2_packed, h, i // 2)
+            w2_scales = _pad(w2_scales, h, i // GROUP)
+            if w13_bias is not None:
+                w13_bias = _pad_w13(w13_bias.unsqueeze(-1), inter, i, 1).squeeze(-1)
+            if w2_bias is not None:
+                w2_bias = torch.nn.functional.pad(w2_bias, (0, h - self.hidden_in))
         routed = self.num_experts - num_shared_experts
         bias = e_score_correction_bias
         self.correction = (torch.zeros(routed, dtype=torch.float32, device=device)
@@ -209,6 +243,13 @@ class VllmMarlinMoe:
             [_marlin_bias(w2_bias[e]) for e in range(self.num_experts)])
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.workspace = torch.zeros(sms * 4, dtype=torch.int32, device=device)
+
+    def padding(self) -> str:
+        """'' or what vLLM's rounding did to this layer (e.g. 'H 2880->3072, I 2880->2944')."""
+        i_in = self.w2_in_inter
+        if (self.hidden, self.inter) == (self.hidden_in, i_in):
+            return ""
+        return f"H {self.hidden_in}->{self.hidden}, I {i_in}->{self.inter}"
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w13, self.w2, self.s13, self.s2))
@@ -246,6 +287,8 @@ class VllmMarlinMoe:
         ids = topk_ids.to(torch.int32)
         weights = topk_weights.to(torch.float32)
         t = hidden.shape[0]
+        if self.hidden != self.hidden_in:
+            hidden = torch.nn.functional.pad(hidden, (0, self.hidden - self.hidden_in))
         if self.num_shared:
             shared = torch.arange(self.num_experts - self.num_shared, self.num_experts,
                                   dtype=torch.int32, device=ids.device)
@@ -278,4 +321,5 @@ class VllmMarlinMoe:
         down = gemm(act, None, self.w2, self.b2, self.s2, None, None, None, None, None,
                     self.workspace, sorted_ids, expert_ids, post_pad, weights, block, 1, True,
                     type_id, t * slots, h, i, True, False, True, False, -1, -1, -1)
-        return torch.sum(down.view(t, slots, h), dim=1)
+        out = torch.sum(down.view(t, slots, h), dim=1)
+        return out if h == self.hidden_in else out[:, :self.hidden_in]

@@ -23,6 +23,7 @@ LABELS = {
     "mxmoe_ms": "mxmoe (MXFP4 W4A4)",
     "torch_bf16_ms": "torch bf16 (_grouped_mm)",
     "torch_fp8_ms": "torch FP8 rowwise (_scaled_grouped_mm)",
+    "vllm_marlin_ms": "vLLM Marlin MXFP4 W4A16 (moe_wna16_marlin_gemm)",
 }
 
 

@@ -37,6 +37,7 @@ def load_reference():
         path = os.path.join(HERE, "..", "..", "mxmoe", "reference.py")
     spec = importlib.util.spec_from_file_location("_mxmoe_reference", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

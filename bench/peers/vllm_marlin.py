@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def load(path: str) -> VllmOps:
     spec = importlib.util.spec_from_file_location("_vllm_scalar_type",
                                                   os.path.join(root, MEMBERS[2]))
     scalar_type = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = scalar_type  # its dataclasses look their module up
     spec.loader.exec_module(scalar_type)
     version = "unknown"
     version_file = os.path.join(root, OPTIONAL[0])

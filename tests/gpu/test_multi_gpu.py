@@ -83,3 +83,40 @@ def test_moe_forward_on_second_gpu():
     assert got.device == dev
     err = rel_l2(got, want)
     assert err <= 5e-3, f"{t=} {h=} {inter=} {e=} {top_k=}: rel_l2 {err:.2e}"
+
+
+def test_one_process_drives_both_gpus_in_turn():
+    # One MoELayer per GPU (the GPT-OSS block: SwiGLU-OAI, biases, top-k-then-softmax), called
+    # alternately, each with the *other* GPU current: same bits on both GPUs on every call,
+    # within the contract's tolerance of the CPU backend, and the caller's device kept.
+    import mxmoe
+
+    g = torch.Generator().manual_seed(5)
+    t, h, inter, e, top_k = 33, 2880, 256, 8, 4
+    w13 = (torch.randn(e, 2 * inter, h, generator=g) / h**0.5).to(torch.bfloat16)
+    w2 = (torch.randn(e, h, inter, generator=g) / inter**0.5).to(torch.bfloat16)
+    options = {"activation": "swiglu_oai", "routing": "topk_softmax",
+               "w13_bias": (torch.randn(e, 2 * inter, generator=g) * 0.02).to(torch.bfloat16),
+               "w2_bias": (torch.randn(e, h, generator=g) * 0.01).to(torch.bfloat16)}
+    cpu = mxmoe.MoELayer.from_float(w13, w2, top_k=top_k, **options)
+    layers = {d: cpu.to(f"cuda:{d}") for d in (0, 1)}
+    hidden = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    logits = torch.randn(t, e, generator=g)
+    want = cpu(hidden, logits)
+    outputs = {0: [], 1: []}
+    for step in range(4):
+        d = step % 2
+        torch.cuda.set_device(1 - d)
+        out = layers[d](hidden.to(f"cuda:{d}"), logits.to(f"cuda:{d}"))
+        assert torch.cuda.current_device() == 1 - d, f"step {step}: current device changed"
+        assert out.device == torch.device(f"cuda:{d}")
+        torch.cuda.synchronize(d)
+        outputs[d].append(out.cpu())
+    torch.cuda.set_device(0)
+    first = outputs[0][0]
+    for d in (0, 1):
+        for i, out in enumerate(outputs[d]):
+            assert torch.equal(out.view(torch.int16), first.view(torch.int16)), (
+                f"cuda:{d} call {i} differs from cuda:0's first call")
+    err = rel_l2(first, want)
+    assert err <= 5e-3, f"GPU vs CPU backend rel_l2 {err:.2e}"

@@ -9,14 +9,24 @@ Two parts, one JSON (default bench/results/cpu-parallel.json, or <gpu>-parallel.
    (world x (max local experts + 1) int64 per rank).
 2. Times: ExpertParallelMoE.forward_topk on ``--world`` ranks (gloo on the CPU, NCCL on CUDA),
    median wall time per stage (dispatch: sort, count exchange, quantize/pack, all_to_all;
-   experts: regroup + GEMM1 + activation + GEMM2; combine: reverse all_to_all + weighted sum).
-   Weights are random codes (timing does not depend on their values).
+   experts: regroup + GEMM1 + activation + GEMM2; combine: reverse all_to_all + weighted sum),
+   and the two payload exchanges alone (dispatch_all_to_all, combine_all_to_all). Beside them,
+   in the same run: the bytes this rank sent to / received from its peers, the achieved
+   bandwidth of its dispatch exchange (bytes sent to peers / dispatch_all_to_all time), the
+   process group's own bandwidth for an evenly split all_to_all_single of the same bytes
+   (``a2a_baseline_GBps``, the best the exchange can do), and the whole layer with every expert
+   on one device running all ranks' tokens (``single_device_ms``, rank 0). Weights are random
+   codes (timing does not depend on their values).
 
-Run: ``python bench/bench_parallel.py`` (spawns its ranks), or under torchrun:
-``torchrun --nproc-per-node 2 bench/bench_parallel.py`` (CUDA + NCCL when GPUs are visible; set
-NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 on hosts without
-NVLink multicast). On the CPU the timing part defaults to small token counts: the CPU backend's
-exact GEMM is slow and the point is the exchange's share.
+Run: ``python bench/bench_parallel.py`` (spawns ``--world`` ranks: one GPU each over NCCL when
+that many GPUs are visible, else gloo on the CPU), or under torchrun:
+``torchrun --nproc-per-node 2 bench/bench_parallel.py``. NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1: this script
+sets them, overriding the environment). On two GPUs through the GPU workflow:
+``bash run.sh OUT --only build,bench --bench bench/bench_parallel.py`` writes
+OUT/<gpu>-parallel.json (``--out`` takes a file or a directory). Not yet run on GPUs. On the
+CPU the timing part defaults to small token counts: the CPU backend's exact GEMM is slow and
+the point is the exchange's share.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import mxmoe
 from mxmoe import parallel
 
 for _var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_var, "0" if _var == "NCCL_NVLS_ENABLE" else "1")
+    os.environ[_var] = "0" if _var == "NCCL_NVLS_ENABLE" else "1"  # multicast stays off
 
 
 def route(tokens: int, num_experts: int, top_k: int, seed: int):
@@ -105,12 +115,88 @@ def random_local_layer(e: int, h: int, inter: int, begin: int, end: int,
     return layer.to(device)
 
 
+def _median_ms(fn, repeats: int, device) -> float:
+    """Median wall milliseconds of fn() over repeats (after one warm-up), every rank in step."""
+    samples = []
+    for i in range(repeats + 1):
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def exchange_bytes(ids: torch.Tensor, e: int, world: int, rank: int, row_bytes: int):
+    """(bytes this rank sends to its peers, bytes it receives from them) for one dispatch of
+    rows of row_bytes; the receive side comes from every rank's counts (all_gather)."""
+    owner = torch.empty(e, dtype=torch.int64)
+    for r, (b, end) in enumerate(parallel.split_experts(e, world)):
+        owner[b:end] = r
+    per_dest = torch.bincount(owner[ids.reshape(-1).long().cpu()], minlength=world)
+    everyone = [torch.empty_like(per_dest) for _ in range(world)]
+    dist.all_gather_object(everyone, per_dest)
+    sent = int(per_dest.sum() - per_dest[rank])
+    received = sum(int(everyone[r][rank]) for r in range(world) if r != rank)
+    return sent * row_bytes, received * row_bytes
+
+
+def a2a_baseline_gbps(nbytes: int, world: int, repeats: int, device) -> float:
+    """The group's bandwidth for an evenly split all_to_all_single moving the largest rank's
+    nbytes to its peers."""
+    everyone = [0] * world
+    dist.all_gather_object(everyone, nbytes)  # one size for every rank: the largest sender's
+    per_peer = max(1, -(-max(everyone) // max(1, world - 1)))
+    send = torch.empty(per_peer * world, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    ms = _median_ms(lambda: dist.all_to_all_single(recv, send), repeats, device)
+    return per_peer * (world - 1) / (ms * 1e-3) / 1e9
+
+
+def time_single_device(e, h, inter, top_k, world, tokens, repeats, device) -> float:
+    """The whole layer (every expert) on this device, on all ranks' tokens."""
+    layer = random_local_layer(e, h, inter, 0, e, device)
+    xs, ids, ws = [], [], []
+    for r in range(world):
+        xs.append(torch.randn(tokens, h, generator=torch.Generator().manual_seed(r)).to(
+            torch.bfloat16))
+        i, w = route(tokens, e, top_k, seed=1000 * world + r)
+        ids.append(i)
+        ws.append(w)
+    x, i, w = (torch.cat(v).to(device) for v in (xs, ids, ws))
+    samples = []
+    for k in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        layer.forward_topk(x, i, w)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if k:
+            samples.append(time.perf_counter() - start)
+    del layer
+    return statistics.median(samples) * 1e3
+
+
 def time_rank(rank: int, world: int, shapes: list[str], tokens_list: list[int], repeats: int,
               device) -> list[dict]:
     rows = []
+    device = torch.device(device)
     for name in shapes:
         e, h, inter, top_k = SHAPES[name]
         begin, end = parallel.split_experts(e, world)[rank]
+        single = {}
+        if rank == 0:
+            for tokens in tokens_list:
+                try:
+                    single[tokens] = round(time_single_device(e, h, inter, top_k, world, tokens,
+                                                              repeats, device), 3)
+                except (RuntimeError, MemoryError) as exc:  # does not fit: say so in the row
+                    single[tokens] = f"{type(exc).__name__}: {exc}"[:200]
         for dispatch in parallel.DISPATCH_FORMATS:
             ep = parallel.ExpertParallelMoE(random_local_layer(e, h, inter, begin, end, device),
                                             dispatch=dispatch)
@@ -130,9 +216,19 @@ def time_rank(rank: int, world: int, shapes: list[str], tokens_list: list[int], 
                         samples.append(timings)
                 medians = {k: statistics.median(s[k] for s in samples) * 1e3
                            for k in samples[0]}
-                rows.append({"model": name, "tokens_per_rank": tokens, "world": world,
-                             "dispatch": dispatch, "rank": rank,
-                             **{f"{k}_ms": round(v, 3) for k, v in medians.items()}})
+                sent, received = exchange_bytes(ids, e, world, rank,
+                                                ep.dispatch_bytes_per_row(torch.bfloat16))
+                row = {"model": name, "tokens_per_rank": tokens, "world": world,
+                       "dispatch": dispatch, "rank": rank,
+                       **{f"{k}_ms": round(v, 3) for k, v in medians.items()},
+                       "dispatch_bytes_sent": sent, "dispatch_bytes_received": received,
+                       "dispatch_all_to_all_GBps": round(
+                           sent / (medians["dispatch_all_to_all"] * 1e-3) / 1e9, 3),
+                       "a2a_baseline_GBps": round(
+                           a2a_baseline_gbps(sent, world, repeats, device), 3)}
+                if rank == 0:
+                    row["single_device_ms"] = single[tokens]
+                rows.append(row)
                 if rank == 0:
                     print(f"{name:14s} T={tokens:5d} {dispatch:5s} " + " ".join(
                         f"{k}={v:8.2f}ms" for k, v in medians.items()), flush=True)
@@ -140,13 +236,21 @@ def time_rank(rank: int, world: int, shapes: list[str], tokens_list: list[int], 
     return rows
 
 
-def _worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
+def _worker(rank: int, world: int, init_file: str, args, out_file: str, cuda: bool) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=600))
-    rows = time_rank(rank, world, args.timing_shapes, args.timing_tokens, args.repeats, "cpu")
+    if cuda:  # one GPU per rank, NCCL
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=600),
+                                device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=600))
+    rows = time_rank(rank, world, args.timing_shapes, args.timing_tokens, args.repeats, device)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -166,12 +270,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpu-threads", type=int, default=1)
     parser.add_argument("--no-timing", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="a JSON file, or a directory for "
+                        "<gpu>-parallel.json (default bench/results/)")
     parser.add_argument("--note", default="", help="stored in the JSON (machine, load)")
     args = parser.parse_args()
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    cuda = under_torchrun and torch.cuda.is_available()
+    # CUDA + NCCL under torchrun with GPUs, or when spawning --world ranks on as many GPUs.
+    cuda = torch.cuda.is_available() and (under_torchrun
+                                          or torch.cuda.device_count() >= args.world)
     if args.timing_shapes is None:
         args.timing_shapes = list(SHAPES) if cuda else ["qwen3-30b-a3b", "gpt-oss-120b"]
     if args.timing_tokens is None:
@@ -212,21 +319,23 @@ def main() -> None:
 
             with tempfile.TemporaryDirectory() as tmp:
                 out_file = os.path.join(tmp, "timing.json")
-                mp.spawn(_worker, args=(args.world, os.path.join(tmp, "init"), args, out_file),
-                         nprocs=args.world)
+                mp.spawn(_worker, args=(args.world, os.path.join(tmp, "init"), args, out_file,
+                                        cuda), nprocs=args.world)
                 with open(out_file) as f:
                     timing = json.load(f)
-            result["device"] = "cpu"
-            result["backend"] = "gloo"
-            result["cpu_threads_per_rank"] = args.cpu_threads
+            result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+            result["backend"] = "nccl" if cuda else "gloo"
+            if not cuda:
+                result["cpu_threads_per_rank"] = args.cpu_threads
         result["timing"] = timing
     if rank != 0:
         return
     out = args.out
+    prefix = gpu_short_name(torch.cuda.get_device_name()) if cuda else "cpu"
     if out is None:
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        prefix = gpu_short_name(torch.cuda.get_device_name()) if cuda else "cpu"
-        out = os.path.join(here, f"{prefix}-parallel.json")
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if os.path.isdir(out):  # a directory (tools/gpu/run.sh passes one): the suite's file in it
+        out = os.path.join(out, f"{prefix}-parallel.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")

@@ -502,7 +502,9 @@ class ExpertParallelMoE(torch.nn.Module):
         send = self._traffic.get("send", t * top_k, width, torch.uint8, device)
         torch.index_select(payload, 0, order // top_k, out=send)
         recv = self._traffic.get("recv", rows, width, torch.uint8, device)
+        mark.part("dispatch_prepare")
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group)
+        mark.part("dispatch_all_to_all")
         mark("dispatch")
 
         # Received rows come by (source rank, local expert); group them by local expert, then
@@ -553,7 +555,9 @@ class ExpertParallelMoE(torch.nn.Module):
         back_send = self._traffic.get("back_send", rows, h, dtype, device)
         back_send[grouped_order] = y[:rows]
         back_recv = self._traffic.get("back_recv", t * top_k, h, dtype, device)
+        mark.part("combine_prepare")
         dist.all_to_all_single(back_recv, back_send, in_splits, out_splits, group=self.group)
+        mark.part("combine_all_to_all")
         slots = top_k + num_shared
         contributions = self._traffic.get("contributions", t * slots, h, dtype, device).view(
             t, slots, h)
@@ -567,7 +571,11 @@ class ExpertParallelMoE(torch.nn.Module):
 
 
 class _Timer:
-    """Wall time of the stages of a forward, when asked for (benchmarks); free otherwise."""
+    """Wall time of the stages of a forward, when asked for (benchmarks); free otherwise.
+
+    ``mark(stage)`` ends a stage (dispatch, experts, combine); ``mark.part(name)`` records the
+    time since the stage's start or its previous part (e.g. dispatch_all_to_all) without ending
+    the stage, so the stages still sum to the forward."""
 
     def __init__(self, timings: dict | None, device: torch.device):
         self._timings = timings
@@ -576,16 +584,26 @@ class _Timer:
             import time
 
             self._clock = time.perf_counter
-            self._last = self._clock()
+            self._last = self._part = self._clock()
+
+    def _now(self) -> float:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return self._clock()
+
+    def part(self, name: str) -> None:
+        if self._timings is None:
+            return
+        now = self._now()
+        self._timings[name] = self._timings.get(name, 0.0) + now - self._part
+        self._part = now
 
     def __call__(self, stage: str) -> None:
         if self._timings is None:
             return
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        now = self._clock()
+        now = self._now()
         self._timings[stage] = self._timings.get(stage, 0.0) + now - self._last
-        self._last = now
+        self._last = self._part = now
 
 
 def _layer_config(layer: MoELayer) -> dict:

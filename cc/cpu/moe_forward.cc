@@ -39,9 +39,11 @@
 #include <vector>
 
 #include "cc/base/workspace.h"
+#include "cc/cpu/activation_simd.h"
 #include "cc/cpu/cpu_backend.h"
 #include "cc/cpu/element_io.h"
 #include "cc/cpu/mxfp4_block.h"
+#include "cc/cpu/panel.h"
 #include "cc/cpu/parallel.h"
 #include "mxmoe/format.h"
 #include "mxmoe/moe_numerics.h"
@@ -222,9 +224,11 @@ void RouteTokens(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int
   }
 }
 
-// Stage 6 for rows [begin, end): activation (+ w13 bias) of the GEMM1 row, rounded.
-void ActivateRows(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int64_t begin,
-                  int64_t end) {
+// Stage 6 for rows [begin, end): activation (+ w13 bias) of the GEMM1 row, rounded. One body,
+// compiled twice (panel.h, ActivationUsesFma): the same bits either way.
+__attribute__((always_inline)) inline void ActivateRowsBody(const mxmoe_moe_forward_args& args,
+                                                            const MoeWorkspace& ws,
+                                                            int64_t begin, int64_t end) {
   const int64_t inter = args.intermediate_size;
   const int32_t dtype = args.activation_dtype;
   for (int64_t r = begin; r < end; ++r) {
@@ -245,6 +249,38 @@ void ActivateRows(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, in
                           : MXMOE_MUL(format::SiluF32(g), u);
       StoreFromFloat(ws.intermediate, dtype, r * inter + i, y);
     }
+  }
+}
+
+void ActivateRowsPlain(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                       int64_t begin, int64_t end) {
+  ActivateRowsBody(args, ws, begin, end);
+}
+
+MXMOE_CPU_FMA_TARGET void ActivateRowsFma(const mxmoe_moe_forward_args& args,
+                                          const MoeWorkspace& ws, int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+  if (args.activation != MXMOE_ACTIVATION_SWIGLU_OAI && args.w13_bias == nullptr &&
+      args.activation_dtype == MXMOE_DTYPE_BF16) {  // eight lanes at a time (activation_simd.h)
+    const int64_t inter = args.intermediate_size;
+    const uint16_t* in = reinterpret_cast<const uint16_t*>(ws.gemm1_output);
+    uint16_t* out = reinterpret_cast<uint16_t*>(ws.intermediate);
+    for (int64_t r = begin; r < end; ++r) {
+      SiluMulBf16RowToBf16(in + r * 2 * inter, in + r * 2 * inter + inter, inter,
+                           out + r * inter);
+    }
+    return;
+  }
+#endif
+  ActivateRowsBody(args, ws, begin, end);
+}
+
+void ActivateRows(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int64_t begin,
+                  int64_t end) {
+  if (ActivationUsesFma()) {
+    ActivateRowsFma(args, ws, begin, end);
+  } else {
+    ActivateRowsPlain(args, ws, begin, end);
   }
 }
 

@@ -114,8 +114,20 @@ PanelKernel PanelKernelFor(KernelIsa isa);
 KernelIsa SelectedKernelIsa();
 const char* KernelIsaName(KernelIsa isa);
 
+// The fp32 activation rows (format.h's SiluF32 / SwigluOaiF32: fmaf and rintf in the exp
+// polynomial) are compiled twice: plainly (fmaf and rintf are libm calls) and, on x86-64, with
+// MXMOE_CPU_FMA_TARGET, where they become single FMA / ROUNDSS instructions. Both are correctly
+// rounded, so the two give the same bits (tests/cc/cpu_kernels_test.cc compares them); the
+// second runs when the selected kernel is AVX2 or AVX-512 and the CPU has FMA.
+bool ActivationUsesFma();
+#if defined(__x86_64__)
+#define MXMOE_CPU_FMA_TARGET __attribute__((target("avx2,fma")))
+#else
+#define MXMOE_CPU_FMA_TARGET
+#endif
+
 namespace internal {
-// Tests only: makes the GEMM use `isa` (it must be runnable) from now on, or again the selected
+// Tests only: makes the GEMM (and the activation rows) use `isa` (it must be runnable) from now on, or again the selected
 // kernel with ResetKernelIsaForTesting().
 void SetKernelIsaForTesting(KernelIsa isa);
 void ResetKernelIsaForTesting();

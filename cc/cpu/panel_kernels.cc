@@ -415,6 +415,16 @@ PanelKernel PanelKernelFor(KernelIsa isa) {
   }
 }
 
+bool ActivationUsesFma() {
+#if defined(__x86_64__)
+  static const bool has_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const KernelIsa isa = SelectedKernelIsa();
+  return has_fma && (isa == KernelIsa::kAvx2 || isa == KernelIsa::kAvx512);
+#else
+  return false;
+#endif
+}
+
 KernelIsa SelectedKernelIsa() {
   const int forced = g_forced_isa.load(std::memory_order_relaxed);
   if (forced >= 0) return static_cast<KernelIsa>(forced);

@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <vector>
 
+#include "cc/cpu/activation_simd.h"
 #include "cc/cpu/cpu_backend.h"
 #include "cc/cpu/element_io.h"
 #include "cc/cpu/mxfp4_block.h"
+#include "cc/cpu/panel.h"
 #include "cc/cpu/parallel.h"
 #include "cc/cpu/quantize_rows.h"
 
@@ -89,16 +91,39 @@ mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args) {
   return MXMOE_STATUS_OK;
 }
 
+// y = silu(gate) * up in fp32, rounded to the input dtype: the value a separate silu-and-mul
+// kernel would have stored before quantizing. One body, compiled twice (panel.h,
+// ActivationUsesFma): the same bits either way.
+__attribute__((always_inline)) inline void SiluMulRowBody(const void* input, int32_t dtype,
+                                                          int64_t row, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float gate = LoadAsFloat(input, dtype, row * 2 * n + j);
+    const float up = LoadAsFloat(input, dtype, row * 2 * n + n + j);
+    out[j] = RoundToDtype(MXMOE_MUL(format::SiluF32(gate), up), dtype);
+  }
+}
+
+void SiluMulRow(const void* input, int32_t dtype, int64_t row, int64_t n, float* out) {
+  SiluMulRowBody(input, dtype, row, n, out);
+}
+
+MXMOE_CPU_FMA_TARGET void SiluMulRowFma(const void* input, int32_t dtype, int64_t row, int64_t n,
+                                        float* out) {
+#if defined(__x86_64__)
+  if (dtype == MXMOE_DTYPE_BF16) {  // eight lanes at a time (activation_simd.h)
+    const uint16_t* in = static_cast<const uint16_t*>(input) + row * 2 * n;
+    SiluMulBf16Row(in, in + n, n, out);
+    return;
+  }
+#endif
+  SiluMulRowBody(input, dtype, row, n, out);
+}
+
 mxmoe_status SiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args& args) {
   const int64_t n = args.n;
-  // y = silu(gate) * up in fp32, rounded to the input dtype: the value a separate silu-and-mul
-  // kernel would have stored before quantizing.
+  const auto row_fn = ActivationUsesFma() ? SiluMulRowFma : SiluMulRow;
   auto load_row = [&](int64_t row, float* out) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float gate = LoadAsFloat(args.input, args.input_dtype, row * 2 * n + j);
-      const float up = LoadAsFloat(args.input, args.input_dtype, row * 2 * n + n + j);
-      out[j] = RoundToDtype(MXMOE_MUL(format::SiluF32(gate), up), args.input_dtype);
-    }
+    row_fn(args.input, args.input_dtype, row, n, out);
   };
   QuantizeGroupedRows(n, args.num_experts, args.expert_offsets, args.blockscale_offsets,
                       load_row, args.packed, args.scales);

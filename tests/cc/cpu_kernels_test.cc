@@ -1,4 +1,5 @@
-// The CPU backend's performance machinery against its own portable reference: every panel kernel
+// The CPU backend's performance machinery against its own portable reference: the activations
+// compiled with and without FMA instructions give the same bits; every panel kernel
 // (portable loop, SSE2, AVX2 and AVX-512 VNNI where the CPU has them) on random decoded operands
 // gives the portable loop's bits; whole grouped GEMMs give identical bits for every kernel and
 // every weight format (LINEAR, SWIZZLED_128X4, PREPARED) at awkward shapes (K = 2880, n not a
@@ -20,10 +21,12 @@
 #include <thread>
 #include <vector>
 
+#include "cc/cpu/activation_simd.h"
 #include "cc/cpu/cpu_backend.h"
 #include "cc/cpu/panel.h"
 #include "cc/cpu/parallel.h"
 #include "mxmoe/format.h"
+#include "mxmoe/moe_numerics.h"
 #include "mxmoe/mxmoe.h"
 #include "tests/cc/expect.h"
 
@@ -51,6 +54,100 @@ uint8_t RandomScale(std::mt19937& rng) {
   if (pick == 1) return 0;
   if (pick == 2) return 254;
   return static_cast<uint8_t>(100 + rng() % 50);
+}
+
+// format.h's fp32 activations compiled plainly (fmaf, rintf: libm calls) and with
+// MXMOE_CPU_FMA_TARGET (single FMA / ROUNDSS instructions), as the CPU backend's activation rows
+// are (panel.h, ActivationUsesFma): the same bits on every 251st fp32 bit pattern (~17 M inputs:
+// every exponent, both signs, NaN, infinities, subnormals).
+float SiluPlain(float g) { return mxmoe::format::SiluF32(g); }
+float SwigluPlain(float g, float u) { return mxmoe::format::SwigluOaiF32(g, u, 1.702f, 7.0f); }
+float ExpPlain(float x) { return mxmoe::format::ExpF32(x); }
+MXMOE_CPU_FMA_TARGET float SiluFma(float g) { return mxmoe::format::SiluF32(g); }
+MXMOE_CPU_FMA_TARGET float SwigluFma(float g, float u) {
+  return mxmoe::format::SwigluOaiF32(g, u, 1.702f, 7.0f);
+}
+MXMOE_CPU_FMA_TARGET float ExpFma(float x) { return mxmoe::format::ExpF32(x); }
+#if defined(__x86_64__)
+MXMOE_CPU_FMA_TARGET void SiluX8Into(const float* in, float* out) {
+  _mm256_storeu_ps(out, mxmoe::cpu::SiluF32X8(_mm256_loadu_ps(in)));
+}
+#endif
+
+bool IsNanBf16(uint16_t h) { return (h & 0x7FFF) > 0x7F80; }
+
+uint32_t Bits(float f) {
+  uint32_t b;
+  memcpy(&b, &f, 4);
+  return b;
+}
+
+void TestActivationClonesAgree() {
+#if defined(__x86_64__)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    printf("activation clones: no AVX2+FMA on this CPU; skipped\n");
+    return;
+  }
+  int64_t checked = 0;
+  int bad = 0;
+  for (uint64_t b = 0; b <= 0xFFFFFFFFull; b += 251) {
+    float x;
+    const uint32_t bits = static_cast<uint32_t>(b);
+    memcpy(&x, &bits, 4);
+    const float u = static_cast<float>(static_cast<int32_t>(bits % 29) - 14) * 0.75f;
+    if (Bits(SiluPlain(x)) != Bits(SiluFma(x)) || Bits(ExpPlain(x)) != Bits(ExpFma(x)) ||
+        Bits(SwigluPlain(x, u)) != Bits(SwigluFma(x, u))) {
+      if (++bad <= 3) fprintf(stderr, "activation clones differ at 0x%08x\n", bits);
+    }
+    ++checked;
+  }
+  EXPECT(bad == 0, "%d of %lld inputs: the FMA-target activations differ from the plain ones",
+         bad, static_cast<long long>(checked));
+  // The eight-lane SiLU (activation_simd.h) on the same inputs, eight at a time.
+  int bad_x8 = 0;
+  float lanes[8], got[8];
+  for (uint64_t b = 0; b <= 0xFFFFFFFFull; b += 8 * 251) {
+    for (int l = 0; l < 8; ++l) {
+      const uint32_t bits = static_cast<uint32_t>(b + 251u * l);
+      memcpy(&lanes[l], &bits, 4);
+    }
+    SiluX8Into(lanes, got);
+    for (int l = 0; l < 8; ++l) {
+      if (Bits(got[l]) != Bits(SiluPlain(lanes[l])) && ++bad_x8 <= 3) {
+        fprintf(stderr, "SiluF32X8 differs at 0x%08x\n", Bits(lanes[l]));
+      }
+    }
+  }
+  EXPECT(bad_x8 == 0, "%d inputs: SiluF32X8 differs from SiluF32", bad_x8);
+  // The bf16 rows (both output forms) on every bf16 gate value, with random and special ups, at
+  // a length with an eight-lane part and a tail.
+  std::mt19937 rng(7);
+  const int64_t n = 65536 + 5;
+  std::vector<uint16_t> gate(n), up(n), out16(n);
+  std::vector<float> out(n);
+  const uint16_t specials[] = {0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x0001, 0x7F7F};
+  for (int64_t j = 0; j < n; ++j) {
+    gate[j] = static_cast<uint16_t>(j);
+    up[j] = rng() % 16 == 0 ? specials[rng() % 8] : static_cast<uint16_t>(rng());
+  }
+  mxmoe::cpu::SiluMulBf16Row(gate.data(), up.data(), n, out.data());
+  mxmoe::cpu::SiluMulBf16RowToBf16(gate.data(), up.data(), n, out16.data());
+  int bad_rows = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t want = mxmoe::format::FloatToBf16(
+        SiluPlain(mxmoe::format::Bf16ToFloat(gate[j])) * mxmoe::format::Bf16ToFloat(up[j]));
+    // NaN * NaN: IEEE leaves the payload open and the compiler may order the operands either
+    // way, so two NaN inputs only need a NaN result.
+    const bool both_nan = IsNanBf16(gate[j]) && IsNanBf16(up[j]);
+    const bool same = both_nan ? IsNanBf16(out16[j]) && isnan(out[j])
+                               : out16[j] == want &&
+                                     Bits(out[j]) == (static_cast<uint32_t>(want) << 16);
+    if (!same && ++bad_rows <= 3) {
+      fprintf(stderr, "bf16 SiLU row differs at gate 0x%04x up 0x%04x\n", gate[j], up[j]);
+    }
+  }
+  EXPECT(bad_rows == 0, "%d elements: the bf16 SiLU-and-mul rows differ from SiluF32", bad_rows);
+#endif
 }
 
 void TestKernelsAgree(std::mt19937& rng) {
@@ -339,6 +436,7 @@ void TestFailureLeavesOutputUntouched(const std::vector<Gemm>& problems) {
 int main() {
   setenv("MXMOE_CPU_THREADS", "3", 1);  // before the first CPU call: read once
   std::mt19937 rng(20261201);
+  TestActivationClonesAgree();
   TestKernelsAgree(rng);
   TestQuantizeBlockAgrees(rng);
   const std::vector<Gemm> problems = Problems(rng);

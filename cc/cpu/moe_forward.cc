@@ -140,9 +140,12 @@ void TopByRank(const float* value, std::vector<int32_t>* candidates, int64_t cou
   for (int64_t s = 0; s < count; ++s) chosen[s] = (*candidates)[s];
 }
 
-// Stage 1 for tokens [begin, end): ids and weights of the routed slots.
-void RouteTokens(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int64_t begin,
-                 int64_t end) {
+// Stage 1 for tokens [begin, end): ids and weights of the routed slots. One body, compiled
+// twice like the activation rows (panel.h, ActivationUsesFma): its exp and sigmoid are
+// format.h's, the same bits either way.
+__attribute__((always_inline)) inline void RouteTokensBody(const mxmoe_moe_forward_args& args,
+                                                           const MoeWorkspace& ws, int64_t begin,
+                                                           int64_t end) {
   const int64_t num_experts = args.num_global_experts;
   const int64_t top_k = args.top_k;
   const float scaling = ScalingFactor(args);
@@ -249,6 +252,25 @@ __attribute__((always_inline)) inline void ActivateRowsBody(const mxmoe_moe_forw
                           : MXMOE_MUL(format::SiluF32(g), u);
       StoreFromFloat(ws.intermediate, dtype, r * inter + i, y);
     }
+  }
+}
+
+void RouteTokensPlain(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int64_t begin,
+                      int64_t end) {
+  RouteTokensBody(args, ws, begin, end);
+}
+
+MXMOE_CPU_FMA_TARGET void RouteTokensFma(const mxmoe_moe_forward_args& args,
+                                         const MoeWorkspace& ws, int64_t begin, int64_t end) {
+  RouteTokensBody(args, ws, begin, end);
+}
+
+void RouteTokens(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int64_t begin,
+                 int64_t end) {
+  if (ActivationUsesFma()) {
+    RouteTokensFma(args, ws, begin, end);
+  } else {
+    RouteTokensPlain(args, ws, begin, end);
   }
 }
 

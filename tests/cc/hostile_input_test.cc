@@ -100,6 +100,25 @@ struct Weights {
   }
 };
 
+// The small MoE problem the tests below vary: T tokens, E experts with LINEAR w13 [E, 2I, H] and
+// w2 [E, H, I], top_k slots, bf16 activations, on the CPU. Inputs, outputs and routing are the
+// caller's.
+mxmoe_moe_forward_args SmallMoe(int64_t t, int64_t hidden, int64_t inter, int32_t top_k,
+                                const Weights& w13, const Weights& w2) {
+  mxmoe_moe_forward_args m{};
+  m.num_tokens = t;
+  m.hidden_size = hidden;
+  m.intermediate_size = inter;
+  m.num_global_experts = w13.experts;
+  m.num_local_experts = w13.experts;
+  m.top_k = top_k;
+  m.activation_dtype = MXMOE_DTYPE_BF16;
+  m.w13 = w13.Linear();
+  m.w2 = w2.Linear();
+  m.device = kCpu;
+  return m;
+}
+
 // ---- PREPARED weights carry their length --------------------------------------------------------
 
 void TestPreparedBytes() {
@@ -182,20 +201,12 @@ void TestPreparedBytes() {
   const std::vector<uint16_t> hs = RandomBf16(static_cast<size_t>(t * hidden), 5);
   const std::vector<int32_t> ids = {0, 1, 1, 0};
   const std::vector<float> weights = {1.0f, 0.5f, 0.25f, 2.0f};
-  mxmoe_moe_forward_args m{};
-  m.num_tokens = t;
-  m.hidden_size = hidden;
-  m.intermediate_size = inter;
-  m.num_global_experts = 2;
-  m.num_local_experts = 2;
-  m.top_k = 1;
+  mxmoe_moe_forward_args m = SmallMoe(t, hidden, inter, 1, w13, w2);
   m.hidden_states = hs.data();
-  m.activation_dtype = MXMOE_DTYPE_BF16;
   m.topk_ids = ids.data();
   m.topk_weights = weights.data();
   m.w13 = w13.Prepared(w13.prepared.size());
   m.w2 = w2.Prepared(w2.prepared.size() / 2);
-  m.device = kCpu;
   std::vector<uint8_t> out(static_cast<size_t>(t * hidden * 2), kPoison);
   m.output = out.data();
   size_t ws_bytes = 0;
@@ -325,19 +336,9 @@ void TestWorkspaceOverlap() {
   std::vector<int32_t> ids(1 << 18, 0);
   ids[1] = ids[2] = 1;
   const std::vector<float> weights = {1.0f, 0.5f, 0.25f, 2.0f};
-  mxmoe_moe_forward_args m{};
-  m.num_tokens = t;
-  m.hidden_size = hidden;
-  m.intermediate_size = inter;
-  m.num_global_experts = 2;
-  m.num_local_experts = 2;
-  m.top_k = 1;
-  m.activation_dtype = MXMOE_DTYPE_BF16;
+  mxmoe_moe_forward_args m = SmallMoe(t, hidden, inter, 1, w13, w2);
   m.topk_ids = ids.data();
   m.topk_weights = weights.data();
-  m.w13 = w13.Linear();
-  m.w2 = w2.Linear();
-  m.device = kCpu;
   size_t needed = 0;
   EXPECT_OK(mxmoe_moe_forward_workspace_size(&m, &needed));
   EXPECT(needed <= ids.size() * 4, "workspace of %zu bytes", needed);
@@ -384,19 +385,9 @@ void TestNonFiniteRouting() {
   const int32_t e = 3;
   Weights w13(e, 2 * inter, hidden, 9), w2(e, hidden, inter, 10);
   const std::vector<uint16_t> hs = RandomBf16(static_cast<size_t>(t * hidden), 11);
-  mxmoe_moe_forward_args m{};
-  m.num_tokens = t;
-  m.hidden_size = hidden;
-  m.intermediate_size = inter;
-  m.num_global_experts = e;
-  m.num_local_experts = e;
-  m.top_k = 2;
+  mxmoe_moe_forward_args m = SmallMoe(t, hidden, inter, 2, w13, w2);
   m.renormalize = 1;
   m.hidden_states = hs.data();
-  m.activation_dtype = MXMOE_DTYPE_BF16;
-  m.w13 = w13.Linear();
-  m.w2 = w2.Linear();
-  m.device = kCpu;
   size_t bytes = 0;
   EXPECT_OK(mxmoe_moe_forward_workspace_size(&m, &bytes));
   std::vector<uint8_t> ws(bytes);

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <initializer_list>
+#include <type_traits>
 
 #include "cc/cpu/mxfp4_block.h"
 #include "cc/cpu/panel.h"
@@ -48,6 +49,23 @@ void PadPanelColumn(int64_t blocks, int col, uint8_t* panel) {
 }
 
 namespace {
+
+// Calls f(std::integral_constant<int, R>{}) for R = num_rows (1 .. kMaxPanelRows - 1), else
+// R = kMaxPanelRows: the row counts the vector kernels are instantiated for.
+template <typename F>
+void WithRowCount(int num_rows, F&& f) {
+  static_assert(kMaxPanelRows == 4, "one case per row count below kMaxPanelRows");
+  switch (num_rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, kMaxPanelRows>{});
+  }
+}
 
 void ScalarKernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
                   const double* a_factors, const int32_t* a_corrections, int num_rows,
@@ -194,16 +212,9 @@ __attribute__((target("avx2"))) void Avx2KernelRows(const uint8_t* panel, int64_
 void Avx2Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
                 const double* a_factors, const int32_t* a_corrections, int num_rows,
                 double* acc) {
-  switch (num_rows) {
-    case 1:
-      return Avx2KernelRows<1>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-    case 2:
-      return Avx2KernelRows<2>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-    case 3:
-      return Avx2KernelRows<3>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-    default:
-      return Avx2KernelRows<4>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-  }
+  WithRowCount(num_rows, [&](auto rows) {
+    Avx2KernelRows<decltype(rows)::value>(panel, blocks, a_codes, a_factors, a_corrections, acc);
+  });
 }
 
 // GCC 12's AVX-512 headers initialise their "undefined" vectors from themselves, which
@@ -317,16 +328,10 @@ MXMOE_AVX512_TARGET uint8_t QuantizeBlockAvx512(const float* x, uint8_t* packed)
 void Avx512Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
                   const double* a_factors, const int32_t* a_corrections, int num_rows,
                   double* acc) {
-  switch (num_rows) {
-    case 1:
-      return Avx512KernelRows<1>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-    case 2:
-      return Avx512KernelRows<2>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-    case 3:
-      return Avx512KernelRows<3>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-    default:
-      return Avx512KernelRows<4>(panel, blocks, a_codes, a_factors, a_corrections, acc);
-  }
+  WithRowCount(num_rows, [&](auto rows) {
+    Avx512KernelRows<decltype(rows)::value>(panel, blocks, a_codes, a_factors, a_corrections,
+                                            acc);
+  });
 }
 
 #endif  // MXMOE_CPU_X86

@@ -159,6 +159,8 @@ mxmoe_status GroupedGemm(const mxmoe_grouped_gemm_args& args) {
 
   // Compute: no allocation, nothing that throws, from here on.
   const PanelKernel kernel = PanelKernelFor(SelectedKernelIsa());
+  const StoreBf16PanelRowFn store_bf16_row =
+      args.c_dtype == MXMOE_DTYPE_BF16 ? VectorStoreBf16PanelRow() : nullptr;
   ParallelForWithSlot(static_cast<int64_t>(items.size()), 1, [&](int slot, int64_t begin,
                                                                 int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
@@ -186,9 +188,13 @@ mxmoe_status GroupedGemm(const mxmoe_grouped_gemm_args& args) {
           kernel(panel, blocks, &a_codes[row * k], &a_factors[row * blocks],
                  &a_corrections[row * blocks], tile_rows, acc);
           for (int r = 0; r < tile_rows; ++r) {
+            const int64_t at = (row + r) * n + p * kPanelCols;
+            if (store_bf16_row != nullptr && cols == kPanelCols) {
+              store_bf16_row(&acc[r * kPanelCols], reinterpret_cast<uint16_t*>(args.c) + at);
+              continue;
+            }
             for (int c = 0; c < cols; ++c) {
-              StoreFromDouble(args.c, args.c_dtype, (row + r) * n + p * kPanelCols + c,
-                              acc[r * kPanelCols + c]);
+              StoreFromDouble(args.c, args.c_dtype, at + c, acc[r * kPanelCols + c]);
             }
           }
         }

@@ -120,6 +120,12 @@ const char* KernelIsaName(KernelIsa isa);
 // rounded, so the two give the same bits (tests/cc/cpu_kernels_test.cc compares them); the
 // second runs when the selected kernel is AVX2 or AVX-512 and the CPU has FMA.
 bool ActivationUsesFma();
+
+// The GEMM's bf16 epilogue for one full panel row (kPanelCols doubles -> kPanelCols bf16, as
+// element_io.h's StoreFromDouble does one by one): a vector form when the AVX-512 kernel is
+// selected, else nullptr (the scalar loop). Same bits (tests/cc/cpu_kernels_test.cc).
+using StoreBf16PanelRowFn = void (*)(const double* acc, uint16_t* out);
+StoreBf16PanelRowFn VectorStoreBf16PanelRow();
 #if defined(__x86_64__)
 #define MXMOE_CPU_FMA_TARGET __attribute__((target("avx2,fma")))
 #else
@@ -131,6 +137,8 @@ namespace internal {
 // kernel with ResetKernelIsaForTesting().
 void SetKernelIsaForTesting(KernelIsa isa);
 void ResetKernelIsaForTesting();
+// The AVX-512 bf16 epilogue where the CPU runs it, else nullptr (whatever is selected).
+StoreBf16PanelRowFn StoreBf16PanelRowAvx512ForTesting();
 // The AVX-512 block quantizer where the CPU runs it, else nullptr (whatever is selected).
 QuantizeBlockFn QuantizeBlockAvx512ForTesting();
 }  // namespace internal

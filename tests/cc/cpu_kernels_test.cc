@@ -23,6 +23,7 @@
 
 #include "cc/cpu/activation_simd.h"
 #include "cc/cpu/cpu_backend.h"
+#include "cc/cpu/element_io.h"
 #include "cc/cpu/panel.h"
 #include "cc/cpu/parallel.h"
 #include "mxmoe/format.h"
@@ -148,6 +149,46 @@ void TestActivationClonesAgree() {
   }
   EXPECT(bad_rows == 0, "%d elements: the bf16 SiLU-and-mul rows differ from SiluF32", bad_rows);
 #endif
+}
+
+// The AVX-512 bf16 epilogue against StoreFromDouble on random doubles around every float
+// exponent, exact floats, bf16 halfway cases, the float range's edges, NaN and infinities.
+void TestBf16EpilogueAgrees(std::mt19937& rng) {
+  const mxmoe::cpu::StoreBf16PanelRowFn vector =
+      mxmoe::cpu::internal::StoreBf16PanelRowAvx512ForTesting();
+  if (vector == nullptr) {
+    printf("bf16 epilogue: no AVX-512 on this CPU; skipped\n");
+    return;
+  }
+  const double specials[] = {0.0,     -0.0,    1.0,      -1.5,    3.4028234663852886e38,
+                             1e39,    -1e300,  1.4e-45,  1e-46,   -7e-46,
+                             1.1754943508222875e-38, 1.0 + 1.0 / 256, 1.0 + 3.0 / 512,
+                             NAN,     -NAN,    INFINITY, -INFINITY};
+  std::uniform_real_distribution<double> mantissa(1.0, 2.0);
+  int bad = 0;
+  for (int trial = 0; trial < 200000; ++trial) {
+    double acc[8];
+    for (double& v : acc) {
+      const uint32_t pick = rng() % 8;
+      if (pick == 0) {
+        v = specials[rng() % (sizeof(specials) / sizeof(specials[0]))];
+      } else if (pick == 1) {  // an exact float
+        v = static_cast<float>(ldexp(mantissa(rng), static_cast<int>(rng() % 280) - 150));
+      } else {
+        v = ldexp(mantissa(rng), static_cast<int>(rng() % 300) - 160) * (rng() % 2 ? 1 : -1);
+      }
+    }
+    uint16_t got[8], want[8];
+    vector(acc, got);
+    for (int c = 0; c < 8; ++c) mxmoe::cpu::StoreFromDouble(want, MXMOE_DTYPE_BF16, c, acc[c]);
+    for (int c = 0; c < 8; ++c) {
+      if (got[c] != want[c] && ++bad <= 3) {
+        fprintf(stderr, "bf16 epilogue: %.17g -> 0x%04x, StoreFromDouble 0x%04x\n", acc[c],
+                got[c], want[c]);
+      }
+    }
+  }
+  EXPECT(bad == 0, "%d values: the AVX-512 bf16 epilogue differs from StoreFromDouble", bad);
 }
 
 void TestKernelsAgree(std::mt19937& rng) {
@@ -437,6 +478,7 @@ int main() {
   setenv("MXMOE_CPU_THREADS", "3", 1);  // before the first CPU call: read once
   std::mt19937 rng(20261201);
   TestActivationClonesAgree();
+  TestBf16EpilogueAgrees(rng);
   TestKernelsAgree(rng);
   TestQuantizeBlockAgrees(rng);
   const std::vector<Gemm> problems = Problems(rng);

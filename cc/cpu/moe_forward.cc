@@ -265,15 +265,6 @@ MXMOE_CPU_FMA_TARGET void RouteTokensFma(const mxmoe_moe_forward_args& args,
   RouteTokensBody(args, ws, begin, end);
 }
 
-void RouteTokens(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int64_t begin,
-                 int64_t end) {
-  if (ActivationUsesFma()) {
-    RouteTokensFma(args, ws, begin, end);
-  } else {
-    RouteTokensPlain(args, ws, begin, end);
-  }
-}
-
 void ActivateRowsPlain(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
                        int64_t begin, int64_t end) {
   ActivateRowsBody(args, ws, begin, end);
@@ -297,14 +288,9 @@ MXMOE_CPU_FMA_TARGET void ActivateRowsFma(const mxmoe_moe_forward_args& args,
   ActivateRowsBody(args, ws, begin, end);
 }
 
-void ActivateRows(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws, int64_t begin,
-                  int64_t end) {
-  if (ActivationUsesFma()) {
-    ActivateRowsFma(args, ws, begin, end);
-  } else {
-    ActivateRowsPlain(args, ws, begin, end);
-  }
-}
+// A stage over [begin, end) compiled twice (plain and FMA): the clone ActivationUsesFma() picks.
+using StageFn = void (*)(const mxmoe_moe_forward_args&, const MoeWorkspace&, int64_t, int64_t);
+StageFn PickClone(StageFn plain, StageFn fma) { return ActivationUsesFma() ? fma : plain; }
 
 }  // namespace
 
@@ -337,8 +323,9 @@ mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,
 
   // 1. Routing.
   if (args.router_logits != nullptr) {
+    const StageFn route = PickClone(RouteTokensPlain, RouteTokensFma);
     ParallelFor(num_tokens, std::max<int64_t>(1, 4096 / args.num_global_experts),
-                [&](int64_t begin, int64_t end) { RouteTokens(args, ws, begin, end); });
+                [&](int64_t begin, int64_t end) { route(args, ws, begin, end); });
   } else {
     for (int64_t i = 0; i < routed_slots; ++i) {
       ws.topk_ids[i] = LoadI32(args.topk_ids, i);
@@ -426,8 +413,9 @@ mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, void* workspace,
   MXMOE_RETURN_IF_ERROR(GroupedGemm(gemm1));
 
   // 6. Activation (+ w13 bias), quantized per expert.
+  const StageFn activate = PickClone(ActivateRowsPlain, ActivateRowsFma);
   ParallelFor(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(inter, 1)),
-              [&](int64_t begin, int64_t end) { ActivateRows(args, ws, begin, end); });
+              [&](int64_t begin, int64_t end) { activate(args, ws, begin, end); });
   mxmoe_experts_quantize_args quantize_intermediate = quantize_hidden;
   quantize_intermediate.k = inter;
   quantize_intermediate.input = ws.intermediate;

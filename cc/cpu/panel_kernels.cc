@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "cc/cpu/activation_simd.h"
 #include "cc/cpu/mxfp4_block.h"
 #include "cc/cpu/panel.h"
 
@@ -327,8 +328,7 @@ MXMOE_AVX512_TARGET uint8_t QuantizeBlockAvx512(const float* x, uint8_t* packed)
 
 // StoreFromDouble to bf16 for one panel row of kPanelCols doubles: element_io.h's
 // RoundToOddFloat (truncate toward zero, set the last bit when inexact, NaN as the conversion
-// makes it) and format.h's FloatToBf16 (nearest even; NaN keeps its top bits, quiet bit set),
-// on eight lanes.
+// makes it) and format.h's FloatToBf16 (activation_simd.h's RoundToBf16X8), on eight lanes.
 MXMOE_AVX512_TARGET void StoreBf16PanelRowAvx512(const double* acc, uint16_t* out) {
   const __m512d d = _mm512_loadu_pd(acc);
   const __m256 t = _mm512_cvt_roundpd_ps(d, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
@@ -337,14 +337,7 @@ MXMOE_AVX512_TARGET void StoreBf16PanelRowAvx512(const double* acc, uint16_t* ou
       _mm512_mask_cmp_pd_mask(ordered, _mm512_cvtps_pd(t), d, _CMP_NEQ_UQ);
   __m256i u = _mm256_castps_si256(t);
   u = _mm256_mask_or_epi32(u, inexact, u, _mm256_set1_epi32(1));
-  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const __mmask8 nan = _mm256_cmpgt_epi32_mask(
-      _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
-  const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-  const __m256i bits =
-      _mm256_srli_epi32(_mm256_and_si256(_mm256_mask_blend_epi32(nan, rounded, quiet), high), 16);
+  const __m256i bits = _mm256_srli_epi32(RoundToBf16X8(_mm256_castsi256_ps(u)), 16);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtepi32_epi16(bits));
 }
 

@@ -41,7 +41,7 @@ near-ties).
 
 Usage: python bench/bench_moe.py --out DIR [--shapes ...] [--blocks shape|model|both]
                                  [--tokens ...] [--impls ...] [--vllm PATH] [--commit SHA]
-                                 [--no-check]
+                                 [--no-check] [--kernels]
 Writes DIR/<gpu>-moe.json (keys gpu, commit, date, copy_GBps, blocks, rows) and prints a table.
 """
 
@@ -118,6 +118,28 @@ def time_calls(fns, use_graph: bool, repeats: int = 15, inner: int = 8) -> float
 # ---- benchmark ----------------------------------------------------------------------------------
 
 
+def kernel_breakdown(fns, calls: int = 16) -> dict:
+    """Mean device microseconds per layer call of each CUDA kernel that fns launch (torch.profiler,
+    CUPTI), keyed by kernel name (templates cut at the first '<' or '('), in launch order; eager
+    calls, so launch gaps are not in it. A diagnostic beside the timed median, not a timing."""
+    from torch.profiler import ProfilerActivity, profile
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for j in range(calls):
+            fns[j % len(fns)]()
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.split("<")[0].split("(")[0].replace("void ", "").strip()
+        name = name.rsplit("::", 1)[-1] or event.name[:60]
+        totals[name] = totals.get(name, 0.0) + event.time_range.elapsed_us()
+    return {k: round(v / calls, 2) for k, v in totals.items()}
+
+
 def mxfp4_expert_bytes(h: int, inter: int) -> int:
     w13 = 2 * inter * h // 2 + 2 * inter * h // 32
     w2 = h * inter // 2 + h * inter // 32
@@ -175,7 +197,7 @@ def check_accuracy(row, impl_outputs, x, ids, weights, linear, options, bf16_ref
 
 
 def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, impls, log,
-                vllm_ops=None, check=True):
+                vllm_ops=None, check=True, kernels=False):
     """Rows of one (shape, block): w13/w2 hold the routed experts, then the shared ones."""
     rows = []
     e_local, _, h = w13.shape
@@ -237,6 +259,8 @@ def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, imp
                                                           **options)
                        for x, lg in inputs]
                 row["mxmoe_ms"] = time_calls(fns, use_graph)
+                if kernels:
+                    row["mxmoe_kernels_us"] = kernel_breakdown(fns)
                 outputs["mxmoe"] = ops.moe_forward(x, *mx_weights, topk_ids=ids,
                                                    topk_weights=weights, **model_options(options))
             except Exception as exc:
@@ -269,7 +293,7 @@ def bench_block(name, block, w13, w2, options, top_k, token_list, copy_gbps, imp
 
 
 def bench_shape(name, e, h, inter, top_k, blocks, token_list, copy_gbps, impls, log,
-                vllm_ops=None, check=True):
+                vllm_ops=None, check=True, kernels=False):
     """The shape block and/or the model block of one shape, on one set of random weights (the
     shape block uses the first E experts; the model block adds its shared experts)."""
     blocks = [b for b in blocks if b == "shape" or name in MODEL_BLOCKS]
@@ -290,7 +314,7 @@ def bench_shape(name, e, h, inter, top_k, blocks, token_list, copy_gbps, impls, 
             options = model_block_options(name, e, h, inter, gen)
             n = e + options.get("num_shared_experts", 0)
         rows += bench_block(name, block, w13[:n], w2[:n], options, top_k, token_list,
-                            copy_gbps, impls, log, vllm_ops, check)
+                            copy_gbps, impls, log, vllm_ops, check, kernels)
         torch.cuda.empty_cache()
     del w13, w2
     torch.cuda.empty_cache()
@@ -338,6 +362,9 @@ def main():
                              "(bench/peers/vllm_marlin.py)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the accuracy columns (the float64 references)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="add mxmoe_kernels_us: mxmoe's per-kernel device time per call "
+                             "(torch.profiler, eager calls)")
     parser.add_argument("--commit", default=commit())
     args = parser.parse_args()
     if "vllm_marlin" in args.impls and not args.vllm:
@@ -382,7 +409,7 @@ def main():
     for name in args.shapes:
         e, h, inter, top_k = SHAPES[name]
         rows += bench_shape(name, e, h, inter, top_k, blocks, args.tokens, copy_gbps, args.impls,
-                            log, vllm_ops, not args.no_check)
+                            log, vllm_ops, not args.no_check, args.kernels)
         with open(path, "w") as f:  # after every shape: a run cut short keeps what it measured
             json.dump(result, f, indent=1)
         log(f"wrote {path} ({len(rows)} rows)")

@@ -10,12 +10,13 @@
 //                             precomputed top-k; expert_map applied; shared-expert slots appended.
 //   2. MetadataKernel         one block: per-expert counts, expert_offsets, blockscale_offsets,
 //                             problem sizes, row permutation (slot -> row, row -> slot).
-//   3. GatherQuantizeKernel   hidden rows straight into the expert-sorted MXFP4 layout, swizzled
-//                             scales, padding zeroed; the quantizer is quantize_device.cuh's.
+//   3. gather + quantize      hidden rows straight into the expert-sorted MXFP4 layout, swizzled
+//                             scales, padding zeroed: cuda::ExpertsQuantizeRows (quantize.cu,
+//                             the experts_quantize kernel) reading each sorted row's token.
 //   4. grouped GEMM 1         [rows, H] x w13 -> [rows, 2I] activation dtype.
-//   5. activation + quantize  SILU_AND_MUL without bias: cuda::SiluMulExpertsQuantize (the tested
-//                             quantize kernel); otherwise ActivationQuantizeKernel (bias add and
-//                             rounding, SiLU or SwiGLU-OAI, quantize_device.cuh's quantizer).
+//   5. activation + quantize  cuda::ExpertsQuantizeRows again: SILU_AND_MUL without bias is the
+//                             silu_mul_experts_quantize kernel; otherwise its kGeneral form (bias
+//                             add and rounding, SiLU or SwiGLU-OAI, quantize_device.cuh).
 //   6. grouped GEMM 2         [rows, I] x w2 -> [rows, H] activation dtype.
 //   7. WeightedReduceKernel   out[t] = sum over slots of w * (y [+ w2 bias, rounded]), fp32,
 //                             separately rounded products and sums, rounded once.
@@ -39,7 +40,6 @@
 #include "cc/base/status.h"
 #include "cc/base/workspace.h"
 #include "cc/cuda/device.h"
-#include "cc/cuda/expert_search.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/quantize.h"
 #include "cc/cuda/quantize_device.cuh"
@@ -128,25 +128,8 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, size_t gemm_b
   return MXMOE_STATUS_OK;
 }
 
-// ---- element access -------------------------------------------------------------------------
-
-// Element `i` of a bf16/fp16/fp32 array as fp32 (exact; format.h's conversions, the CPU's).
-__device__ __forceinline__ float LoadAsFloat(const void* base, int32_t dtype, int64_t i) {
-  if (dtype == MXMOE_DTYPE_FP32) return static_cast<const float*>(base)[i];
-  const uint16_t bits = static_cast<const uint16_t*>(base)[i];
-  return dtype == MXMOE_DTYPE_BF16 ? fmt::Bf16ToFloat(bits) : fmt::Fp16ToFloat(bits);
-}
-
-template <typename T>
-__device__ __forceinline__ float RoundTo(float v);
-template <>
-__device__ __forceinline__ float RoundTo<quant::Bf16>(float v) {
-  return fmt::Bf16ToFloat(fmt::FloatToBf16(v));
-}
-template <>
-__device__ __forceinline__ float RoundTo<quant::Fp16>(float v) {
-  return fmt::Fp16ToFloat(fmt::FloatToFp16(v));
-}
+using quant::LoadAsFloat;
+using quant::RoundTo;
 
 // ---- 1. routing ---------------------------------------------------------------------------------
 
@@ -439,149 +422,6 @@ __global__ void __launch_bounds__(kMetadataThreads) MetadataKernel(MetadataParam
   }
 }
 
-// ---- 3 and 5. quantizing kernels over the padded per-expert layout ------------------------------
-//
-// One thread per 8-element lane of every padded scale row and padded scale column: 4 lanes per
-// 32-element block, as quantize_device.cuh's QuantizeLane needs (blocks never straddle warps:
-// a padded row has a multiple of 16 lanes). Lanes of padding rows and columns quantize zeros and
-// store only the zero scale byte; every lane takes part in the block's shuffles.
-
-struct PaddedRowsParams {
-  const int32_t* expert_offsets;      // [E+1]
-  const int32_t* blockscale_offsets;  // [E+1]
-  uint8_t* packed;                    // [rows, K/2]
-  uint8_t* scales;                    // [scale_rows, round_up(K/32, 4)]
-  int64_t scale_row_bound;            // the grid covers this many padded rows
-  int32_t num_experts;
-  int32_t k;  // quantized width (H for the gather, I for the activation)
-};
-
-// Where lane `item` of the padded layout falls.
-struct LanePosition {
-  int expert;
-  int64_t row;     // sorted row (valid when `real`)
-  int64_t column;  // element column of the lane's first element
-  int64_t scale_column;
-  bool real;       // a lane of a real row and a real column
-  bool store;      // inside blockscale_offsets[E]: its scale byte is this kernel's to write
-  uint8_t* scale;  // the scale byte of the lane's block
-};
-
-__device__ __forceinline__ LanePosition Locate(const PaddedRowsParams& p, const int32_t* offsets,
-                                               int64_t item) {
-  const int32_t* bso = offsets + p.num_experts + 1;
-  const int64_t blocks_per_row = p.k / fmt::kBlockSize;
-  const int64_t cols = fmt::RoundUp(blocks_per_row, fmt::kSwizzleCols);
-  const int64_t lanes_per_row = cols * quant::kLanesPerBlock;
-  const int64_t padded_row = item / lanes_per_row;
-  const int64_t lane_in_row = item % lanes_per_row;
-  LanePosition pos;
-  pos.scale_column = lane_in_row / quant::kLanesPerBlock;
-  pos.column = pos.scale_column * fmt::kBlockSize +
-               (lane_in_row % quant::kLanesPerBlock) * quant::kElemsPerLane;
-  pos.store = padded_row < p.scale_row_bound && padded_row < bso[p.num_experts];
-  // Expert whose padded scale block holds this row: last e with bso[e] <= padded_row.
-  const int lo = ExpertOfRow(bso, p.num_experts, padded_row);
-  pos.expert = lo;
-  const int64_t local = padded_row - bso[lo];
-  const int64_t m_e = offsets[lo + 1] - offsets[lo];
-  pos.row = offsets[lo] + local;
-  pos.real = pos.store && local < m_e && pos.scale_column < blocks_per_row;
-  pos.scale = p.scales + static_cast<int64_t>(bso[lo]) * cols +
-              fmt::SwizzledOffset(local, pos.scale_column, blocks_per_row);
-  return pos;
-}
-
-__device__ __forceinline__ void LoadOffsets(const PaddedRowsParams& p, int32_t* offsets) {
-  for (int i = threadIdx.x; i <= p.num_experts; i += blockDim.x) {
-    offsets[i] = p.expert_offsets[i];
-    offsets[p.num_experts + 1 + i] = p.blockscale_offsets[i];
-  }
-  __syncthreads();
-}
-
-template <typename T>
-__device__ __forceinline__ void StoreQuantized(const PaddedRowsParams& p, const LanePosition& pos,
-                                               const quant::Lane8& x) {
-  const quant::QuantizedLane q = quant::QuantizeLane<T>(x);
-  if (!pos.store) return;
-  const bool first_lane = pos.column % fmt::kBlockSize == 0;
-  if (pos.real) {
-    *reinterpret_cast<uint32_t*>(p.packed + pos.row * (p.k / 2) + pos.column / 2) = q.codes;
-    if (first_lane) *pos.scale = q.scale;
-  } else if (first_lane) {
-    *pos.scale = 0;
-  }
-}
-
-struct GatherParams {
-  PaddedRowsParams rows;
-  const void* hidden;       // [T, H]
-  const int32_t* row_slot;  // [rows]
-  int32_t slots_per_token;
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) GatherQuantizeKernel(GatherParams p) {
-  extern __shared__ int32_t offsets[];  // expert_offsets then blockscale_offsets
-  LoadOffsets(p.rows, offsets);
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const LanePosition pos = Locate(p.rows, offsets, item);
-  quant::Lane8 x = {{0, 0, 0, 0}};
-  if (pos.real) {
-    const int64_t token = p.row_slot[pos.row] / p.slots_per_token;
-    x = quant::AsLane8(quant::LoadStreaming16(static_cast<const uint16_t*>(p.hidden) +
-                                              token * p.rows.k + pos.column));
-  }
-  StoreQuantized<T>(p.rows, pos, x);
-}
-
-struct ActivationParams {
-  PaddedRowsParams rows;
-  const uint16_t* gemm1_output;  // [rows, 2I]
-  const void* bias;              // [E, 2I] or NULL
-  int32_t bias_dtype;
-  int32_t activation;
-  float alpha;
-  float limit;
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) ActivationQuantizeKernel(ActivationParams p) {
-  extern __shared__ int32_t offsets[];
-  LoadOffsets(p.rows, offsets);
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const LanePosition pos = Locate(p.rows, offsets, item);
-  const int64_t inter = p.rows.k;
-  quant::Lane8 y = {{0, 0, 0, 0}};
-  if (pos.real) {
-    const uint16_t* row = p.gemm1_output + pos.row * 2 * inter;
-    const quant::Lane8 gate = quant::AsLane8(quant::LoadStreaming16(row + pos.column));
-    const quant::Lane8 up = quant::AsLane8(quant::LoadStreaming16(row + inter + pos.column));
-    const int64_t bias_row = static_cast<int64_t>(pos.expert) * 2 * inter;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float v[2];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int element = 2 * i + j;
-        float g = quant::Element<T>(gate, element);
-        float u = quant::Element<T>(up, element);
-        if (p.bias != nullptr) {
-          const int64_t c = pos.column + element;
-          g = RoundTo<T>(MXMOE_ADD(g, LoadAsFloat(p.bias, p.bias_dtype, bias_row + c)));
-          u = RoundTo<T>(MXMOE_ADD(u, LoadAsFloat(p.bias, p.bias_dtype, bias_row + inter + c)));
-        }
-        v[j] = p.activation == MXMOE_ACTIVATION_SWIGLU_OAI
-                   ? fmt::SwigluOaiF32(g, u, p.alpha, p.limit)
-                   : MXMOE_MUL(fmt::SiluF32(g), u);
-      }
-      y.w[i] = T::FromFloat2(v[0], v[1]);
-    }
-  }
-  StoreQuantized<T>(p.rows, pos, y);
-}
-
 // ---- 7. weighted reduce -----------------------------------------------------------------------
 
 struct ReduceParams {
@@ -786,75 +626,43 @@ mxmoe_status LaunchMetadata(const mxmoe_moe_forward_args& args, const MoeWorkspa
   return MXMOE_STATUS_OK;
 }
 
-PaddedRowsParams MakePaddedRows(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
-                                uint8_t* packed, uint8_t* scales, int64_t k) {
-  PaddedRowsParams p;
-  p.expert_offsets = ws.expert_offsets;
-  p.blockscale_offsets = ws.blockscale_offsets;
-  p.packed = packed;
-  p.scales = scales;
-  p.scale_row_bound = ws.scale_rows;
-  p.num_experts = args.num_local_experts;
-  p.k = static_cast<int32_t>(k);
-  return p;
-}
-
-int64_t PaddedLanes(const MoeWorkspace& ws, int64_t k) {
-  return ws.scale_rows * ScaleCols(k) * quant::kLanesPerBlock;
-}
-
-size_t OffsetsSharedBytes(const mxmoe_moe_forward_args& args) {
-  return sizeof(int32_t) * 2 * (args.num_local_experts + 1);
-}
-
-template <typename T>
-mxmoe_status LaunchGatherQuantize(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
-                                  cudaStream_t stream) {
-  GatherParams g;
-  g.rows = MakePaddedRows(args, ws, ws.hidden_packed, ws.hidden_scales, args.hidden_size);
-  g.hidden = args.hidden_states;
-  g.row_slot = ws.row_slot;
-  g.slots_per_token = SlotsPerToken(args);
-  GatherQuantizeKernel<T><<<Blocks(PaddedLanes(ws, args.hidden_size), kThreads), kThreads,
-                            OffsetsSharedBytes(args), stream>>>(g);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
-  return MXMOE_STATUS_OK;
-}
-
-template <typename T>
-mxmoe_status LaunchActivationQuantize(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
-                                      cudaStream_t stream) {
-  ActivationParams a;
-  a.rows = MakePaddedRows(args, ws, ws.intermediate_packed, ws.intermediate_scales,
-                          args.intermediate_size);
-  a.gemm1_output = ws.gemm1_output;
-  a.bias = args.w13_bias;
-  a.bias_dtype = args.w13_bias_dtype;
-  a.activation = args.activation;
-  a.alpha = args.swiglu_alpha;
-  a.limit = args.swiglu_limit;
-  ActivationQuantizeKernel<T><<<Blocks(PaddedLanes(ws, args.intermediate_size), kThreads), kThreads,
-                                OffsetsSharedBytes(args), stream>>>(a);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
-  return MXMOE_STATUS_OK;
-}
-
-// SiLU without a bias is the tested per-expert quantize entry point itself.
-mxmoe_status LaunchSiluMulQuantize(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
-                                   void* stream) {
-  mxmoe_silu_mul_experts_quantize_args s = {};
-  s.rows = ws.slots;
-  s.n = args.intermediate_size;
-  s.num_experts = args.num_local_experts;
-  s.input = ws.gemm1_output;
-  s.input_dtype = args.activation_dtype;
-  s.expert_offsets = ws.expert_offsets;
-  s.blockscale_offsets = ws.blockscale_offsets;
-  s.packed = ws.intermediate_packed;
-  s.scales = ws.intermediate_scales;
-  s.scale_rows = ws.scale_rows;
-  s.device = args.device;
-  return SiluMulExpertsQuantize(s, stream);
+// Stages 3 and 5: the per-expert quantize of cc/cuda/quantize.cu over the sorted rows (ws.slots
+// bounds them; rows past expert_offsets[E] are skipped there), padding rows zeroed by its padding
+// CTAs. Stage 3 gathers each row's token from hidden_states; stage 5 applies the activation.
+ExpertsQuantizeJob QuantizeJob(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
+                               int stage) {
+  ExpertsQuantizeJob job;
+  job.rows = ws.slots;
+  job.num_experts = args.num_local_experts;
+  job.input_dtype = args.activation_dtype;
+  job.expert_offsets = ws.expert_offsets;
+  job.blockscale_offsets = ws.blockscale_offsets;
+  job.scale_rows = ws.scale_rows;
+  job.device = args.device.id;
+  if (stage == 3) {
+    job.k = args.hidden_size;
+    job.input = args.hidden_states;
+    job.packed = ws.hidden_packed;
+    job.scales = ws.hidden_scales;
+    job.row_source = ws.row_slot;
+    job.slots_per_token = SlotsPerToken(args);
+    job.source_rows = args.num_tokens;
+  } else {
+    job.k = args.intermediate_size;
+    job.input = ws.gemm1_output;
+    job.packed = ws.intermediate_packed;
+    job.scales = ws.intermediate_scales;
+    // SiLU without a bias is the tested silu_mul_experts_quantize kernel (and its variants).
+    const bool plain_silu =
+        args.activation == MXMOE_ACTIVATION_SILU_AND_MUL && args.w13_bias == nullptr;
+    job.activation = plain_silu ? ExpertsActivation::kSiluMul : ExpertsActivation::kGeneral;
+    job.bias = args.w13_bias;
+    job.bias_dtype = args.w13_bias_dtype;
+    job.activation_kind = args.activation;
+    job.swiglu_alpha = args.swiglu_alpha;
+    job.swiglu_limit = args.swiglu_limit;
+  }
+  return job;
 }
 
 template <typename T>
@@ -884,14 +692,10 @@ template <typename T>
 mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
                         const GemmBackend& gemm, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  MXMOE_RETURN_IF_ERROR(LaunchGatherQuantize<T>(args, ws, stream));
+  MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 3), stream_ptr));
   MXMOE_RETURN_IF_ERROR(
       gemm.run(GemmArgs(args, ws, 1), ws.gemm_workspace, ws.gemm_bytes, stream_ptr));
-  if (args.activation == MXMOE_ACTIVATION_SILU_AND_MUL && args.w13_bias == nullptr) {
-    MXMOE_RETURN_IF_ERROR(LaunchSiluMulQuantize(args, ws, stream_ptr));
-  } else {
-    MXMOE_RETURN_IF_ERROR(LaunchActivationQuantize<T>(args, ws, stream));
-  }
+  MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 5), stream_ptr));
   MXMOE_RETURN_IF_ERROR(
       gemm.run(GemmArgs(args, ws, 2), ws.gemm_workspace, ws.gemm_bytes, stream_ptr));
   return LaunchWeightedReduce<T>(args, ws, stream);

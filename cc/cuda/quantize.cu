@@ -111,13 +111,23 @@ struct RowsParams {
   const int32_t* blockscale_offsets;
   int32_t num_experts;
   int64_t scale_rows;
+  // kExperts, the MoE's gather: the input row of sorted row r is row_source[r] / source_divisor
+  // (the slot's token), clamped into [0, source_rows); NULL: row r itself.
+  const int32_t* row_source;
+  FastDivmod source_divisor;
+  uint32_t source_rows;
+  // SiluImpl::kGeneral: the activation's options.
+  quant::ActivationSpec activation;
 };
 
 // Byte offset of scale (row, 0) for the swizzled maps, or -1 when the row is skipped (invalid
 // expert metadata). Offsets of the other columns follow from the layout: + (k/4)*512 + k%4.
 // s_offsets: kExperts: expert_offsets [E+1] then blockscale_offsets [E+1], in shared memory.
+// kExperts: *expert is the row's expert (0 for a skipped row: in bounds of a per-expert bias).
 template <ScaleMap kMap>
-__device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, int64_t row) {
+__device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, int64_t row,
+                                int32_t* expert) {
+  *expert = 0;
   if constexpr (kMap == ScaleMap::kSwizzledGroups) {
     const int64_t group = row / p.group_rows;
     const int64_t local = row - group * p.group_rows;
@@ -137,6 +147,7 @@ __device__ int64_t RowScaleBase(const RowsParams& p, const int32_t* s_offsets, i
         scale_row + format::RoundUp(local + 1, format::kSwizzleRows) > p.scale_rows) {
       return -1;
     }
+    *expert = lo;
     return scale_row * p.padded_scale_cols + format::SwizzledOffset(local, 0, p.scale_cols);
   }
 }
@@ -187,13 +198,22 @@ __device__ void LoadExpertOffsets(const RowsParams& p, int32_t* s_offsets) {
   __syncthreads();
 }
 
+// The input row that sorted row `row` reads: itself, or (the MoE's gather) its slot's token.
+__device__ __forceinline__ int64_t SourceRow(const RowsParams& p, int64_t row) {
+  if (p.row_source == nullptr) return row;
+  const int32_t slot = p.row_source[row];
+  const uint32_t token = slot < 0 ? 0u : p.source_divisor.Div(static_cast<uint32_t>(slot));
+  return token < p.source_rows ? token : 0;
+}
+
 // Quantizes the kThreads * kUnits lanes from cta_unit0 on. kLoadOffsets: load the expert offsets
 // into shared memory here (after issuing the input loads); otherwise the caller has.
-// s_silu_table: SiluImpl::kTable's table in shared memory, else unused.
+// s_silu_table: SiluImpl::kTable's table in shared memory, else unused. s_row_expert: the
+// experts of the rows (SiluImpl::kGeneral's bias), else unused.
 template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits, quant::Encode kEncode,
           bool kLoadOffsets>
 __device__ __forceinline__ void QuantizeTile(const RowsParams& p, int32_t* s_offsets,
-                                             int64_t* s_row_scale_base,
+                                             int64_t* s_row_scale_base, int32_t* s_row_expert,
                                              const float* s_silu_table, uint32_t cta_unit0) {
   // 1. All loads first. Lanes past the end re-read the last lane (in bounds) so that every lane of
   //    the warp takes part in the block reductions; they store nothing.
@@ -208,7 +228,7 @@ __device__ __forceinline__ void QuantizeTile(const RowsParams& p, int32_t* s_off
     row_in_launch[i] = p.lanes_per_row.Div(u);
     lane_in_row[i] = u - row_in_launch[i] * lanes_per_row;
     const uint16_t* row_ptr = static_cast<const uint16_t*>(p.input) +
-                              (p.row_begin + row_in_launch[i]) * p.input_row_elems;
+                              SourceRow(p, p.row_begin + row_in_launch[i]) * p.input_row_elems;
     gate_or_x[i] = quant::LoadStreaming16(row_ptr + lane_in_row[i] * kElemsPerLane);
     if constexpr (kSilu != SiluImpl::kNone) {
       up[i] = quant::LoadStreaming16(row_ptr + p.up_offset_elems + lane_in_row[i] * kElemsPerLane);
@@ -223,7 +243,9 @@ __device__ __forceinline__ void QuantizeTile(const RowsParams& p, int32_t* s_off
     const uint32_t last_row = p.lanes_per_row.Div(
         min(cta_unit0 + uint32_t{Tile<kUnits>::kLanes}, p.units) - 1);
     for (uint32_t t = threadIdx.x; t <= last_row - first_row; t += kThreads) {
-      s_row_scale_base[t] = RowScaleBase<kMap>(p, s_offsets, p.row_begin + first_row + t);
+      int32_t expert;
+      s_row_scale_base[t] = RowScaleBase<kMap>(p, s_offsets, p.row_begin + first_row + t, &expert);
+      if constexpr (kSilu == SiluImpl::kGeneral) s_row_expert[t] = expert;
     }
     __syncthreads();
   }
@@ -232,7 +254,13 @@ __device__ __forceinline__ void QuantizeTile(const RowsParams& p, int32_t* s_off
 #pragma unroll
   for (int i = 0; i < kUnits; ++i) {
     quant::Lane8 x;
-    if constexpr (kSilu == SiluImpl::kTable) {
+    if constexpr (kSilu == SiluImpl::kGeneral) {
+      static_assert(kMap == ScaleMap::kExperts, "the bias is per expert");
+      x = quant::BiasActivation<T>(p.activation, quant::AsLane8(gate_or_x[i]),
+                                   quant::AsLane8(up[i]),
+                                   s_row_expert[row_in_launch[i] - first_row],
+                                   p.up_offset_elems, lane_in_row[i] * kElemsPerLane);
+    } else if constexpr (kSilu == SiluImpl::kTable) {
       x = quant::SiluMulTable(s_silu_table, quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
     } else if constexpr (kSilu == SiluImpl::kFast) {
       bool in_domain;
@@ -288,6 +316,8 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
   extern __shared__ int32_t s_offsets[];
   // Swizzled maps: scale byte offset of (row first_row + i, column 0), -1 = skip the row.
   __shared__ int64_t s_row_scale_base[Tile<kUnits>::kMaxRows];
+  // SiluImpl::kGeneral: the expert of row first_row + i.
+  __shared__ int32_t s_row_expert[kSilu == SiluImpl::kGeneral ? Tile<kUnits>::kMaxRows : 1];
 
   if (blockIdx.x < p.padding_ctas) {
     if constexpr (kMap != ScaleMap::kLinear) ZeroScalePaddingRows<kMap>(p);
@@ -303,13 +333,13 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
     const uint32_t data_ctas = gridDim.x - p.padding_ctas;
     for (uint32_t tile = blockIdx.x - p.padding_ctas; tile < p.tiles; tile += data_ctas) {
       QuantizeTile<T, kSilu, kMap, kUnits, kEncode, false>(p, s_offsets, s_row_scale_base,
-                                                           s_silu_table,
+                                                           s_row_expert, s_silu_table,
                                                            tile * uint32_t{Tile<kUnits>::kLanes});
       __syncthreads();  // s_row_scale_base is rewritten by the next tile
     }
   } else {
     QuantizeTile<T, kSilu, kMap, kUnits, kEncode, true>(
-        p, s_offsets, s_row_scale_base, nullptr,
+        p, s_offsets, s_row_scale_base, s_row_expert, nullptr,
         (blockIdx.x - p.padding_ctas) * uint32_t{Tile<kUnits>::kLanes});
   }
 }
@@ -534,7 +564,8 @@ mxmoe_status LaunchRowsWithUnits(RowsParams p, int units_per_thread, size_t smem
   });
 }
 
-// Picks the kernel variant: SiLU implementation (kSilu is kNone or kSilu here) and encoding.
+// Picks the kernel variant: SiLU implementation (kSilu is kNone, kSilu or kGeneral here; only
+// kSilu has faster variants) and encoding.
 template <typename T, SiluImpl kSilu, ScaleMap kMap>
 mxmoe_status LaunchRowsVariant(const RowsParams& p, int units_per_thread, size_t smem,
                                KernelVariant variant, cudaStream_t stream) {
@@ -570,7 +601,7 @@ mxmoe_status LaunchRowsVariant(const RowsParams& p, int units_per_thread, size_t
 
 // Quantizes `rows` rows of `base` (k = 8 * lanes per row) in launches of at most
 // MaxUnitsPerLaunch() lanes; the padding CTAs go with the first launch.
-template <bool kSilu, ScaleMap kMap>
+template <SiluImpl kImpl, ScaleMap kMap>
 mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtype,
                           int32_t padding_ctas, int device, cudaStream_t stream) {
   const int64_t lanes_per_row = k / kElemsPerLane;  // <= kMaxUnitsPerLaunch (CanImplement*)
@@ -583,9 +614,9 @@ mxmoe_status QuantizeRows(RowsParams base, int64_t rows, int64_t k, int32_t dtyp
       kMap == ScaleMap::kExperts ? (static_cast<size_t>(base.num_experts) + 1) * 8 : 0;
   int sm_count = 0;
   MXMOE_RETURN_IF_ERROR(MultiprocessorCount(device, &sm_count));
-  const int units_per_thread = UnitsPerThread(rows * lanes_per_row, kSilu, sm_count);
+  const int units_per_thread =
+      UnitsPerThread(rows * lanes_per_row, kImpl != SiluImpl::kNone, sm_count);
   const KernelVariant variant = VariantFromEnv(sm_count);
-  constexpr SiluImpl kImpl = kSilu ? SiluImpl::kSilu : SiluImpl::kNone;
   const int64_t rows_per_launch = std::max<int64_t>(1, MaxUnitsPerLaunch() / lanes_per_row);
   bool first = true;
   for (int64_t row_begin = 0; row_begin < rows || first; row_begin += rows_per_launch) {
@@ -618,7 +649,7 @@ mxmoe_status QuantizeMatrices(int64_t groups, int64_t group_rows, int64_t k, con
   p.input_row_elems = k;
   const auto s = static_cast<cudaStream_t>(stream);
   if (!swizzled) {
-    return QuantizeRows<false, ScaleMap::kLinear>(p, rows, k, dtype, 0, device, s);
+    return QuantizeRows<SiluImpl::kNone, ScaleMap::kLinear>(p, rows, k, dtype, 0, device, s);
   }
   p.group_rows = group_rows;
   p.group_bytes = format::SwizzledBytes(group_rows, k / format::kBlockSize);
@@ -627,34 +658,55 @@ mxmoe_status QuantizeMatrices(int64_t groups, int64_t group_rows, int64_t k, con
       group_rows % format::kSwizzleRows == 0
           ? 0
           : static_cast<int32_t>(std::min<int64_t>(groups, kMaxPaddingCtas));
-  return QuantizeRows<false, ScaleMap::kSwizzledGroups>(p, rows, k, dtype, padding_ctas, device,
-                                                       s);
+  return QuantizeRows<SiluImpl::kNone, ScaleMap::kSwizzledGroups>(p, rows, k, dtype,
+                                                                  padding_ctas, device, s);
 }
 
-template <bool kSilu>
-mxmoe_status LaunchExpertsQuantize(int64_t rows, int64_t k, int32_t num_experts, const void* input,
-                                   int32_t dtype, const int32_t* expert_offsets,
-                                   const int32_t* blockscale_offsets, uint8_t* packed,
-                                   uint8_t* scales, int64_t scale_rows, int device,
-                                   void* stream) {
-  if (rows == 0 || k == 0 || num_experts <= 0) return MXMOE_STATUS_OK;
+}  // namespace
+
+mxmoe_status ExpertsQuantizeRows(const ExpertsQuantizeJob& job, void* stream) {
+  if (job.rows == 0 || job.k == 0 || job.num_experts <= 0) return MXMOE_STATUS_OK;
 
   RowsParams p{};
-  p.input = input;
-  p.packed = packed;
-  p.scales = scales;
-  p.input_row_elems = kSilu ? 2 * k : k;
-  p.up_offset_elems = k;
-  p.expert_offsets = expert_offsets;
-  p.blockscale_offsets = blockscale_offsets;
-  p.num_experts = num_experts;
-  p.scale_rows = scale_rows;
+  p.input = job.input;
+  p.packed = job.packed;
+  p.scales = job.scales;
+  p.input_row_elems = job.activation == ExpertsActivation::kNone ? job.k : 2 * job.k;
+  p.up_offset_elems = job.k;
+  p.expert_offsets = job.expert_offsets;
+  p.blockscale_offsets = job.blockscale_offsets;
+  p.num_experts = job.num_experts;
+  p.scale_rows = job.scale_rows;
+  if (job.row_source != nullptr) {
+    p.row_source = job.row_source;
+    p.source_divisor = FastDivmod::Make(static_cast<uint32_t>(job.slots_per_token));
+    p.source_rows = static_cast<uint32_t>(job.source_rows);
+  }
+  p.activation = {job.bias, job.bias_dtype, job.activation_kind, job.swiglu_alpha,
+                  job.swiglu_limit};
   // One padding CTA per expert (up to kMaxPaddingCtas): the CTAs of empty experts end after two
   // loads, and a non-empty expert's padding (up to 127 rows) gets a whole CTA.
-  const int32_t padding_ctas = std::min<int32_t>(num_experts, kMaxPaddingCtas);
+  const int32_t padding_ctas = std::min<int32_t>(job.num_experts, kMaxPaddingCtas);
   const auto s = static_cast<cudaStream_t>(stream);
-  return QuantizeRows<kSilu, ScaleMap::kExperts>(p, rows, k, dtype, padding_ctas, device, s);
+  switch (job.activation) {
+    case ExpertsActivation::kNone:
+      return QuantizeRows<SiluImpl::kNone, ScaleMap::kExperts>(p, job.rows, job.k,
+                                                               job.input_dtype, padding_ctas,
+                                                               job.device, s);
+    case ExpertsActivation::kSiluMul:
+      return QuantizeRows<SiluImpl::kSilu, ScaleMap::kExperts>(p, job.rows, job.k,
+                                                               job.input_dtype, padding_ctas,
+                                                               job.device, s);
+    case ExpertsActivation::kGeneral:
+      return QuantizeRows<SiluImpl::kGeneral, ScaleMap::kExperts>(p, job.rows, job.k,
+                                                                  job.input_dtype, padding_ctas,
+                                                                  job.device, s);
+  }
+  return Fail(MXMOE_STATUS_INTERNAL, "experts quantize: unexpected activation ",
+              static_cast<int>(job.activation));
 }
+
+namespace {
 
 template <mxmoe_dtype kOut>
 mxmoe_status LaunchDequantize(const DequantizeParams& base, int64_t rows, int64_t lanes_per_row,
@@ -708,18 +760,37 @@ mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args& args, void* stre
 }
 
 mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args, void* stream) {
-  return LaunchExpertsQuantize<false>(
-      args.rows, args.k, args.num_experts, args.input, args.input_dtype,
-      args.expert_offsets, args.blockscale_offsets, args.packed, args.scales, args.scale_rows,
-      args.device.id, stream);
+  ExpertsQuantizeJob job;
+  job.rows = args.rows;
+  job.k = args.k;
+  job.num_experts = args.num_experts;
+  job.input = args.input;
+  job.input_dtype = args.input_dtype;
+  job.expert_offsets = args.expert_offsets;
+  job.blockscale_offsets = args.blockscale_offsets;
+  job.packed = args.packed;
+  job.scales = args.scales;
+  job.scale_rows = args.scale_rows;
+  job.device = args.device.id;
+  return ExpertsQuantizeRows(job, stream);
 }
 
 mxmoe_status SiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args& args,
                                     void* stream) {
-  return LaunchExpertsQuantize<true>(
-      args.rows, args.n, args.num_experts, args.input,
-      args.input_dtype, args.expert_offsets, args.blockscale_offsets, args.packed, args.scales,
-      args.scale_rows, args.device.id, stream);
+  ExpertsQuantizeJob job;
+  job.rows = args.rows;
+  job.k = args.n;
+  job.num_experts = args.num_experts;
+  job.input = args.input;
+  job.input_dtype = args.input_dtype;
+  job.expert_offsets = args.expert_offsets;
+  job.blockscale_offsets = args.blockscale_offsets;
+  job.packed = args.packed;
+  job.scales = args.scales;
+  job.scale_rows = args.scale_rows;
+  job.device = args.device.id;
+  job.activation = ExpertsActivation::kSiluMul;
+  return ExpertsQuantizeRows(job, stream);
 }
 
 mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {

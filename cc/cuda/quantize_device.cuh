@@ -22,6 +22,8 @@
 #include <type_traits>
 
 #include "mxmoe/format.h"
+#include "mxmoe/moe_numerics.h"
+#include "mxmoe/mxmoe.h"
 
 namespace mxmoe {
 namespace cuda {
@@ -105,12 +107,14 @@ __device__ __forceinline__ float Element(const Lane8& x, int i) {
   return T::ToFloat(i % 2 == 0 ? (x.w[i / 2] & 0xFFFFu) : (x.w[i / 2] >> 16));
 }
 
-// Whether a quantize kernel applies the fused SiLU-and-mul (format::SiluF32) first, and how:
+// Whether a quantize kernel applies an activation to [gate | up] rows first, and how:
 // kSilu evaluates format::SiluF32 itself; kFast evaluates SiluFastF32 (the same bits on its
 // domain) and falls back to format::SiluF32 for a lane with any input outside that domain;
 // kTable (bf16 input only) looks format::SiluF32 up in a shared-memory table of every bf16 gate
-// value with 2^-16 <= |g| < 2^7 and evaluates format::SiluF32 for the others.
-enum class SiluImpl { kNone, kSilu, kFast, kTable };
+// value with 2^-16 <= |g| < 2^7 and evaluates format::SiluF32 for the others; kGeneral is the MoE
+// forward's activation step with its model options (BiasActivation below: an optional per-expert
+// w13 bias, SiLU or SwiGLU-OAI).
+enum class SiluImpl { kNone, kSilu, kFast, kTable, kGeneral };
 
 // y = silu(gate) * up in fp32 (format::SiluF32; one rounding for the product), rounded to T.
 template <typename T>
@@ -123,6 +127,64 @@ __device__ __forceinline__ Lane8 SiluMul(const Lane8& gate, const Lane8& up) {
     for (int j = 0; j < 2; ++j) {
       const float g = Element<T>(gate, 2 * i + j);
       v[j] = MXMOE_MUL(format::SiluF32(g), Element<T>(up, 2 * i + j));
+    }
+    y.w[i] = T::FromFloat2(v[0], v[1]);
+  }
+  return y;
+}
+
+// Element `i` of a bf16/fp16/fp32 array as fp32 (exact; format.h's conversions, the CPU's).
+__device__ __forceinline__ float LoadAsFloat(const void* base, int32_t dtype, int64_t i) {
+  if (dtype == MXMOE_DTYPE_FP32) return static_cast<const float*>(base)[i];
+  const uint16_t bits = static_cast<const uint16_t*>(base)[i];
+  return dtype == MXMOE_DTYPE_BF16 ? format::Bf16ToFloat(bits) : format::Fp16ToFloat(bits);
+}
+
+// v rounded to T and back (format.h's round to nearest even, the CPU's).
+template <typename T>
+__device__ __forceinline__ float RoundTo(float v);
+template <>
+__device__ __forceinline__ float RoundTo<Bf16>(float v) {
+  return format::Bf16ToFloat(format::FloatToBf16(v));
+}
+template <>
+__device__ __forceinline__ float RoundTo<Fp16>(float v) {
+  return format::Fp16ToFloat(format::FloatToFp16(v));
+}
+
+// The MoE forward's activation step with its options (docs/format.md, "MoE forward"): the w13
+// bias row (when bias != NULL) added to gate and up and each sum rounded to T, then
+// SiLU(gate) * up (format::SiluF32) or GPT-OSS's SwiGLU (format::SwigluOaiF32), rounded to T.
+struct ActivationSpec {
+  const void* bias;    // [E, 2k] or NULL
+  int32_t bias_dtype;  // mxmoe_dtype
+  int32_t activation;  // mxmoe_activation
+  float alpha;         // SwiGLU-OAI
+  float limit;
+};
+
+// Lane of `column` (its first element) of a row of expert `expert`, k = the activation's width.
+template <typename T>
+__device__ __forceinline__ Lane8 BiasActivation(const ActivationSpec& a, const Lane8& gate,
+                                                const Lane8& up, int64_t expert, int64_t k,
+                                                int64_t column) {
+  const int64_t bias_row = expert * 2 * k + column;
+  Lane8 y;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float v[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int element = 2 * i + j;
+      float g = Element<T>(gate, element);
+      float u = Element<T>(up, element);
+      if (a.bias != nullptr) {
+        g = RoundTo<T>(MXMOE_ADD(g, LoadAsFloat(a.bias, a.bias_dtype, bias_row + element)));
+        u = RoundTo<T>(MXMOE_ADD(u, LoadAsFloat(a.bias, a.bias_dtype, bias_row + k + element)));
+      }
+      v[j] = a.activation == MXMOE_ACTIVATION_SWIGLU_OAI
+                 ? format::SwigluOaiF32(g, u, a.alpha, a.limit)
+                 : MXMOE_MUL(format::SiluF32(g), u);
     }
     y.w[i] = T::FromFloat2(v[0], v[1]);
   }

@@ -120,8 +120,9 @@ def time_calls(fns, use_graph: bool, repeats: int = 15, inner: int = 8) -> float
 
 def kernel_breakdown(fns, calls: int = 16) -> dict:
     """Mean device microseconds per layer call of each CUDA kernel that fns launch (torch.profiler,
-    CUPTI), keyed by kernel name (templates cut at the first '<' or '('), in launch order; eager
-    calls, so launch gaps are not in it. A diagnostic beside the timed median, not a timing."""
+    CUPTI), keyed by kernel name (namespaces and template arguments cut), with its launches per
+    call, in launch order; eager calls, so launch gaps are not in it. A diagnostic beside the
+    timed median, not a timing."""
     from torch.profiler import ProfilerActivity, profile
     for fn in fns:
         fn()
@@ -131,13 +132,16 @@ def kernel_breakdown(fns, calls: int = 16) -> dict:
             fns[j % len(fns)]()
         torch.cuda.synchronize()
     totals = {}
+    launches = {}
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = event.name.split("<")[0].split("(")[0].replace("void ", "").strip()
-        name = name.rsplit("::", 1)[-1] or event.name[:60]
+        name = event.name.replace("(anonymous namespace)::", "").replace("void ", "")
+        name = name.split("<")[0].split("(")[0].strip().rsplit("::", 1)[-1] or event.name[:60]
         totals[name] = totals.get(name, 0.0) + event.time_range.elapsed_us()
-    return {k: round(v / calls, 2) for k, v in totals.items()}
+        launches[name] = launches.get(name, 0) + 1
+    return {k: {"us": round(v / calls, 2), "launches": launches[k] / calls}
+            for k, v in totals.items()}
 
 
 def mxfp4_expert_bytes(h: int, inter: int) -> int:

@@ -213,16 +213,31 @@ __global__ void RoutingKernel(RoutingParams p) {
   if (token >= p.num_tokens) return;  // whole warps only: no shuffle below misses a lane
   const int64_t row = token * num_experts;
 
-  // Rank values: probabilities, logits or choices.
-  for (int e = lane; e < num_experts; e += 32) {
-    const float l = LoadAsFloat(p.logits, p.logits_dtype, row + e);
-    if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
-      const float s = fmt::SigmoidF32(l);
-      value[e] = p.correction_bias == nullptr
-                     ? s
-                     : MXMOE_ADD(s, LoadAsFloat(p.correction_bias, p.correction_bias_dtype, e));
-    } else {
-      value[e] = l;
+  // Rank values: probabilities, logits or choices. The global loads go out kLoadBatch at a time
+  // (independent, unrolled): at T = 1 this loop is a chain of load latencies otherwise.
+  constexpr int kLoadBatch = 8;
+  for (int e0 = lane; e0 < num_experts; e0 += 32 * kLoadBatch) {
+    float l[kLoadBatch];
+    float bias[kLoadBatch];
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      const int e = e0 + 32 * j;
+      l[j] = e < num_experts ? LoadAsFloat(p.logits, p.logits_dtype, row + e) : 0.0f;
+      bias[j] = e < num_experts && p.correction_bias != nullptr &&
+                        p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK
+                    ? LoadAsFloat(p.correction_bias, p.correction_bias_dtype, e)
+                    : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      const int e = e0 + 32 * j;
+      if (e >= num_experts) break;
+      if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
+        const float s = fmt::SigmoidF32(l[j]);
+        value[e] = p.correction_bias == nullptr ? s : MXMOE_ADD(s, bias[j]);
+      } else {
+        value[e] = l[j];
+      }
     }
   }
   for (int w = lane; w < words; w += 32) taken[w] = 0;

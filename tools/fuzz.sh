@@ -12,7 +12,8 @@
 #   OUT=/tmp/fuzz nice -n 19 bash tools/fuzz.sh 600 grouped_gemm moe_forward
 #
 # Needs clang with libFuzzer (Debian: clang-14 libclang-rt-14-dev; installed with apt-get when
-# missing and running as root) and a Bazel build of //cc/cuda:kernels.
+# missing and running as root) and nvcc: the script builds the three kernel archives of
+# //cc/cuda with Bazel.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seconds="${1:-600}"
@@ -38,10 +39,14 @@ if [[ -z "${clangxx}" ]] || ! echo 'int main(){}' | "${clangxx}" -x c++ -fsaniti
   fi
 fi
 
-bazel build //cc/cuda:kernels >&2
-# //cc/cuda:kernels is the three per-architecture archives (tools/bazel/cuda.bzl).
+# //cc/cuda:kernels is a cc_library over the three per-architecture archives
+# (tools/bazel/cuda.bzl) and has no default outputs of its own: build the archives by name.
+bazel build //cc/cuda:kernels_all_archs //cc/cuda:kernels_sm90 //cc/cuda:kernels_sm100 >&2
 bin_dir="$(bazel info bazel-bin 2>/dev/null)"
 kernels=("${bin_dir}"/cc/cuda/libkernels_{all_archs,sm90,sm100}_cuda.a)
+for archive in "${kernels[@]}"; do
+  [[ -f "${archive}" ]] || { echo "fuzz.sh: ${archive} was not built" >&2; exit 1; }
+done
 cuda="${CUDA_PATH:-/usr/local/cuda}"
 binary="${out}/c_api_libfuzzer"
 flags=(-std=c++17 -O1 -g -fno-omit-frame-pointer -ffp-contract=off -I. -Icc/include

@@ -40,6 +40,7 @@
 #include "cc/base/status.h"
 #include "cc/base/workspace.h"
 #include "cc/cuda/device.h"
+#include "cc/cuda/dispatch.h"
 #include "cc/cuda/grouped_gemm.h"
 #include "cc/cuda/quantize.h"
 #include "cc/cuda/quantize_device.cuh"
@@ -184,6 +185,7 @@ __global__ void CopyTopKKernel(RoutingParams p) {
 }
 
 // The warp's best (value, id) by RanksBefore among the experts its lanes offer (id < 0: none).
+// Used for the expert groups (one lane per group).
 __device__ __forceinline__ void WarpBest(float* value, int32_t* id) {
   for (int o = 16; o > 0; o /= 2) {
     const float other = __shfl_xor_sync(~0u, *value, o);
@@ -195,57 +197,93 @@ __device__ __forceinline__ void WarpBest(float* value, int32_t* id) {
   }
 }
 
-__device__ __forceinline__ bool Taken(const uint32_t* taken, int e) {
-  return (taken[e / 32] >> (e % 32)) & 1u;
+// RanksBefore as one unsigned key: a ranks before b exactly when RankKey(a) > RankKey(b), or the
+// keys are equal and a's id is lower. Numbers map monotonically (+0 and -0 to one key, as they
+// compare equal), every NaN to 1: below every number, above kNoCandidate.
+constexpr uint32_t kNoCandidate = 0;
+__device__ __forceinline__ uint32_t RankKey(float v) {
+  if (fmt::IsNaN(v)) return 1u;
+  const uint32_t u = v == 0.0f ? 0u : __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// One warp per token. Shared memory per warp: E rank values (fp32) and ceil(E/32) taken bits.
+// A lane's candidates: its experts lane, lane + 32, ... held in registers (value[i] is expert
+// lane + 32 * i), with a bit per register that is still available.
+template <int V>
+struct LaneExperts {
+  static constexpr int kWords = (V + 31) / 32;
+  float value[V];
+  uint32_t available[kWords];
+  // The lane's best available candidate: the highest key, the lowest id among equal keys (ids grow
+  // with i, so the first maximum).
+  uint32_t best_key;
+  int best_index;
+  float best_value;
+
+  __device__ __forceinline__ bool Available(int i) const {
+    return (available[i / 32] >> (i % 32)) & 1u;
+  }
+  __device__ __forceinline__ void FindBest() {
+    best_key = kNoCandidate;
+    best_index = -1;
+    best_value = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (!Available(i)) continue;
+      const uint32_t key = RankKey(value[i]);
+      if (key > best_key) {
+        best_key = key;
+        best_index = i;
+        best_value = value[i];
+      }
+    }
+  }
+};
+
+// One warp per token, the token's E <= 32 * V rank values in registers (V per lane). Dynamic shared
+// memory per warp: E floats, used by grouped routing only (the group scores).
+template <int V>
 __global__ void RoutingKernel(RoutingParams p) {
   const int warps_per_block = blockDim.x / 32;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * warps_per_block + warp;
   const int num_experts = p.num_global_experts;
-  const int words = (num_experts + 31) / 32;
   extern __shared__ float routing_shared[];
-  float* value = routing_shared + warp * (num_experts + words);
-  uint32_t* taken = reinterpret_cast<uint32_t*>(value + num_experts);
+  float* shared_value = routing_shared + warp * num_experts;
   if (token >= p.num_tokens) return;  // whole warps only: no shuffle below misses a lane
   const int64_t row = token * num_experts;
+  const bool sigmoid = p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK;
 
-  // Rank values: probabilities, logits or choices. The global loads go out kLoadBatch at a time
-  // (independent, unrolled): at T = 1 this loop is a chain of load latencies otherwise.
-  constexpr int kLoadBatch = 8;
-  for (int e0 = lane; e0 < num_experts; e0 += 32 * kLoadBatch) {
-    float l[kLoadBatch];
-    float bias[kLoadBatch];
+  // Rank values: probabilities, logits or choices. All V loads go out before any is used
+  // (coalesced: the warp's lanes read consecutive experts).
+  LaneExperts<V> x;
+  float bias[V];
 #pragma unroll
-    for (int j = 0; j < kLoadBatch; ++j) {
-      const int e = e0 + 32 * j;
-      l[j] = e < num_experts ? LoadAsFloat(p.logits, p.logits_dtype, row + e) : 0.0f;
-      bias[j] = e < num_experts && p.correction_bias != nullptr &&
-                        p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK
-                    ? LoadAsFloat(p.correction_bias, p.correction_bias_dtype, e)
-                    : 0.0f;
-    }
+  for (int i = 0; i < V; ++i) {
+    const int e = lane + 32 * i;
+    x.value[i] = e < num_experts ? LoadAsFloat(p.logits, p.logits_dtype, row + e) : 0.0f;
+    bias[i] = e < num_experts && sigmoid && p.correction_bias != nullptr
+                  ? LoadAsFloat(p.correction_bias, p.correction_bias_dtype, e)
+                  : 0.0f;
+  }
 #pragma unroll
-    for (int j = 0; j < kLoadBatch; ++j) {
-      const int e = e0 + 32 * j;
-      if (e >= num_experts) break;
-      if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
-        const float s = fmt::SigmoidF32(l[j]);
-        value[e] = p.correction_bias == nullptr ? s : MXMOE_ADD(s, bias[j]);
-      } else {
-        value[e] = l[j];
-      }
+  for (int w = 0; w < LaneExperts<V>::kWords; ++w) x.available[w] = 0;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int e = lane + 32 * i;
+    if (e >= num_experts) continue;
+    x.available[i / 32] |= 1u << (i % 32);
+    if (sigmoid) {
+      const float s = fmt::SigmoidF32(x.value[i]);
+      x.value[i] = p.correction_bias == nullptr ? s : MXMOE_ADD(s, bias[i]);
     }
   }
-  for (int w = lane; w < words; w += 32) taken[w] = 0;
-  __syncwarp();
   if (p.routing == MXMOE_ROUTING_SOFTMAX_TOPK) {
     float max_logit = -INFINITY;
-    for (int e = lane; e < num_experts; e += 32) {
-      max_logit = value[e] > max_logit ? value[e] : max_logit;  // NaN ignored
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (x.Available(i) && x.value[i] > max_logit) max_logit = x.value[i];  // NaN ignored
     }
     for (int o = 16; o > 0; o /= 2) {
       const float other = __shfl_xor_sync(~0u, max_logit, o);
@@ -253,18 +291,27 @@ __global__ void RoutingKernel(RoutingParams p) {
     }
     // The contract's 32-lane order: lane j sums experts j, j+32, ...; then the xor butterfly.
     float sum = 0.0f;
-    for (int e = lane; e < num_experts; e += 32) {
-      value[e] = fmt::ExpF32(MXMOE_ADD(value[e], -max_logit));
-      sum = MXMOE_ADD(sum, value[e]);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (!x.Available(i)) continue;
+      x.value[i] = fmt::ExpF32(MXMOE_ADD(x.value[i], -max_logit));
+      sum = MXMOE_ADD(sum, x.value[i]);
     }
     for (int o = 16; o > 0; o /= 2) sum = MXMOE_ADD(sum, __shfl_xor_sync(~0u, sum, o));
-    for (int e = lane; e < num_experts; e += 32) value[e] = value[e] / sum;
-    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (x.Available(i)) x.value[i] = x.value[i] / sum;
+    }
   }
 
-  // Grouped routing: lane g scores group g by its two best choices; the kept groups' experts
-  // stay, the others are marked taken.
-  if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK && p.kept_groups < p.groups) {
+  // Grouped routing: lane g scores group g by its two best choices (from shared memory, as a
+  // group's experts lie across lanes); the other groups' experts stop being available.
+  if (sigmoid && p.kept_groups < p.groups) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      if (x.Available(i)) shared_value[lane + 32 * i] = x.value[i];
+    }
+    __syncwarp();
     const int group_size = num_experts / p.groups;
     float score = 0.0f;
     if (lane < p.groups) {
@@ -272,7 +319,7 @@ __global__ void RoutingKernel(RoutingParams p) {
       int32_t first_id = -1, second_id = -1;
       for (int j = 0; j < group_size; ++j) {
         const int e = lane * group_size + j;
-        const float v = value[e];
+        const float v = shared_value[e];
         if (first_id < 0 || fmt::RanksBefore(v, e, first, first_id)) {
           second = first;
           second_id = first_id;
@@ -292,36 +339,36 @@ __global__ void RoutingKernel(RoutingParams p) {
       WarpBest(&best, &best_id);
       kept_mask |= 1u << best_id;
     }
-    for (int w = lane; w < words; w += 32) {
-      uint32_t bits = 0;
-      for (int b = 0; b < 32; ++b) {
-        const int e = w * 32 + b;
-        if (e < num_experts && !((kept_mask >> (e / group_size)) & 1u)) bits |= 1u << b;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int e = lane + 32 * i;
+      if (x.Available(i) && !((kept_mask >> (e / group_size)) & 1u)) {
+        x.available[i / 32] &= ~(1u << (i % 32));
       }
-      taken[w] = bits;
     }
-    __syncwarp();
   }
 
-  // Top-k, best first; lane j keeps slot j.
+  // Top-k, best first; lane j keeps slot j. Each round: the warp's best key (one redux), the
+  // lowest id holding it (another), its value from the owning lane; that lane alone rescans.
+  x.FindBest();
   int32_t my_id = -1;
   float my_value = 0.0f;
   float chosen_sum = 0.0f;
   float max_chosen = -INFINITY;
   for (int j = 0; j < p.top_k; ++j) {
-    float best = 0.0f;
-    int32_t best_id = -1;
-    for (int e = lane; e < num_experts; e += 32) {  // lanes scan ids in increasing order
-      if (Taken(taken, e)) continue;
-      if (best_id < 0 || fmt::RanksBefore(value[e], e, best, best_id)) {
-        best = value[e];
-        best_id = e;
-      }
+    const uint32_t top = __reduce_max_sync(~0u, x.best_key);
+    const int candidate =
+        (x.best_index >= 0 && x.best_key == top) ? lane + 32 * x.best_index : INT32_MAX;
+    int32_t best_id = __reduce_min_sync(~0u, candidate);
+    float best = __shfl_sync(~0u, x.best_value, best_id % 32);
+    if (top == kNoCandidate) {  // unreachable: validation keeps top_k <= the kept experts
+      best_id = 0;
+      best = 0.0f;
+    } else if (lane == best_id % 32) {
+      const int i = best_id / 32;
+      x.available[i / 32] &= ~(1u << (i % 32));
+      x.FindBest();
     }
-    WarpBest(&best, &best_id);
-    if (best_id < 0) best_id = 0;  // unreachable: validation keeps top_k <= the kept experts
-    if (lane == 0) taken[best_id / 32] |= 1u << (best_id % 32);
-    __syncwarp();
     if (lane == j) {
       my_id = best_id;
       my_value = best;
@@ -333,7 +380,7 @@ __global__ void RoutingKernel(RoutingParams p) {
   float weight = my_value;  // SOFTMAX_TOPK: the probability
   if (p.routing == MXMOE_ROUTING_TOPK_SOFTMAX) {
     weight = fmt::ExpF32(MXMOE_ADD(my_value, -max_chosen));
-  } else if (p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK) {
+  } else if (sigmoid) {
     weight =
         lane < p.top_k ? fmt::SigmoidF32(LoadAsFloat(p.logits, p.logits_dtype, row + my_id)) : 0.0f;
   }
@@ -607,12 +654,19 @@ RoutingParams MakeRoutingParams(const mxmoe_moe_forward_args& args, const MoeWor
 }
 
 mxmoe_status LaunchRouting(const RoutingParams& r, cudaStream_t stream) {
-  const size_t per_warp = sizeof(float) * (r.num_global_experts + (r.num_global_experts + 31) / 32);
-  const int warps =
-      static_cast<int>(std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes / per_warp)));
-  RoutingKernel<<<Blocks(r.num_tokens, warps), warps * 32, warps * per_warp, stream>>>(r);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
-  return MXMOE_STATUS_OK;
+  const bool grouped = r.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK && r.kept_groups < r.groups;
+  const size_t per_warp = grouped ? sizeof(float) * r.num_global_experts : 0;
+  const int warps = static_cast<int>(
+      grouped ? std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes / per_warp)) : 4);
+  // Rank values per lane: ceil(E / 32), in one of four register budgets (E <= 4096).
+  const int e = r.num_global_experts;
+  const int per_lane = e <= 4 * 32 ? 4 : e <= 8 * 32 ? 8 : e <= 32 * 32 ? 32 : 128;
+  return DispatchValue<4, 8, 32, 128>(per_lane, "routing rank values per lane", [&](auto v) {
+    RoutingKernel<decltype(v)::value>
+        <<<Blocks(r.num_tokens, warps), warps * 32, warps * per_warp, stream>>>(r);
+    MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+    return MXMOE_STATUS_OK;
+  });
 }
 
 mxmoe_status LaunchCopyTopK(const RoutingParams& r, cudaStream_t stream) {

@@ -122,3 +122,69 @@ def test_cuda_graph_replay_with_options(kind, tokens):
         torch.cuda.synchronize()
         err = rel_l2(static_out, cpu_layer(x, logits))
         assert err <= 5e-3, f"{kind} graph replay {tokens=} {trial=}: rel L2 vs CPU {err:.3e}"
+
+
+# Router widths that take each of the routing kernel's register budgets (E <= 32 * V for
+# V = 4, 8, 32, 128 rank values per lane), with groups that divide E for the grouped mode.
+ROUTING_WIDTHS = [(8, 2, 1, 4), (128, 8, 4, 8), (200, 8, 3, 8), (256, 8, 4, 8), (300, 20, 6, 32),
+                  (1500, 30, 4, 8)]  # (E, groups, kept groups, top_k)
+
+
+def adversarial_logits(kind, tokens, e, g):
+    """Logits that stress the rank order: many exact ties (+0 and -0 among them), infinities,
+    NaNs (NaN ranks last; ties break to the lower id)."""
+    if kind == "ties":
+        logits = torch.randint(-2, 3, (tokens, e), generator=g).float()
+        zero = logits == 0
+        flip = torch.rand(tokens, e, generator=g) < 0.5
+        return torch.where(zero & flip, torch.full_like(logits, -0.0), logits)
+    # Every row some -Inf; even rows NaNs too (a NaN makes a softmax row all NaN, so odd rows
+    # stay informative there); every fourth row one +Inf.
+    logits = torch.randn(tokens, e, generator=g)
+    pick = torch.rand(tokens, e, generator=g)
+    logits[pick < 0.1] = float("-inf")
+    even = (torch.arange(tokens) % 2 == 0)[:, None]
+    logits[(pick >= 0.1) & (pick < 0.15) & even] = float("nan")
+    logits[::4, int(torch.randint(e, (1,), generator=g))] = float("inf")
+    return logits
+
+
+def same_or_both_nan(a, b):
+    return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+@pytest.mark.parametrize("e,groups,kept,top_k", ROUTING_WIDTHS)
+@pytest.mark.parametrize("routing", ["softmax_topk", "topk_softmax", "sigmoid_grouped_topk"])
+@pytest.mark.parametrize("kind", ["ties", "nonfinite"])
+def test_routing_kernel_rank_order(e, groups, kept, top_k, routing, kind):
+    """The CUDA routing kernel against the contract's routing (ops.route) on logits full of ties,
+    signed zeros, infinities and NaNs, at every register budget: the layer's output with the
+    kernel's own routing equals, bit for bit (NaN where NaN), its output with ops.route's ids and
+    weights (the experts' outputs differ, so a different pick or weight shows)."""
+    g = torch.Generator().manual_seed(e + top_k)
+    h, i = 64, 32
+    # The CUDA MoE holds at most 1024 local experts: past that, the first 1000 global ids are
+    # local (expert_map) and the rest are routed to but contribute nothing.
+    local = min(e, 1000)
+    w13 = (torch.randn(local, 2 * i, h, generator=g) / h**0.5).to(BF16)
+    w2 = (torch.randn(local, h, i, generator=g) / i**0.5).to(BF16)
+    options = {}
+    if local < e:
+        ids = torch.arange(e, dtype=torch.int32)
+        options["expert_map"] = torch.where(ids < local, ids, torch.full_like(ids, -1))
+    if routing == "sigmoid_grouped_topk":
+        options.update(num_expert_groups=groups, topk_groups=kept,
+                       e_score_correction_bias=torch.randint(-1, 2, (e,), generator=g) * 0.25)
+    layer = mxmoe.MoELayer.from_float(w13, w2, activation="silu", routing=routing, top_k=top_k,
+                                      **options).to("cuda")
+    tokens = 37
+    x = torch.randn(tokens, h, generator=g).to(BF16).cuda()
+    logits = adversarial_logits(kind, tokens, e, g).cuda()
+    ids, weights = layer.route(logits)
+    out = layer(x, logits)
+    out_topk = layer.forward_topk(x, ids, weights)
+    torch.cuda.synchronize()
+    context = f"{e=} {routing=} {kind=} {top_k=}"
+    assert same_or_both_nan(out, out_topk), f"{context}: GPU routing differs from ops.route"
+    if kind == "ties":
+        assert torch.isfinite(out).all(), context  # the tie case must be checkable everywhere

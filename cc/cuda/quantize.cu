@@ -759,10 +759,14 @@ mxmoe_status QuantizeWeights(const mxmoe_quantize_weights_args& args, void* stre
                           args.device.id, stream);
 }
 
-mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args, void* stream) {
+// The two public per-expert quantize calls as one job: the same fields, the width named `k` in
+// one and `n` (the output width) in the other.
+template <typename Args>
+ExpertsQuantizeJob PublicExpertsJob(const Args& args, int64_t width,
+                                    ExpertsActivation activation) {
   ExpertsQuantizeJob job;
   job.rows = args.rows;
-  job.k = args.k;
+  job.k = width;
   job.num_experts = args.num_experts;
   job.input = args.input;
   job.input_dtype = args.input_dtype;
@@ -772,25 +776,17 @@ mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args, void* stre
   job.scales = args.scales;
   job.scale_rows = args.scale_rows;
   job.device = args.device.id;
-  return ExpertsQuantizeRows(job, stream);
+  job.activation = activation;
+  return job;
+}
+
+mxmoe_status ExpertsQuantize(const mxmoe_experts_quantize_args& args, void* stream) {
+  return ExpertsQuantizeRows(PublicExpertsJob(args, args.k, ExpertsActivation::kNone), stream);
 }
 
 mxmoe_status SiluMulExpertsQuantize(const mxmoe_silu_mul_experts_quantize_args& args,
                                     void* stream) {
-  ExpertsQuantizeJob job;
-  job.rows = args.rows;
-  job.k = args.n;
-  job.num_experts = args.num_experts;
-  job.input = args.input;
-  job.input_dtype = args.input_dtype;
-  job.expert_offsets = args.expert_offsets;
-  job.blockscale_offsets = args.blockscale_offsets;
-  job.packed = args.packed;
-  job.scales = args.scales;
-  job.scale_rows = args.scale_rows;
-  job.device = args.device.id;
-  job.activation = ExpertsActivation::kSiluMul;
-  return ExpertsQuantizeRows(job, stream);
+  return ExpertsQuantizeRows(PublicExpertsJob(args, args.n, ExpertsActivation::kSiluMul), stream);
 }
 
 mxmoe_status Dequantize(const mxmoe_dequantize_args& args, void* stream) {

@@ -116,21 +116,25 @@ __device__ __forceinline__ float Element(const Lane8& x, int i) {
 // w13 bias, SiLU or SwiGLU-OAI).
 enum class SiluImpl { kNone, kSilu, kFast, kTable, kGeneral };
 
-// y = silu(gate) * up in fp32 (format::SiluF32; one rounding for the product), rounded to T.
-template <typename T>
-__device__ __forceinline__ Lane8 SiluMul(const Lane8& gate, const Lane8& up) {
+// y element i = f(gate element i, up element i, i), fp32, each pair rounded to T: the shape of
+// every activation below. f is called for the elements in order 0..7.
+template <typename T, typename F>
+__device__ __forceinline__ Lane8 MapPairs(const Lane8& gate, const Lane8& up, const F& f) {
   Lane8 y;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    float v[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const float g = Element<T>(gate, 2 * i + j);
-      v[j] = MXMOE_MUL(format::SiluF32(g), Element<T>(up, 2 * i + j));
-    }
-    y.w[i] = T::FromFloat2(v[0], v[1]);
+    const float v0 = f(Element<T>(gate, 2 * i), Element<T>(up, 2 * i), 2 * i);
+    const float v1 = f(Element<T>(gate, 2 * i + 1), Element<T>(up, 2 * i + 1), 2 * i + 1);
+    y.w[i] = T::FromFloat2(v0, v1);
   }
   return y;
+}
+
+// y = silu(gate) * up in fp32 (format::SiluF32; one rounding for the product), rounded to T.
+template <typename T>
+__device__ __forceinline__ Lane8 SiluMul(const Lane8& gate, const Lane8& up) {
+  return MapPairs<T>(gate, up,
+                     [](float g, float u, int) { return MXMOE_MUL(format::SiluF32(g), u); });
 }
 
 // Element `i` of a bf16/fp16/fp32 array as fp32 (exact; format.h's conversions, the CPU's).
@@ -169,26 +173,15 @@ __device__ __forceinline__ Lane8 BiasActivation(const ActivationSpec& a, const L
                                                 const Lane8& up, int64_t expert, int64_t k,
                                                 int64_t column) {
   const int64_t bias_row = expert * 2 * k + column;
-  Lane8 y;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float v[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int element = 2 * i + j;
-      float g = Element<T>(gate, element);
-      float u = Element<T>(up, element);
-      if (a.bias != nullptr) {
-        g = RoundTo<T>(MXMOE_ADD(g, LoadAsFloat(a.bias, a.bias_dtype, bias_row + element)));
-        u = RoundTo<T>(MXMOE_ADD(u, LoadAsFloat(a.bias, a.bias_dtype, bias_row + k + element)));
-      }
-      v[j] = a.activation == MXMOE_ACTIVATION_SWIGLU_OAI
-                 ? format::SwigluOaiF32(g, u, a.alpha, a.limit)
-                 : MXMOE_MUL(format::SiluF32(g), u);
+  return MapPairs<T>(gate, up, [a, bias_row, k](float g, float u, int element) {
+    if (a.bias != nullptr) {
+      g = RoundTo<T>(MXMOE_ADD(g, LoadAsFloat(a.bias, a.bias_dtype, bias_row + element)));
+      u = RoundTo<T>(MXMOE_ADD(u, LoadAsFloat(a.bias, a.bias_dtype, bias_row + k + element)));
     }
-    y.w[i] = T::FromFloat2(v[0], v[1]);
-  }
-  return y;
+    return a.activation == MXMOE_ACTIVATION_SWIGLU_OAI
+               ? format::SwigluOaiF32(g, u, a.alpha, a.limit)
+               : MXMOE_MUL(format::SiluF32(g), u);
+  });
 }
 
 // Smallest and largest |g| that SiluFastF32 takes.
@@ -238,19 +231,10 @@ __device__ __forceinline__ float SiluFastF32(float g, bool* in_domain) {
 template <typename T>
 __device__ __forceinline__ Lane8 SiluMulFast(const Lane8& gate, const Lane8& up,
                                              bool* in_domain) {
-  Lane8 y;
   *in_domain = true;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float v[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const float g = Element<T>(gate, 2 * i + j);
-      v[j] = MXMOE_MUL(SiluFastF32(g, in_domain), Element<T>(up, 2 * i + j));
-    }
-    y.w[i] = T::FromFloat2(v[0], v[1]);
-  }
-  return y;
+  return MapPairs<T>(gate, up, [in_domain](float g, float u, int) {
+    return MXMOE_MUL(SiluFastF32(g, in_domain), u);
+  });
 }
 
 // The SiLU table of SiluImpl::kTable: entry i < kSiluTableSpan is format::SiluF32 of the bf16 with

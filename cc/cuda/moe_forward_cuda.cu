@@ -212,6 +212,9 @@ __device__ __forceinline__ uint32_t RankKey(float v) {
 template <int V>
 struct LaneExperts {
   static constexpr int kWords = (V + 31) / 32;
+  // Up to 16 values per lane (E <= 512) the loops unroll and the values live in registers; the
+  // 128-value budget (E > 512, rare) keeps them in local memory so that its code stays small.
+  static constexpr int kUnroll = V <= 16 ? V : 1;
   float value[V];
   uint32_t available[kWords];
   // The lane's best available candidate: the highest key, the lowest id among equal keys (ids grow
@@ -227,7 +230,7 @@ struct LaneExperts {
     best_key = kNoCandidate;
     best_index = -1;
     best_value = 0.0f;
-#pragma unroll
+#pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {
       if (!Available(i)) continue;
       const uint32_t key = RankKey(value[i]);
@@ -240,10 +243,12 @@ struct LaneExperts {
   }
 };
 
-// One warp per token, the token's E <= 32 * V rank values in registers (V per lane). Dynamic shared
-// memory per warp: E floats, used by grouped routing only (the group scores).
+// One warp per token, the token's E <= 32 * V rank values in registers (V per lane; in local
+// memory for V = 128). Dynamic shared memory per warp: E floats, used by grouped routing only
+// (the group scores).
 template <int V>
 __global__ void RoutingKernel(RoutingParams p) {
+  constexpr int kUnroll = LaneExperts<V>::kUnroll;
   const int warps_per_block = blockDim.x / 32;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -259,7 +264,7 @@ __global__ void RoutingKernel(RoutingParams p) {
   // (coalesced: the warp's lanes read consecutive experts).
   LaneExperts<V> x;
   float bias[V];
-#pragma unroll
+#pragma unroll kUnroll
   for (int i = 0; i < V; ++i) {
     const int e = lane + 32 * i;
     x.value[i] = e < num_experts ? LoadAsFloat(p.logits, p.logits_dtype, row + e) : 0.0f;
@@ -267,9 +272,9 @@ __global__ void RoutingKernel(RoutingParams p) {
                   ? LoadAsFloat(p.correction_bias, p.correction_bias_dtype, e)
                   : 0.0f;
   }
-#pragma unroll
+#pragma unroll kUnroll
   for (int w = 0; w < LaneExperts<V>::kWords; ++w) x.available[w] = 0;
-#pragma unroll
+#pragma unroll kUnroll
   for (int i = 0; i < V; ++i) {
     const int e = lane + 32 * i;
     if (e >= num_experts) continue;
@@ -281,7 +286,7 @@ __global__ void RoutingKernel(RoutingParams p) {
   }
   if (p.routing == MXMOE_ROUTING_SOFTMAX_TOPK) {
     float max_logit = -INFINITY;
-#pragma unroll
+#pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {
       if (x.Available(i) && x.value[i] > max_logit) max_logit = x.value[i];  // NaN ignored
     }
@@ -291,14 +296,14 @@ __global__ void RoutingKernel(RoutingParams p) {
     }
     // The contract's 32-lane order: lane j sums experts j, j+32, ...; then the xor butterfly.
     float sum = 0.0f;
-#pragma unroll
+#pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {
       if (!x.Available(i)) continue;
       x.value[i] = fmt::ExpF32(MXMOE_ADD(x.value[i], -max_logit));
       sum = MXMOE_ADD(sum, x.value[i]);
     }
     for (int o = 16; o > 0; o /= 2) sum = MXMOE_ADD(sum, __shfl_xor_sync(~0u, sum, o));
-#pragma unroll
+#pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {
       if (x.Available(i)) x.value[i] = x.value[i] / sum;
     }
@@ -307,7 +312,7 @@ __global__ void RoutingKernel(RoutingParams p) {
   // Grouped routing: lane g scores group g by its two best choices (from shared memory, as a
   // group's experts lie across lanes); the other groups' experts stop being available.
   if (sigmoid && p.kept_groups < p.groups) {
-#pragma unroll
+#pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {
       if (x.Available(i)) shared_value[lane + 32 * i] = x.value[i];
     }
@@ -339,7 +344,7 @@ __global__ void RoutingKernel(RoutingParams p) {
       WarpBest(&best, &best_id);
       kept_mask |= 1u << best_id;
     }
-#pragma unroll
+#pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {
       const int e = lane + 32 * i;
       if (x.Available(i) && !((kept_mask >> (e / group_size)) & 1u)) {
@@ -658,10 +663,10 @@ mxmoe_status LaunchRouting(const RoutingParams& r, cudaStream_t stream) {
   const size_t per_warp = grouped ? sizeof(float) * r.num_global_experts : 0;
   const int warps = static_cast<int>(
       grouped ? std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes / per_warp)) : 4);
-  // Rank values per lane: ceil(E / 32), in one of four register budgets (E <= 4096).
+  // Rank values per lane: ceil(E / 32), in one of four budgets (E <= 4096).
   const int e = r.num_global_experts;
-  const int per_lane = e <= 4 * 32 ? 4 : e <= 8 * 32 ? 8 : e <= 32 * 32 ? 32 : 128;
-  return DispatchValue<4, 8, 32, 128>(per_lane, "routing rank values per lane", [&](auto v) {
+  const int per_lane = e <= 4 * 32 ? 4 : e <= 8 * 32 ? 8 : e <= 16 * 32 ? 16 : 128;
+  return DispatchValue<4, 8, 16, 128>(per_lane, "routing rank values per lane", [&](auto v) {
     RoutingKernel<decltype(v)::value>
         <<<Blocks(r.num_tokens, warps), warps * 32, warps * per_warp, stream>>>(r);
     MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();

@@ -124,9 +124,9 @@ def test_cuda_graph_replay_with_options(kind, tokens):
         assert err <= 5e-3, f"{kind} graph replay {tokens=} {trial=}: rel L2 vs CPU {err:.3e}"
 
 
-# Router widths that take each of the routing kernel's register budgets (E <= 32 * V for
-# V = 4, 8, 32, 128 rank values per lane), with groups that divide E for the grouped mode.
-ROUTING_WIDTHS = [(8, 2, 1, 4), (128, 8, 4, 8), (200, 8, 3, 8), (256, 8, 4, 8), (300, 20, 6, 32),
+# Router widths that take each of the routing kernel's budgets (E <= 32 * V for V = 4, 8, 16,
+# 128 rank values per lane), with groups that divide E for the grouped mode.
+ROUTING_WIDTHS = [(8, 2, 1, 4), (128, 8, 4, 8), (200, 8, 3, 8), (256, 8, 4, 8), (384, 8, 4, 32),
                   (1500, 30, 4, 8)]  # (E, groups, kept groups, top_k)
 
 

@@ -21,17 +21,18 @@ namespace cpu {
 
 // format::ExpF32InRange on eight lanes already clamped into [-103.98, 88.72].
 MXMOE_CPU_FMA_TARGET inline __m256 ExpF32InRangeX8(__m256 x) {
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  namespace fmt = ::mxmoe::format;
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(fmt::kExpLog2e)),
                                    _MM_FROUND_CUR_DIRECTION);
-  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145751953125f), x);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.3888889e-3f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3333333e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1666667e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666667e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-fmt::kExpLn2Hi), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-fmt::kExpLn2Lo), r);
+  __m256 p = _mm256_set1_ps(fmt::kExpP6);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fmt::kExpP5));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fmt::kExpP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fmt::kExpP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fmt::kExpP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fmt::kExpP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fmt::kExpP0));
   // ni / 2 truncated toward zero (C's division): add the sign bit before the arithmetic shift.
   const __m256i ni = _mm256_cvttps_epi32(n);
   const __m256i n1 = _mm256_srai_epi32(_mm256_add_epi32(ni, _mm256_srli_epi32(ni, 31)), 1);

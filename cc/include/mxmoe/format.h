@@ -203,23 +203,46 @@ MXMOE_HD uint16_t FloatToFp16(float f) {
 
 // ---- SiLU --------------------------------------------------------------------------------------
 
+// The exp polynomial's constants and steps, in one place. ExpF32InRange below is the definition;
+// two other forms perform the same steps on the same constants: the CUDA SiluFastF32
+// (cc/cuda/quantize_device.cuh) and the CPU's eight-lane ExpF32InRangeX8
+// (cc/cpu/activation_simd.h).
+constexpr float kExpLog2e = 1.44269504088896341f;
+constexpr float kExpLn2Hi = 0.693145751953125f;  // ln 2 in two parts (Cody-Waite)
+constexpr float kExpLn2Lo = 1.428606765330187045e-06f;
+// exp(r) on |r| <= ln2/2: degree-6 Taylor/minimax-like polynomial, coefficients highest first.
+constexpr float kExpP6 = 1.3888889e-3f;
+constexpr float kExpP5 = 8.3333333e-3f;
+constexpr float kExpP4 = 4.1666667e-2f;
+constexpr float kExpP3 = 1.6666667e-1f;
+constexpr float kExpP2 = 0.5f;
+constexpr float kExpP1 = 1.0f;
+constexpr float kExpP0 = 1.0f;
+
+// r = x - n*ln2, in two steps; fmaf is exactly rounded everywhere.
+MXMOE_HD float ExpReduce(float x, float n) {
+  const float r = fmaf(n, -kExpLn2Hi, x);
+  return fmaf(n, -kExpLn2Lo, r);
+}
+
+// The polynomial at r, Horner with fmaf.
+MXMOE_HD float ExpPolynomial(float r) {
+  float p = kExpP6;
+  p = fmaf(p, r, kExpP5);
+  p = fmaf(p, r, kExpP4);
+  p = fmaf(p, r, kExpP3);
+  p = fmaf(p, r, kExpP2);
+  p = fmaf(p, r, kExpP1);
+  return fmaf(p, r, kExpP0);
+}
+
 // exp(x) for x already in [-103.98, 88.72] (ExpF32's range; NaN-free), from +, *, fmaf and bit
 // operations only, so host and device agree bit for bit (the libraries' expf differ by an ulp
-// between glibc and CUDA). Max error about 2 ulp. The one exp polynomial: ExpF32 and SiluF32
+// between glibc and CUDA). Max error about 2 ulp. The one exp definition: ExpF32 and SiluF32
 // both call it.
 MXMOE_HD float ExpF32InRange(float x) {
-  const float n = rintf(MXMOE_MUL(x, 1.44269504088896341f));
-  // r = x - n*ln2, in two steps (Cody-Waite); fmaf is exactly rounded everywhere.
-  float r = fmaf(n, -0.693145751953125f, x);
-  r = fmaf(n, -1.428606765330187045e-06f, r);
-  // exp(r) on |r| <= ln2/2: degree-6 Taylor/minimax-like polynomial, Horner with fmaf.
-  float p = 1.3888889e-3f;
-  p = fmaf(p, r, 8.3333333e-3f);
-  p = fmaf(p, r, 4.1666667e-2f);
-  p = fmaf(p, r, 1.6666667e-1f);
-  p = fmaf(p, r, 0.5f);
-  p = fmaf(p, r, 1.0f);
-  p = fmaf(p, r, 1.0f);
+  const float n = rintf(MXMOE_MUL(x, kExpLog2e));
+  const float p = ExpPolynomial(ExpReduce(x, n));
   // Multiply by 2^n in two steps so results in the subnormal range stay correct.
   const int ni = static_cast<int>(n);
   const int n1 = ni / 2;

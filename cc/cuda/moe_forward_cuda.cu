@@ -207,6 +207,32 @@ __device__ __forceinline__ uint32_t RankKey(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Elements lane, lane + 32, ... (< count) of a bf16/fp16/fp32 vector at `base` as fp32 (zeros
+// past count). The raw loads all go out first, in one branch on the dtype (uniform across the
+// warp), and are converted after: a load inside each element's dtype branch makes the warp wait
+// for every load in turn (one DRAM latency per element at T = 1).
+template <int V, int kUnroll>
+__device__ __forceinline__ void LoadLaneElements(const void* base, int32_t dtype, int64_t offset,
+                                                 int lane, int count, float (&out)[V]) {
+  uint32_t raw[V];
+  if (dtype == MXMOE_DTYPE_FP32) {
+    const uint32_t* src = static_cast<const uint32_t*>(base) + offset;
+#pragma unroll kUnroll
+    for (int i = 0; i < V; ++i) raw[i] = lane + 32 * i < count ? src[lane + 32 * i] : 0u;
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+#pragma unroll kUnroll
+    for (int i = 0; i < V; ++i) raw[i] = lane + 32 * i < count ? src[lane + 32 * i] : 0u;
+  }
+#pragma unroll kUnroll
+  for (int i = 0; i < V; ++i) {
+    const uint16_t h = static_cast<uint16_t>(raw[i]);
+    out[i] = dtype == MXMOE_DTYPE_FP32 ? __uint_as_float(raw[i])
+             : dtype == MXMOE_DTYPE_BF16 ? fmt::Bf16ToFloat(h)
+                                         : fmt::Fp16ToFloat(h);
+  }
+}
+
 // A lane's candidates: its experts lane, lane + 32, ... held in registers (value[i] is expert
 // lane + 32 * i), with a bit per register that is still available.
 template <int V>
@@ -216,12 +242,14 @@ struct LaneExperts {
   // 128-value budget (E > 512, rare) keeps them in local memory so that its code stays small.
   static constexpr int kUnroll = V <= 16 ? V : 1;
   float value[V];
+  float aux[V];  // SIGMOID_GROUPED_TOPK: the sigmoid (the weight), before the correction bias
   uint32_t available[kWords];
   // The lane's best available candidate: the highest key, the lowest id among equal keys (ids grow
   // with i, so the first maximum).
   uint32_t best_key;
   int best_index;
   float best_value;
+  float best_aux;
 
   __device__ __forceinline__ bool Available(int i) const {
     return (available[i / 32] >> (i % 32)) & 1u;
@@ -230,6 +258,7 @@ struct LaneExperts {
     best_key = kNoCandidate;
     best_index = -1;
     best_value = 0.0f;
+    best_aux = 0.0f;
 #pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {
       if (!Available(i)) continue;
@@ -238,6 +267,7 @@ struct LaneExperts {
         best_key = key;
         best_index = i;
         best_value = value[i];
+        best_aux = aux[i];
       }
     }
   }
@@ -260,28 +290,28 @@ __global__ void RoutingKernel(RoutingParams p) {
   const int64_t row = token * num_experts;
   const bool sigmoid = p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK;
 
-  // Rank values: probabilities, logits or choices. All V loads go out before any is used
-  // (coalesced: the warp's lanes read consecutive experts).
+  // Rank values: probabilities, logits or choices (coalesced: the warp's lanes read consecutive
+  // experts; every load in flight at once).
   LaneExperts<V> x;
+  LoadLaneElements<V, kUnroll>(p.logits, p.logits_dtype, row, lane, num_experts, x.value);
   float bias[V];
-#pragma unroll kUnroll
-  for (int i = 0; i < V; ++i) {
-    const int e = lane + 32 * i;
-    x.value[i] = e < num_experts ? LoadAsFloat(p.logits, p.logits_dtype, row + e) : 0.0f;
-    bias[i] = e < num_experts && sigmoid && p.correction_bias != nullptr
-                  ? LoadAsFloat(p.correction_bias, p.correction_bias_dtype, e)
-                  : 0.0f;
+  const bool with_bias = sigmoid && p.correction_bias != nullptr;
+  if (with_bias) {
+    LoadLaneElements<V, kUnroll>(p.correction_bias, p.correction_bias_dtype, 0, lane,
+                                 num_experts, bias);
   }
 #pragma unroll kUnroll
   for (int w = 0; w < LaneExperts<V>::kWords; ++w) x.available[w] = 0;
 #pragma unroll kUnroll
   for (int i = 0; i < V; ++i) {
+    x.aux[i] = 0.0f;
     const int e = lane + 32 * i;
     if (e >= num_experts) continue;
     x.available[i / 32] |= 1u << (i % 32);
     if (sigmoid) {
       const float s = fmt::SigmoidF32(x.value[i]);
-      x.value[i] = p.correction_bias == nullptr ? s : MXMOE_ADD(s, bias[i]);
+      x.aux[i] = s;
+      x.value[i] = with_bias ? MXMOE_ADD(s, bias[i]) : s;
     }
   }
   if (p.routing == MXMOE_ROUTING_SOFTMAX_TOPK) {
@@ -358,6 +388,7 @@ __global__ void RoutingKernel(RoutingParams p) {
   x.FindBest();
   int32_t my_id = -1;
   float my_value = 0.0f;
+  float my_aux = 0.0f;
   float chosen_sum = 0.0f;
   float max_chosen = -INFINITY;
   for (int j = 0; j < p.top_k; ++j) {
@@ -366,17 +397,20 @@ __global__ void RoutingKernel(RoutingParams p) {
         (x.best_index >= 0 && x.best_key == top) ? lane + 32 * x.best_index : INT32_MAX;
     int32_t best_id = __reduce_min_sync(~0u, candidate);
     float best = __shfl_sync(~0u, x.best_value, best_id % 32);
+    float best_aux = __shfl_sync(~0u, x.best_aux, best_id % 32);
     if (top == kNoCandidate) {  // unreachable: validation keeps top_k <= the kept experts
       best_id = 0;
       best = 0.0f;
+      best_aux = fmt::SigmoidF32(LoadAsFloat(p.logits, p.logits_dtype, row));  // expert 0's
     } else if (lane == best_id % 32) {
       const int i = best_id / 32;
-      x.available[i / 32] &= ~(1u << (i % 32));
+      x.available[LaneExperts<V>::kWords == 1 ? 0 : i / 32] &= ~(1u << (i % 32));
       x.FindBest();
     }
     if (lane == j) {
       my_id = best_id;
       my_value = best;
+      my_aux = best_aux;
     }
     max_chosen = best > max_chosen ? best : max_chosen;  // slot order, NaN ignored
     chosen_sum = MXMOE_ADD(chosen_sum, best);            // used by SOFTMAX_TOPK
@@ -386,8 +420,7 @@ __global__ void RoutingKernel(RoutingParams p) {
   if (p.routing == MXMOE_ROUTING_TOPK_SOFTMAX) {
     weight = fmt::ExpF32(MXMOE_ADD(my_value, -max_chosen));
   } else if (sigmoid) {
-    weight =
-        lane < p.top_k ? fmt::SigmoidF32(LoadAsFloat(p.logits, p.logits_dtype, row + my_id)) : 0.0f;
+    weight = lane < p.top_k ? my_aux : 0.0f;  // sigmoid(logit) of the chosen expert
   }
   const bool normalize = p.routing == MXMOE_ROUTING_TOPK_SOFTMAX || p.renormalize;
   if (normalize && p.routing != MXMOE_ROUTING_SOFTMAX_TOPK) {

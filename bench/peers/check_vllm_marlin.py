@@ -4,9 +4,8 @@
 
 For each block (SiLU; SwiGLU-OAI with biases and top-k-then-softmax, at H and I that vLLM pads;
 sigmoid grouped top-k with a shared expert), random bf16 weights are quantized to MXFP4 by
-mxmoe's pure-torch reference (py/mxmoe/reference.py, loaded by path, so the mxmoe extension is
-not needed), and the peer's
-layer is compared with two float64-GEMM references on the same MXFP4 weights and the same
+mxmoe's pure-torch reference (py/mxmoe/reference.py; it and measure.py's rel_l2 are loaded by
+path, so the mxmoe extension is not needed), and the peer's layer is compared with two float64-GEMM references on the same MXFP4 weights and the same
 routing: W4A16 (bf16 activations, what Marlin computes) and W4A4 (mxmoe's contract, activations
 quantized to MXFP4 too). Its routing kernels are compared with the contract's routing.
 A layout mistake (scale order, nibble order, row interleave, bias order) gives errors near 1;
@@ -31,20 +30,25 @@ import vllm_marlin  # noqa: E402
 TOLERANCE = 2e-2
 
 
-def load_reference():
-    path = os.path.join(HERE, "..", "..", "py", "mxmoe", "reference.py")
+def load_mxmoe_module(name: str):
+    """mxmoe/<name>.py loaded by path (torch only, no mxmoe extension needed)."""
+    path = os.path.join(HERE, "..", "..", "py", "mxmoe", f"{name}.py")
     if not os.path.isfile(path):  # in a GPU pack: mxmoe/ beside bench/
-        path = os.path.join(HERE, "..", "..", "mxmoe", "reference.py")
-    spec = importlib.util.spec_from_file_location("_mxmoe_reference", path)
+        path = os.path.join(HERE, "..", "..", "mxmoe", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_mxmoe_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def rel_l2(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+def load_reference():
+    return load_mxmoe_module("reference")
+
+
+rel_l2 = load_mxmoe_module("measure").rel_l2  # the project's one rel_l2
+
+
 
 
 BLOCKS = {

@@ -99,9 +99,7 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, size_t gemm_b
   const size_t e = static_cast<size_t>(args.num_local_experts);
   ws->slots = args.num_tokens * SlotsPerToken(args);
   // Each expert with rows pads up to 127 rows; at most min(slots, E) experts have rows.
-  ws->scale_rows = fmt::RoundUp(
-      ws->slots + (ws->slots < args.num_local_experts ? ws->slots : args.num_local_experts) * 127,
-      fmt::kSwizzleRows);
+  ws->scale_rows = fmt::MaxScaleRows(ws->slots, args.num_local_experts);
   const size_t slots = static_cast<size_t>(ws->slots);
   const size_t scale_rows = static_cast<size_t>(ws->scale_rows);
   const size_t routed = t * static_cast<size_t>(args.top_k);

@@ -824,8 +824,8 @@ mxmoe_status ValidateMoeForward(const mxmoe_moe_forward_args& a, ValidationMode 
     // Every backend's workspace is fewer than 16 slices of at most [routed rows + scale padding,
     // max(H, 2I, E_global)] elements of 4 bytes: bounding that sum here means no size computation
     // in a *_workspace_size can wrap (T=7, H=2.4e17, top_k=6 once came back OK, wrapped).
-    const int64_t padded_rows = std::max<int64_t>(
-        slots + 127 * std::min<int64_t>(slots, a.num_local_experts), a.num_tokens);
+    const int64_t padded_rows =
+        std::max<int64_t>(format::MaxScaleRows(slots, a.num_local_experts), a.num_tokens);
     const int64_t widest = std::max({a.hidden_size, 2 * a.intermediate_size,
                                      int64_t{a.num_global_experts}});
     int64_t bytes = 0;

@@ -10,8 +10,9 @@
 // panels of 8 output columns: straight from PREPARED weights (prepare_weights stores them
 // decoded), or decoded per call from LINEAR/SWIZZLED weights into per-thread scratch. Each
 // expert's output is cut into items of up to kItemRows rows x kItemPanels panels; a panel kernel
-// (panel.h: portable, SSE2 or AVX2, chosen at run time, identical bits) computes up to 4 rows x
-// 8 columns at a time.
+// (panel.h: portable, SSE2, AVX2 or AVX-512 VNNI, chosen at run time, identical bits) computes up
+// to 4 rows x 8 columns at a time, or 4 rows x 16 columns (two panels) where a pair kernel exists
+// (AVX-512 VNNI).
 //
 // Failure: every allocation (offsets, items, decoded A, panel scratch) and every step that can
 // throw happens before the first write to c; the compute phase allocates nothing and throws
@@ -159,6 +160,7 @@ mxmoe_status GroupedGemm(const mxmoe_grouped_gemm_args& args) {
 
   // Compute: no allocation, nothing that throws, from here on.
   const PanelKernel kernel = PanelKernelFor(SelectedKernelIsa());
+  const PanelPairKernel pair_kernel = PanelPairKernelFor(SelectedKernelIsa());
   const StoreBf16PanelRowFn store_bf16_row =
       args.c_dtype == MXMOE_DTYPE_BF16 ? VectorStoreBf16PanelRow() : nullptr;
   ParallelForWithSlot(static_cast<int64_t>(items.size()), 1, [&](int slot, int64_t begin,
@@ -178,26 +180,39 @@ mxmoe_status GroupedGemm(const mxmoe_grouped_gemm_args& args) {
         panel_base = scratch;
       }
       const int64_t row_end = std::min(offsets[e + 1] - offsets[e], item.row_begin + kItemRows);
-      for (int64_t p = item.panel_begin; p < panel_end; ++p) {
+      // Panels in pairs where a pair kernel exists (one A load serves 16 columns), else one by
+      // one; acc rows are `width` panels wide.
+      for (int64_t p = item.panel_begin; p < panel_end;) {
         const uint8_t* panel = panel_base + (p - item.panel_begin) * panel_bytes;
-        const int cols = static_cast<int>(std::min<int64_t>(kPanelCols, n - p * kPanelCols));
+        const int width = pair_kernel != nullptr && p + 1 < panel_end ? 2 : 1;
         for (int64_t r0 = item.row_begin; r0 < row_end; r0 += kMaxPanelRows) {
           const int tile_rows = static_cast<int>(std::min<int64_t>(kMaxPanelRows, row_end - r0));
           const int64_t row = offsets[e] + r0;
-          double acc[kMaxPanelRows * kPanelCols];
-          kernel(panel, blocks, &a_codes[row * k], &a_factors[row * blocks],
-                 &a_corrections[row * blocks], tile_rows, acc);
+          double acc[kMaxPanelRows * 2 * kPanelCols];
+          if (width == 2) {
+            pair_kernel(panel, panel + panel_bytes, blocks, &a_codes[row * k],
+                        &a_factors[row * blocks], &a_corrections[row * blocks], tile_rows, acc);
+          } else {
+            kernel(panel, blocks, &a_codes[row * k], &a_factors[row * blocks],
+                   &a_corrections[row * blocks], tile_rows, acc);
+          }
           for (int r = 0; r < tile_rows; ++r) {
-            const int64_t at = (row + r) * n + p * kPanelCols;
-            if (store_bf16_row != nullptr && cols == kPanelCols) {
-              store_bf16_row(&acc[r * kPanelCols], reinterpret_cast<uint16_t*>(args.c) + at);
-              continue;
-            }
-            for (int c = 0; c < cols; ++c) {
-              StoreFromDouble(args.c, args.c_dtype, at + c, acc[r * kPanelCols + c]);
+            for (int h = 0; h < width; ++h) {
+              const int64_t pp = p + h;
+              const int cols = static_cast<int>(std::min<int64_t>(kPanelCols, n - pp * kPanelCols));
+              const double* row_acc = &acc[(r * width + h) * kPanelCols];
+              const int64_t at = (row + r) * n + pp * kPanelCols;
+              if (store_bf16_row != nullptr && cols == kPanelCols) {
+                store_bf16_row(row_acc, reinterpret_cast<uint16_t*>(args.c) + at);
+                continue;
+              }
+              for (int c = 0; c < cols; ++c) {
+                StoreFromDouble(args.c, args.c_dtype, at + c, row_acc[c]);
+              }
             }
           }
         }
+        p += width;
       }
     }
   });

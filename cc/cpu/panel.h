@@ -107,6 +107,15 @@ enum class KernelIsa : int { kScalar = 0, kSse2 = 1, kAvx2 = 2, kAvx512 = 3 };
 // The kernel for `isa`, or nullptr when this build or this CPU cannot run it.
 PanelKernel PanelKernelFor(KernelIsa isa);
 
+// Two adjacent panels of one expert at once: acc is [num_rows][2 * kPanelCols], panel0's
+// columns then panel1's, each the bits PanelKernel gives for its panel. Only where a wider
+// register serves both panels (AVX-512 VNNI); nullptr for other instruction sets or when the CPU
+// cannot run it (the GEMM then calls PanelKernel per panel).
+using PanelPairKernel = void (*)(const uint8_t* panel0, const uint8_t* panel1, int64_t blocks,
+                                 const int8_t* a_codes, const double* a_factors,
+                                 const int32_t* a_corrections, int num_rows, double* acc);
+PanelPairKernel PanelPairKernelFor(KernelIsa isa);
+
 // The kernel the GEMM uses: MXMOE_CPU_KERNEL=scalar|sse2|avx2|avx512vnni if set and runnable
 // (read once), else the best this CPU runs (AVX-512 VNNI, else AVX2, where
 // __builtin_cpu_supports says so, else SSE2 on x86-64, else the portable loop). All give
@@ -133,8 +142,8 @@ StoreBf16PanelRowFn VectorStoreBf16PanelRow();
 #endif
 
 namespace internal {
-// Tests only: makes the GEMM (and the activation rows) use `isa` (it must be runnable) from now on, or again the selected
-// kernel with ResetKernelIsaForTesting().
+// Tests only: makes the GEMM (and the activation rows) use `isa` (it must be runnable) from now
+// on, or again the selected kernel with ResetKernelIsaForTesting().
 void SetKernelIsaForTesting(KernelIsa isa);
 void ResetKernelIsaForTesting();
 // The AVX-512 bf16 epilogue where the CPU runs it, else nullptr (whatever is selected).

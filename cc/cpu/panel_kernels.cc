@@ -341,6 +341,83 @@ MXMOE_AVX512_TARGET void StoreBf16PanelRowAvx512(const double* acc, uint16_t* ou
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtepi32_epi16(bits));
 }
 
+// 2^(s - 127) for a panel's 8 scale bytes of one block, NaN for 0xFF (BFactor bit for bit).
+MXMOE_AVX512_TARGET inline __m512d ScaleFactors8(const uint8_t* scales, __m512i nan_bits) {
+  const __m512i s64 =
+      _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales)));
+  const __m512i bits =
+      _mm512_slli_epi64(_mm512_add_epi64(s64, _mm512_set1_epi64(1023 - 127)), 52);
+  const __mmask8 is_nan = _mm512_cmpeq_epi64_mask(s64, _mm512_set1_epi64(0xFF));
+  return _mm512_castsi512_pd(_mm512_mask_blend_epi64(is_nan, bits, nan_bits));
+}
+
+// AVX-512 VNNI over two panels at once (16 columns): per block and 4-element group q, the two
+// panels' 32 code bytes of group q fill one 64-byte register (lanes 0-7: panel 0's columns, 8-15:
+// panel 1's), and each A row's group q, broadcast, meets it in one unsigned-by-signed
+// dot-accumulate. After the 8 groups each lane holds its column's block dot: no permute and no
+// horizontal reduction (the one-panel kernel needs both), and every A group loaded serves 16
+// columns. acc is [rows][16]: panel 0's columns, then panel 1's.
+template <int kRows>
+MXMOE_AVX512_TARGET void Avx512PairKernelRows(const uint8_t* panel0, const uint8_t* panel1,
+                                              int64_t blocks, const int8_t* a_codes,
+                                              const double* a_factors,
+                                              const int32_t* a_corrections, double* acc) {
+  const int64_t k = blocks * kBlock;
+  double nan_value = BFactor(0xFF);
+  int64_t nan_int;
+  memcpy(&nan_int, &nan_value, sizeof(nan_int));
+  const __m512i nan_bits = _mm512_set1_epi64(nan_int);
+  __m512d sum0[kRows];
+  __m512d sum1[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) sum0[r] = sum1[r] = _mm512_setzero_pd();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* codes0 = panel0 + b * kPanelBlockCodeBytes;
+    const uint8_t* codes1 = panel1 + b * kPanelBlockCodeBytes;
+    const __m512d fb0 = ScaleFactors8(panel0 + PanelScaleIndex(blocks, b, 0), nan_bits);
+    const __m512d fb1 = ScaleFactors8(panel1 + PanelScaleIndex(blocks, b, 0), nan_bits);
+    __m512i dot[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) dot[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) {
+      const __m512i codes_q = _mm512_inserti64x4(
+          _mm512_castsi256_si512(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes0 + 32 * q))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes1 + 32 * q)), 1);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const __m512i a_q = _mm512_set1_epi32(Load4(a_codes + r * k + b * kBlock + 4 * q));
+        dot[r] = _mm512_dpbusd_epi32(dot[r], codes_q, a_q);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i dots =
+          _mm512_sub_epi32(dot[r], _mm512_set1_epi32(a_corrections[r * blocks + b]));
+      const __m512d fa = _mm512_set1_pd(a_factors[r * blocks + b]);
+      const __m512d d0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(dots));
+      const __m512d d1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(dots, 1));
+      sum0[r] = _mm512_add_pd(sum0[r], _mm512_mul_pd(d0, _mm512_mul_pd(fa, fb0)));
+      sum1[r] = _mm512_add_pd(sum1[r], _mm512_mul_pd(d1, _mm512_mul_pd(fa, fb1)));
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    _mm512_storeu_pd(acc + r * 2 * kPanelCols, sum0[r]);
+    _mm512_storeu_pd(acc + r * 2 * kPanelCols + kPanelCols, sum1[r]);
+  }
+}
+
+void Avx512PairKernel(const uint8_t* panel0, const uint8_t* panel1, int64_t blocks,
+                      const int8_t* a_codes, const double* a_factors,
+                      const int32_t* a_corrections, int num_rows, double* acc) {
+  WithRowCount(num_rows, [&](auto rows) {
+    Avx512PairKernelRows<decltype(rows)::value>(panel0, panel1, blocks, a_codes, a_factors,
+                                                a_corrections, acc);
+  });
+}
+
 void Avx512Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
                   const double* a_factors, const int32_t* a_corrections, int num_rows,
                   double* acc) {
@@ -448,6 +525,14 @@ PanelKernel PanelKernelFor(KernelIsa isa) {
     default:
       return nullptr;
   }
+}
+
+PanelPairKernel PanelPairKernelFor(KernelIsa isa) {
+  if (!CpuRuns(isa)) return nullptr;
+#if defined(MXMOE_CPU_X86)
+  if (isa == KernelIsa::kAvx512) return Avx512PairKernel;
+#endif
+  return nullptr;
 }
 
 bool ActivationUsesFma() {

@@ -199,18 +199,25 @@ void TestKernelsAgree(std::mt19937& rng) {
 #if defined(__x86_64__)
   EXPECT(isas.size() >= 2, "SSE2 must be runnable on x86-64");
 #endif
+  int pair_checks = 0;
   for (int64_t blocks : {1, 2, 64, 90}) {
     const int64_t k = blocks * 32;
-    std::vector<uint8_t> packed_b(mxmoe::cpu::kPanelCols * k / 2);
-    for (auto& v : packed_b) v = static_cast<uint8_t>(rng());
-    std::vector<uint8_t> panel(mxmoe::cpu::PanelBytes(blocks));
-    std::vector<uint8_t> b_scales(mxmoe::cpu::kPanelCols * blocks);
-    for (auto& s : b_scales) s = RandomScale(rng);
-    for (int c = 0; c < mxmoe::cpu::kPanelCols; ++c) {
-      mxmoe::cpu::DecodePanelColumn(
-          packed_b.data() + c * k / 2, blocks, [&](int64_t b) { return b_scales[c * blocks + b]; },
-          c, panel.data());
+    // Two adjacent panels (as an expert's panels lie in memory), for the pair kernels too.
+    const int64_t panel_bytes = mxmoe::cpu::PanelBytes(blocks);
+    std::vector<uint8_t> panels(2 * panel_bytes);
+    for (int half = 0; half < 2; ++half) {
+      std::vector<uint8_t> packed_b(mxmoe::cpu::kPanelCols * k / 2);
+      for (auto& v : packed_b) v = static_cast<uint8_t>(rng());
+      std::vector<uint8_t> b_scales(mxmoe::cpu::kPanelCols * blocks);
+      for (auto& s : b_scales) s = RandomScale(rng);
+      for (int c = 0; c < mxmoe::cpu::kPanelCols; ++c) {
+        mxmoe::cpu::DecodePanelColumn(
+            packed_b.data() + c * k / 2, blocks,
+            [&](int64_t b) { return b_scales[c * blocks + b]; }, c,
+            panels.data() + half * panel_bytes);
+      }
     }
+    const std::vector<uint8_t> panel(panels.begin(), panels.begin() + panel_bytes);
     const int rows = mxmoe::cpu::kMaxPanelRows;
     std::vector<uint8_t> packed_a(rows * k / 2);
     for (auto& v : packed_a) v = static_cast<uint8_t>(rng());
@@ -238,8 +245,34 @@ void TestKernelsAgree(std::mt19937& rng) {
                "%s kernel differs from the portable loop (blocks %lld, rows %d)",
                mxmoe::cpu::KernelIsaName(isa), static_cast<long long>(blocks), num_rows);
       }
+      // Pair kernels: [rows][16], each half the portable loop's bits for its panel.
+      double expected2[32];
+      mxmoe::cpu::PanelKernelFor(KernelIsa::kScalar)(panels.data() + panel_bytes, blocks,
+                                                     codes.data(), factors.data(),
+                                                     corrections.data(), num_rows, expected2);
+      for (KernelIsa isa : isas) {
+        const mxmoe::cpu::PanelPairKernel pair = mxmoe::cpu::PanelPairKernelFor(isa);
+        if (pair == nullptr) continue;
+        ++pair_checks;
+        double got[64];
+        memset(got, 0x5A, sizeof(got));
+        pair(panels.data(), panels.data() + panel_bytes, blocks, codes.data(), factors.data(),
+             corrections.data(), num_rows, got);
+        for (int r = 0; r < num_rows; ++r) {
+          EXPECT(memcmp(got + r * 16, expected + r * 8, sizeof(double) * 8) == 0 &&
+                     memcmp(got + r * 16 + 8, expected2 + r * 8, sizeof(double) * 8) == 0,
+                 "%s pair kernel differs from the portable loop (blocks %lld, rows %d, row %d)",
+                 mxmoe::cpu::KernelIsaName(isa), static_cast<long long>(blocks), num_rows, r);
+        }
+      }
     }
   }
+  printf("pair-kernel checks: %d\n", pair_checks);
+#if defined(__x86_64__)
+  if (mxmoe::cpu::PanelKernelFor(KernelIsa::kAvx512) != nullptr) {
+    EXPECT(pair_checks > 0, "AVX-512 VNNI runs here, so its pair kernel must have been checked");
+  }
+#endif
 }
 
 // The vector block quantizer (where the CPU has AVX-512) against the portable one: random blocks

@@ -147,6 +147,14 @@ void Sse2Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
   }
 }
 
+// The bits of BFactor(0xFF) (the NaN factor), for the vector kernels' blends.
+inline int64_t NanFactorBits() {
+  const double nan_value = BFactor(0xFF);
+  int64_t bits;
+  memcpy(&bits, &nan_value, sizeof(bits));
+  return bits;
+}
+
 // 2^(s - 127) for 4 scale bytes (as int64 lanes), NaN for 0xFF: the double's exponent field
 // built directly, so it equals BFactor bit for bit.
 __attribute__((target("avx2"))) inline __m256d ScaleFactors4(__m256i s, __m256i nan_bits) {
@@ -166,10 +174,7 @@ __attribute__((target("avx2"))) void Avx2KernelRows(const uint8_t* panel, int64_
                                                     const int32_t* a_corrections, double* acc) {
   const int64_t k = blocks * kBlock;
   const __m256i ones = _mm256_set1_epi16(1);
-  double nan_value = BFactor(0xFF);
-  int64_t nan_int;
-  memcpy(&nan_int, &nan_value, sizeof(nan_int));
-  const __m256i nan_bits = _mm256_set1_epi64x(nan_int);
+  const __m256i nan_bits = _mm256_set1_epi64x(NanFactorBits());
   // Fully unrolled (GCC's -O2 does not unroll by itself), so that the arrays live in registers.
   __m256d sum_lo[kRows];
   __m256d sum_hi[kRows];
@@ -225,6 +230,16 @@ void Avx2Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define MXMOE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
+// 2^(s - 127) for a panel's 8 scale bytes of one block, NaN for 0xFF (BFactor bit for bit).
+MXMOE_AVX512_TARGET inline __m512d ScaleFactors8(const uint8_t* scales, __m512i nan_bits) {
+  const __m512i s64 =
+      _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales)));
+  const __m512i bits =
+      _mm512_slli_epi64(_mm512_add_epi64(s64, _mm512_set1_epi64(1023 - 127)), 52);
+  const __mmask8 is_nan = _mm512_cmpeq_epi64_mask(s64, _mm512_set1_epi64(0xFF));
+  return _mm512_castsi512_pd(_mm512_mask_blend_epi64(is_nan, bits, nan_bits));
+}
+
 // AVX-512 VNNI: the same layout, two 4-element groups per 64-byte register (groups 2s and 2s+1:
 // lanes 0-7 and 8-15 = the 8 columns), the A row's matching groups placed by one permute, and
 // unsigned-by-signed dot-accumulates straight into int32; the two halves added give the 8
@@ -234,10 +249,7 @@ MXMOE_AVX512_TARGET void Avx512KernelRows(const uint8_t* panel, int64_t blocks,
                                           const int8_t* a_codes, const double* a_factors,
                                           const int32_t* a_corrections, double* acc) {
   const int64_t k = blocks * kBlock;
-  double nan_value = BFactor(0xFF);
-  int64_t nan_int;
-  memcpy(&nan_int, &nan_value, sizeof(nan_int));
-  const __m512i nan_bits = _mm512_set1_epi64(nan_int);
+  const __m512i nan_bits = _mm512_set1_epi64(NanFactorBits());
   __m512i pick[4];
 #pragma GCC unroll 4
   for (int s = 0; s < 4; ++s) {
@@ -248,12 +260,7 @@ MXMOE_AVX512_TARGET void Avx512KernelRows(const uint8_t* panel, int64_t blocks,
   for (int r = 0; r < kRows; ++r) sum[r] = _mm512_setzero_pd();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* codes = panel + b * kPanelBlockCodeBytes;
-    const __m512i s64 = _mm512_cvtepu8_epi64(
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + PanelScaleIndex(blocks, b, 0))));
-    const __m512i bits =
-        _mm512_slli_epi64(_mm512_add_epi64(s64, _mm512_set1_epi64(1023 - 127)), 52);
-    const __m512d fb = _mm512_castsi512_pd(_mm512_mask_blend_epi64(
-        _mm512_cmpeq_epi64_mask(s64, _mm512_set1_epi64(0xFF)), bits, nan_bits));
+    const __m512d fb = ScaleFactors8(panel + PanelScaleIndex(blocks, b, 0), nan_bits);
     __m512i codes_s[4];
 #pragma GCC unroll 4
     for (int s = 0; s < 4; ++s) codes_s[s] = _mm512_loadu_si512(codes + 64 * s);
@@ -341,16 +348,6 @@ MXMOE_AVX512_TARGET void StoreBf16PanelRowAvx512(const double* acc, uint16_t* ou
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtepi32_epi16(bits));
 }
 
-// 2^(s - 127) for a panel's 8 scale bytes of one block, NaN for 0xFF (BFactor bit for bit).
-MXMOE_AVX512_TARGET inline __m512d ScaleFactors8(const uint8_t* scales, __m512i nan_bits) {
-  const __m512i s64 =
-      _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales)));
-  const __m512i bits =
-      _mm512_slli_epi64(_mm512_add_epi64(s64, _mm512_set1_epi64(1023 - 127)), 52);
-  const __mmask8 is_nan = _mm512_cmpeq_epi64_mask(s64, _mm512_set1_epi64(0xFF));
-  return _mm512_castsi512_pd(_mm512_mask_blend_epi64(is_nan, bits, nan_bits));
-}
-
 // AVX-512 VNNI over two panels at once (16 columns): per block and 4-element group q, the two
 // panels' 32 code bytes of group q fill one 64-byte register (lanes 0-7: panel 0's columns, 8-15:
 // panel 1's), and each A row's group q, broadcast, meets it in one unsigned-by-signed
@@ -363,10 +360,7 @@ MXMOE_AVX512_TARGET void Avx512PairKernelRows(const uint8_t* panel0, const uint8
                                               const double* a_factors,
                                               const int32_t* a_corrections, double* acc) {
   const int64_t k = blocks * kBlock;
-  double nan_value = BFactor(0xFF);
-  int64_t nan_int;
-  memcpy(&nan_int, &nan_value, sizeof(nan_int));
-  const __m512i nan_bits = _mm512_set1_epi64(nan_int);
+  const __m512i nan_bits = _mm512_set1_epi64(NanFactorBits());
   __m512d sum0[kRows];
   __m512d sum1[kRows];
 #pragma GCC unroll 4

@@ -223,12 +223,7 @@ __device__ __forceinline__ void LoadLaneElements(const void* base, int32_t dtype
     for (int i = 0; i < V; ++i) raw[i] = lane + 32 * i < count ? src[lane + 32 * i] : 0u;
   }
 #pragma unroll kUnroll
-  for (int i = 0; i < V; ++i) {
-    const uint16_t h = static_cast<uint16_t>(raw[i]);
-    out[i] = dtype == MXMOE_DTYPE_FP32 ? __uint_as_float(raw[i])
-             : dtype == MXMOE_DTYPE_BF16 ? fmt::Bf16ToFloat(h)
-                                         : fmt::Fp16ToFloat(h);
-  }
+  for (int i = 0; i < V; ++i) out[i] = quant::BitsAsFloat(raw[i], dtype);
 }
 
 // A lane's candidates: its experts lane, lane + 32, ... held in registers (value[i] is expert

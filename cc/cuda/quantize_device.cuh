@@ -137,11 +137,19 @@ __device__ __forceinline__ Lane8 SiluMul(const Lane8& gate, const Lane8& up) {
                      [](float g, float u, int) { return MXMOE_MUL(format::SiluF32(g), u); });
 }
 
-// Element `i` of a bf16/fp16/fp32 array as fp32 (exact; format.h's conversions, the CPU's).
-__device__ __forceinline__ float LoadAsFloat(const void* base, int32_t dtype, int64_t i) {
-  if (dtype == MXMOE_DTYPE_FP32) return static_cast<const float*>(base)[i];
-  const uint16_t bits = static_cast<const uint16_t*>(base)[i];
+// The raw bits of one bf16/fp16/fp32 element (16-bit ones in the low half) as fp32 (exact;
+// format.h's conversions, the CPU's).
+__device__ __forceinline__ float BitsAsFloat(uint32_t raw, int32_t dtype) {
+  if (dtype == MXMOE_DTYPE_FP32) return __uint_as_float(raw);
+  const uint16_t bits = static_cast<uint16_t>(raw);
   return dtype == MXMOE_DTYPE_BF16 ? format::Bf16ToFloat(bits) : format::Fp16ToFloat(bits);
+}
+
+// Element `i` of a bf16/fp16/fp32 array as fp32 (BitsAsFloat of its bits).
+__device__ __forceinline__ float LoadAsFloat(const void* base, int32_t dtype, int64_t i) {
+  return BitsAsFloat(dtype == MXMOE_DTYPE_FP32 ? static_cast<const uint32_t*>(base)[i]
+                                               : static_cast<const uint16_t*>(base)[i],
+                     dtype);
 }
 
 // v rounded to T and back (format.h's round to nearest even, the CPU's).

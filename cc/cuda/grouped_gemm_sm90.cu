@@ -5,7 +5,9 @@
 // Per call: (1) if the weights are not PREPARED, prepare them into the workspace (a full pass
 // over the weights: pass PREPARED weights for speed); (2) convert the MXFP4 activations into
 // E4M3 with per-128-chunk exponent folding plus one fp32 factor per (row, chunk) in the
-// workspace; (3) the grouped GEMM. Everything is asynchronous on `stream`: no allocation, no
+// workspace; (3) the grouped GEMM. With few rows (the heuristic's `gemv`: at most kGemvMaxRows,
+// decode at T <= 4 in the MoE) steps (2) and (3) are one CUDA-core kernel instead
+// (grouped_gemm_sm90_gemv.cu) that reads the MXFP4 activations as they are. Everything is asynchronous on `stream`: no allocation, no
 // host synchronisation (CUDA-graph capturable). Per-expert row counts come from expert_offsets on
 // the device; problem_sizes is not read (it must agree with expert_offsets).
 // Device-side checks: negative m_e counts as 0; writes past `rows` are dropped.
@@ -402,8 +404,29 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
 
   int num_sms = 0;
   MXMOE_RETURN_IF_ERROR(MultiprocessorCount(args.device.id, &num_sms));
-
+  sm90::GemmProblem problem{args.rows, args.n, args.k, args.num_experts, num_sms};
+  const sm90::GemmConfig config = sm90::ChooseGemmConfigWithOverride(problem);
   const int num_chunks = static_cast<int>(sm90::NumChunks(args.k));
+
+  if (config.gemv) {
+    sm90::GemvKernelParams gp;
+    gp.prepared = weights;
+    gp.a = args.a;
+    gp.a_scales = args.a_scales;
+    gp.expert_offsets = args.expert_offsets;
+    gp.blockscale_offsets = args.blockscale_offsets;
+    gp.c = args.c;
+    gp.rows = args.rows;
+    gp.num_experts = args.num_experts;
+    gp.n = static_cast<int32_t>(args.n);
+    gp.k = static_cast<int32_t>(args.k);
+    gp.num_panels = static_cast<int32_t>(sm90::NumPanels(args.n));
+    gp.num_chunks = num_chunks;
+    gp.c_is_fp16 = args.c_dtype == MXMOE_DTYPE_FP16 ? 1 : 0;
+    const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
+    return sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream);
+  }
+
   const int64_t factor_stride = FactorStride(args.rows);
   {
     const int threads = 256;
@@ -420,9 +443,6 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
         Aligned(args.a_scales, 4) ? 1 : 0, a8, factor);
     MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   }
-
-  sm90::GemmProblem problem{args.rows, args.n, args.k, args.num_experts, num_sms};
-  const sm90::GemmConfig config = sm90::ChooseGemmConfigWithOverride(problem);
 
   sm90::GemmKernelLaunch launch;
   MXMOE_RETURN_IF_ERROR(Encode2d(&launch.act_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, a8,

@@ -22,8 +22,17 @@ std::string GemmProblem::ToString() const {
 
 std::string GemmConfig::ToString() const {
   return "block_m(weights)=128 block_n(tokens)=" + std::to_string(block_n) +
-         " block_k=128 grid=" + std::to_string(grid) + " pingpong=" + (pingpong ? "1" : "0");
+         " block_k=128 grid=" + std::to_string(grid) + " pingpong=" + (pingpong ? "1" : "0") +
+         " gemv=" + (gemv ? "1" : "0");
 }
+
+namespace {
+
+bool GemvFits(const GemmProblem& problem) {
+  return GemvSmemBytes(problem.num_experts, problem.k) <= kGemvSmemLimit;
+}
+
+}  // namespace
 
 GemmConfig ChooseGemmConfig(const GemmProblem& problem) {
   GemmConfig config;
@@ -41,6 +50,7 @@ GemmConfig ChooseGemmConfig(const GemmProblem& problem) {
     config.block_n = 128;
   }
   config.grid = (problem.num_sms > 0 ? problem.num_sms : 132) * GemmCtasPerSm(config.block_n);
+  config.gemv = problem.rows <= kGemvMaxRows && GemvFits(problem);
   return config;
 }
 
@@ -52,8 +62,10 @@ GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem) {
       if (v == choice) config.block_n = v;
     }
     config.grid = (problem.num_sms > 0 ? problem.num_sms : 132) * GemmCtasPerSm(config.block_n);
+    config.gemv = false;  // a forced token tile is a WGMMA kernel's
   }
   if (const char* pp = getenv("MXMOE_SM90_PINGPONG")) config.pingpong = atoi(pp) != 0;
+  if (const char* gv = getenv("MXMOE_SM90_GEMV")) config.gemv = atoi(gv) != 0 && GemvFits(problem);
   const char* print = getenv("MXMOE_PRINT_CONFIG");
   if (print != nullptr && strcmp(print, "1") == 0) {
     static std::mutex mu;

@@ -30,16 +30,27 @@ struct GemmConfig {
   int block_n;  // token tile: 16, 32, 64 or 128
   int grid;     // persistent CTAs
   bool pingpong = true;  // token tile 128: math warpgroups alternate on the tensor cores
+  // The CUDA-core kernel (grouped_gemm_sm90_gemv.cu) instead of the WGMMA kernel: at most
+  // kGemvMaxRows rows in all (the MoE at T <= 4), where the WGMMA kernel's per-chunk latency with
+  // one token per tile dominates; block_n and grid are then unused.
+  bool gemv = false;
   std::string ToString() const;
 };
+
+// Rows up to which the CUDA-core path is taken (docs/perf-notes.md: measured against the WGMMA
+// kernel at T = 1, 2, 4, 8 of the three model shapes).
+constexpr int64_t kGemvMaxRows = 64;
 
 // Token tiles the kernels are instantiated for (every one is tested).
 constexpr int kBlockNChoices[] = {16, 32, 64, 128};
 
 GemmConfig ChooseGemmConfig(const GemmProblem& problem);
 
-// Test hooks: MXMOE_SM90_BLOCK_N=16|32|64|128 forces the token tile (the heuristic otherwise);
-// MXMOE_SM90_PINGPONG=0 turns the warpgroup ping-pong of the 128 tile off (experiments).
+// Test hooks: MXMOE_SM90_BLOCK_N=16|32|64|128 forces the token tile of the WGMMA kernel (the
+// heuristic otherwise; it also turns the CUDA-core path off);
+// MXMOE_SM90_PINGPONG=0 turns the warpgroup ping-pong of the 128 tile off (experiments);
+// MXMOE_SM90_GEMV=0 never takes the CUDA-core path, =1 takes it at any row count where its shared
+// memory fits (tests of both paths on the same shapes, A/B runs).
 GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem);
 
 }  // namespace sm90

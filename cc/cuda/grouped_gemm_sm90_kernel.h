@@ -78,6 +78,36 @@ inline size_t GemmKernelSmemBytes(int block_n, int num_experts) {
   return 1024 /* alignment slack */ + GemmExpertOffset(block_n) + 2 * 4 * (num_experts + 1);
 }
 
+// ---- the CUDA-core path for a few rows per expert (grouped_gemm_sm90_gemv.cu) ----------------
+// Reads the MXFP4 activations as they are (no E4M3 conversion) and the prepared weights.
+constexpr int kGemvMaxTokens = 4;  // rows of one expert per pass (more rows: more passes)
+
+struct GemvKernelParams {
+  const uint8_t* prepared;            // [E][P][C][kRecordBytes]
+  const uint8_t* a;                   // [rows, k/2] MXFP4 codes
+  const uint8_t* a_scales;            // swizzled 128x4, grouped by blockscale_offsets
+  const int32_t* expert_offsets;      // [E+1], device
+  const int32_t* blockscale_offsets;  // [E+1], device
+  void* c;                            // [rows, n] bf16/fp16
+  int64_t rows;
+  int32_t num_experts;
+  int32_t n;
+  int32_t k;
+  int32_t num_panels;
+  int32_t num_chunks;
+  int32_t c_is_fp16;
+};
+
+// Dynamic shared memory of the kernel: the experts' offsets, kGemvMaxTokens staged activation
+// rows of K padded to 128 (int8) and their block factors, and the cross-warp partial sums.
+int64_t GemvSmemBytes(int32_t num_experts, int64_t k);
+// The heuristic takes the CUDA-core path only where its shared memory allows two CTAs per SM.
+constexpr int64_t kGemvSmemLimit = 100 * 1024;
+
+// One CTA per (expert slot, weight panel); num_slots >= the number of experts with rows
+// (min(rows, num_experts) always suffices).
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, cudaStream_t stream);
+
 // Launches on `stream`; block_n in {16, 32, 64, 128}. Returns UNSUPPORTED for other values.
 mxmoe_status LaunchGemmKernel(int block_n, const GemmKernelLaunch& launch, cudaStream_t stream);
 

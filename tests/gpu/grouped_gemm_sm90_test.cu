@@ -466,18 +466,22 @@ void RunCorrectness(const Problem& p, uint64_t seed) {
   DeviceProblem dp;
   Setup(p, d, &dp);
   const double tol = p.c_dtype == MXMOE_DTYPE_BF16 ? 2e-3 : 1e-3;
-  const int block_ns[] = {16, 32, 64, 128};
+  // Every token tile of the WGMMA kernel (MXMOE_SM90_GEMV=0), then the CUDA-core path
+  // (block_n 0 here: MXMOE_SM90_GEMV=1, taken at any row count) on the same operands.
+  const int block_ns[] = {16, 32, 64, 128, 0};
   bool first = true;
   for (int bn : block_ns) {
     if (g_only_block_n != 0 && bn != g_only_block_n) continue;
-    setenv("MXMOE_SM90_BLOCK_N", std::to_string(bn).c_str(), 1);
+    if (bn != 0) setenv("MXMOE_SM90_BLOCK_N", std::to_string(bn).c_str(), 1);
+    setenv("MXMOE_SM90_GEMV", bn == 0 ? "1" : "0", 1);
     const std::vector<uint16_t> c = RunOnce(&dp);
     const Compare cmp = CompareOutput(p, d, c, adversarial ? emulated : exact);
     bool ok = cmp.rel_l2 <= tol && cmp.nan_mismatch == 0 && cmp.unwritten == 0 &&
               cmp.clobbered == 0;
-    printf("%s %s block_n=%d: rel_l2=%.3e (vs %s) nan_mismatch=%lld unwritten=%lld "
+    printf("%s %s %s: rel_l2=%.3e (vs %s) nan_mismatch=%lld unwritten=%lld "
            "clobbered=%lld\n",
-           ok ? "PASS" : "FAIL", Describe(p).c_str(), bn, cmp.rel_l2,
+           ok ? "PASS" : "FAIL", Describe(p).c_str(),
+           bn == 0 ? "gemv" : ("block_n=" + std::to_string(bn)).c_str(), cmp.rel_l2,
            adversarial ? "emulated folding" : "float64 dequantized", (long long)cmp.nan_mismatch,
            (long long)cmp.unwritten, (long long)cmp.clobbered);
     if (adversarial && first) {
@@ -495,6 +499,7 @@ void RunCorrectness(const Problem& p, uint64_t seed) {
     first = false;
   }
   unsetenv("MXMOE_SM90_BLOCK_N");
+  unsetenv("MXMOE_SM90_GEMV");
   if (p.compare_cpu && !FormatHeaderE2m1Ok()) {
     printf("SKIP %s vs CPU backend: format.h E2M1ToFloat/E2M1TwiceValue disagree with the "
            "contract (code 7 must be 6)\n", Describe(p).c_str());
@@ -847,9 +852,11 @@ void RunBenchmark(const char* json_path) {
           // copy_gbps counts bytes read + written: the rate at which bytes move through DRAM.
           const double floor_bytes_ms = active_bytes / (copy_gbps * 1e9) * 1e3;
           const double floor_fp8_ms = flops / 1979e12 * 1e3;
-          const int bn = mxmoe::cuda::sm90::ChooseGemmConfig(
-                             {rows, n, k, E, prop.multiProcessorCount})
-                             .block_n;
+          // The tile the run used (0: the CUDA-core path), overrides included.
+          const mxmoe::cuda::sm90::GemmConfig cfg =
+              mxmoe::cuda::sm90::ChooseGemmConfigWithOverride(
+                  {rows, n, k, E, prop.multiProcessorCount});
+          const int bn = cfg.gemv ? 0 : cfg.block_n;
           printf("%-14s %-5s %6d %7lld %5d %10.4f %10.4f %10.4f %8.2f %8.2f %7.1f\n", s.model,
                  gemm == 0 ? "w13" : "w2", T, (long long)rows, bn, ms, floor_bytes_ms,
                  floor_fp8_ms, ms / floor_bytes_ms, ms / floor_fp8_ms, flops / (ms * 1e-3) / 1e12);
@@ -858,10 +865,12 @@ void RunBenchmark(const char* json_path) {
             fprintf(json,
                     "%s{\"shape\": \"%s-%s\", \"tokens\": %d, \"rows\": %lld, \"n\": %lld,"
                     " \"k\": %lld,"
-                    " \"experts\": %d, \"active_experts\": %d, \"mxmoe_ms\": %.5f,"
-                    " \"floor_bytes_ms\": %.5f, \"floor_fp8_ms\": %.5f}",
+                    " \"experts\": %d, \"active_experts\": %d, \"path\": \"%s\","
+                    " \"mxmoe_ms\": %.5f, \"floor_bytes_ms\": %.5f, \"floor_fp8_ms\": %.5f}",
                     first_row ? "" : ",\n", s.model, gemm == 0 ? "w13" : "w2", T, (long long)rows,
-                    (long long)n, (long long)k, E, active, ms, floor_bytes_ms, floor_fp8_ms);
+                    (long long)n, (long long)k, E, active,
+                    cfg.gemv ? "gemv" : ("wgmma-n" + std::to_string(cfg.block_n)).c_str(), ms,
+                    floor_bytes_ms, floor_fp8_ms);
             first_row = false;
           }
         }

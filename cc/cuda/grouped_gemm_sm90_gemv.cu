@@ -1,0 +1,396 @@
+// SM90 grouped GEMM for a few rows per expert (decode at T <= 4 in the MoE): a CUDA-core kernel
+// that streams the PREPARED weight records (grouped_gemm_sm90_layout.h) from global memory and
+// computes exact integer block dots with dp4a, instead of the WGMMA kernel's
+// decode -> FP8 WGMMA -> promote chain, whose per-chunk latency dominates when a token tile holds
+// one token (docs/perf-notes.md, "A CUDA-core GEMV path for T <= 4").
+//
+// Work: one CTA per (active expert slot, 64-row weight panel); slot j takes the j-th expert with
+// rows (a block-wide count over expert_offsets). Its 8 warps split the panel's 128-wide K chunks
+// (warp w takes chunks w, w + 8, ...). Per group of up to 4 of the expert's rows:
+//   - the rows' MXFP4 codes are staged in shared memory as int8 twice-values (-12..12), laid out
+//     so that a lane's 16-byte load matches the k positions of its 16-byte weight load, and each
+//     block's activation factor 2^(sa - 129) as fp32 (0 for padding blocks past K; NaN for a 0xFF
+//     scale);
+//   - a lane loads, per chunk, the 8 16-byte pieces it owns of the record (rows 16w + g and
+//     16w + g + 8 of each 16-row group w, 8 k of each of the chunk's 4 blocks: CodeByteOffset) and
+//     the 8 rows' scale words; each 32-bit word (8 codes of one row and block) becomes two int8x4
+//     words through prmt tables (magnitude, negated magnitude, and the sign bit replicated as a
+//     byte mask), and two dp4a per row give the lane's part of the block's integer dot;
+//   - the part is scaled exactly: float(dot) * 2^(s_w - 127) (one multiply: the row's
+//     2^(mx - 146) times the block's 2^idx from a 20-entry table; idx 0, the blocks the WGMMA
+//     path flushes to zero, gives 0), then fused-multiply-added with the activation factor into
+//     an fp32 accumulator per (row, token);
+//   - the lanes of a row (4) and the warps (8) are summed in a fixed order, and one thread per
+//     (row, token) rounds to bf16/fp16 and stores.
+// Numerics: every block dot and its scaling are exact; only the fp32 sum order differs from the
+// WGMMA kernel (per lane over its chunks, then 4 lanes, then 8 warps), and blocks more than 14
+// binades below their chunk's largest are computed exactly here (the WGMMA path rounds them onto
+// the E4M3 subnormal grid) except those 19 or more binades below, which both paths flush to zero
+// (the prepared record keeps only a clamped table index for them). Within docs/format.md's bound.
+// Writes: exactly the expert rows [expert_offsets[e], expert_offsets[e+1]) clipped to
+// [0, rows), columns < n; nothing else.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "cc/base/cuda_check.h"
+#include "cc/base/status.h"
+#include "cc/cuda/grouped_gemm_sm90_kernel.h"
+#include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "mxmoe/format.h"
+
+namespace mxmoe {
+namespace cuda {
+namespace sm90 {
+namespace {
+
+constexpr int kGemvThreads = 256;
+constexpr int kGemvWarps = kGemvThreads / 32;
+
+// prmt tables: twice the magnitude of E2M1 codes 0..7 as int8, and its negation.
+constexpr uint32_t kPosLo = 0x03020100u, kPosHi = 0x0C080604u;
+constexpr uint32_t kNegLo = 0xFDFEFF00u, kNegHi = 0xF4F8FAFCu;
+
+// 16-byte streaming load (each weight byte is read once per row group: keep it out of L1). Not
+// volatile, so the compiler may batch the loads of a chunk.
+__device__ __forceinline__ uint4 LoadWeights16(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
+
+// Four codes of a prepared word -> four int8 twice-values. `mag` holds the 3-bit magnitudes in
+// the low nibbles of its low 16 bits (bit 3 of each nibble clear), `sign` the signs in bits
+// 7, 15, 23, 31.
+__device__ __forceinline__ uint32_t SignedTwice(uint32_t mag, uint32_t sign) {
+  const uint32_t pos = __byte_perm(kPosLo, kPosHi, mag);
+  const uint32_t neg = __byte_perm(kNegLo, kNegHi, mag);
+  const uint32_t mask = __byte_perm(sign, 0, 0xBA98);  // 0xFF per byte whose bit 7 is set
+  return (pos & ~mask) | (neg & mask);
+}
+
+// 2^e as fp32 for e in [-149, 127] (subnormals included).
+__device__ __forceinline__ float Pow2(int e) {
+  return e >= -126 ? format::BitsFloat(static_cast<uint32_t>(e + 127) << 23)
+                   : format::BitsFloat(1u << (e + 149));
+}
+
+// Shared memory (dynamic): the experts' offsets, the staged activations of one row group
+// (kGemvMaxTokens x Kp int8), their block factors (kGemvMaxTokens x 4C fp32) and the cross-warp
+// partial sums (8 warps x 64 rows x kGemvMaxTokens fp32).
+struct GemvSmem {
+  int offsets;  // (E + 1) int32
+  int act;      // kGemvMaxTokens * Kp bytes, 16-aligned
+  int factors;  // kGemvMaxTokens * 4C floats
+  int partial;  // kGemvWarps * 64 * kGemvMaxTokens floats
+  int total;
+};
+
+__host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) {
+  GemvSmem s;
+  int at = 0;
+  s.offsets = at;
+  at += static_cast<int>(format::RoundUp(4 * (num_experts + 1), 16));
+  s.act = at;
+  at += kGemvMaxTokens * num_chunks * kChunkK;
+  s.factors = at;
+  at += kGemvMaxTokens * num_chunks * 4 * 4;
+  s.partial = at;
+  at += kGemvWarps * kPanelRows * kGemvMaxTokens * 4;
+  s.total = at;
+  return s;
+}
+
+// Half q (blocks 2q and 2q + 1) of one chunk for kTok staged tokens: v[w] is the lane's 16-byte
+// piece of 16-row group w; acc[i][tok] for the lane's rows i = 2w + rh (row 16w + g + 8rh).
+template <int kTok>
+__device__ __forceinline__ void GemvHalfChunk(const uint4 (&v)[4], const uint32_t (&sw)[8],
+                                              const float (&base)[8], const uint8_t* act,
+                                              const float* fac, int c, int q, int kp,
+                                              int num_chunks, int t, const float* pow2_idx,
+                                              float (&acc)[8][kTok]) {
+  uint4 a[kTok];
+  float2 fa[kTok];
+#pragma unroll
+  for (int tok = 0; tok < kTok; ++tok) {
+    a[tok] = *reinterpret_cast<const uint4*>(act + tok * kp + c * kChunkK + q * 64 + t * 16);
+    fa[tok] = *reinterpret_cast<const float2*>(fac + (tok * num_chunks + c) * 4 + 2 * q);
+  }
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t words[4] = {v[w].x, v[w].y, v[w].z, v[w].w};  // (h, rh) = 00 01 10 11
+#pragma unroll
+    for (int hw = 0; hw < 4; ++hw) {
+      const int h = hw >> 1, rh = hw & 1, i = 2 * w + rh;
+      const uint32_t x = words[hw];
+      const uint32_t m = x & 0x77777777u;
+      const uint32_t first = SignedTwice(m, x);
+      const uint32_t second = SignedTwice(m >> 16, x << 4);
+      const float fw = base[i] * pow2_idx[PreparedTableOffset(sw[i], 2 * q + h) >> 3];
+#pragma unroll
+      for (int tok = 0; tok < kTok; ++tok) {
+        const uint32_t af = h ? a[tok].z : a[tok].x;
+        const uint32_t as = h ? a[tok].w : a[tok].y;
+        const int dot = __dp4a(static_cast<int>(second), static_cast<int>(as),
+                               __dp4a(static_cast<int>(first), static_cast<int>(af), 0));
+        acc[i][tok] = fmaf(static_cast<float>(dot) * fw, h ? fa[tok].y : fa[tok].x, acc[i][tok]);
+      }
+    }
+  }
+}
+
+// The warp's chunks for kTok tokens, in half-chunk steps (4 16-byte loads each; the next step's
+// loads are in flight while one is computed); leaves the lane's sums in `acc`.
+template <int kTok>
+__device__ __forceinline__ void GemvPanel(const uint8_t* __restrict__ panel_records,
+                                          const uint8_t* act, const float* fac, int kp,
+                                          int num_chunks, int warp, int lane,
+                                          const float* pow2_idx, float (&acc)[8][kTok]) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int tok = 0; tok < kTok; ++tok) acc[i][tok] = 0.0f;
+  }
+  auto load_codes = [&](int c, int q, uint4 (&v)[4]) {
+    const uint8_t* rec = panel_records + static_cast<int64_t>(c) * kRecordBytes;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) v[w] = LoadWeights16(rec + ((2 * w + q) * 32 + lane) * 16);
+  };
+  auto load_scales = [&](int c, uint32_t (&sw)[8]) {
+    const uint8_t* rec = panel_records + static_cast<int64_t>(c) * kRecordBytes + kCodeBytes;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      sw[i] = __ldg(reinterpret_cast<const uint32_t*>(rec + 4 * (16 * (i >> 1) + g + 8 * (i & 1))));
+    }
+  };
+  int c = warp;
+  if (c >= num_chunks) return;
+  uint4 v[4];
+  uint32_t sw[8];
+  load_codes(c, 0, v);
+  load_scales(c, sw);
+  for (; c < num_chunks; c += kGemvWarps) {
+    // Per row: 2^(mx - 146) (NaN for a 0xFF scale); times the table's 2^idx it is 2^(s_w - 127).
+    float base[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int mx = PreparedMaxScale(sw[i]);
+      base[i] = mx == 0xFF ? format::BitsFloat(0x7FC00000u) : Pow2(mx - 146);
+    }
+    uint4 vn[4];
+    load_codes(c, 1, vn);
+    GemvHalfChunk<kTok>(v, sw, base, act, fac, c, 0, kp, num_chunks, t, pow2_idx, acc);
+    const bool more = c + kGemvWarps < num_chunks;
+    uint32_t swc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) swc[i] = sw[i];
+    if (more) {
+      load_codes(c + kGemvWarps, 0, v);
+      load_scales(c + kGemvWarps, sw);
+    }
+    GemvHalfChunk<kTok>(vn, swc, base, act, fac, c, 1, kp, num_chunks, t, pow2_idx, acc);
+  }
+}
+
+template <int kTok>
+__device__ __forceinline__ void GemvGroup(const uint8_t* panel_records, const uint8_t* act,
+                                          const float* fac, float* partial, int kp,
+                                          int num_chunks, int warp, int lane,
+                                          const float* pow2_idx) {
+  float acc[8][kTok];
+  GemvPanel<kTok>(panel_records, act, fac, kp, num_chunks, warp, lane, pow2_idx, acc);
+  // Sum the 4 lanes of each row (t = lane & 3), then lane t = 0 writes the warp's partials.
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int tok = 0; tok < kTok; ++tok) {
+      float x = acc[i][tok];
+      x += __shfl_xor_sync(0xFFFFFFFFu, x, 1);
+      x += __shfl_xor_sync(0xFFFFFFFFu, x, 2);
+      acc[i][tok] = x;
+    }
+  }
+  if ((lane & 3) == 0) {
+    const int g = lane >> 2;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int row = 16 * (i >> 1) + g + 8 * (i & 1);
+#pragma unroll
+      for (int tok = 0; tok < kTok; ++tok) {
+        partial[(warp * kPanelRows + row) * kGemvMaxTokens + tok] = acc[i][tok];
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kGemvThreads, 2)
+    GroupedGemvSm90Kernel(GemvKernelParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ float pow2_idx[kNumTables];
+  __shared__ int warp_counts[kGemvWarps];
+  __shared__ int chosen_expert;
+  const GemvSmem layout = GemvLayout(p.num_experts, p.num_chunks);
+  int32_t* eo = reinterpret_cast<int32_t*>(smem + layout.offsets);
+  uint8_t* act = smem + layout.act;
+  float* fac = reinterpret_cast<float*>(smem + layout.factors);
+  float* partial = reinterpret_cast<float*>(smem + layout.partial);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int slot = static_cast<int>(blockIdx.x) / p.num_panels;
+  const int panel = static_cast<int>(blockIdx.x) % p.num_panels;
+  const int num_experts = p.num_experts;
+
+  for (int i = tid; i <= num_experts; i += kGemvThreads) eo[i] = __ldg(p.expert_offsets + i);
+  if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);
+  if (tid == 0) chosen_expert = -1;
+  __syncthreads();
+
+  // The slot-th expert with rows in [0, rows): each thread counts a contiguous range of experts,
+  // a block-wide exclusive scan finds the range that holds it.
+  auto clipped = [&](int e, int64_t* begin, int64_t* end) {
+    int64_t b = eo[e], en = eo[e + 1];
+    b = b < 0 ? 0 : b;
+    en = en > p.rows ? p.rows : en;
+    *begin = b;
+    *end = en;
+    return en > b;
+  };
+  const int per_thread = (num_experts + kGemvThreads - 1) / kGemvThreads;
+  const int e_lo = tid * per_thread;
+  const int e_hi = min(e_lo + per_thread, num_experts);
+  int count = 0;
+  for (int e = e_lo; e < e_hi; ++e) {
+    int64_t b, en;
+    count += clipped(e, &b, &en) ? 1 : 0;
+  }
+  int incl = count;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_counts[warp] = incl;
+  __syncthreads();
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_counts[w];
+  const int excl = before + incl - count;
+  if (slot >= excl && slot < excl + count) {
+    int seen = excl;
+    for (int e = e_lo; e < e_hi; ++e) {
+      int64_t b, en;
+      if (clipped(e, &b, &en)) {
+        if (seen == slot) {
+          chosen_expert = e;
+          break;
+        }
+        ++seen;
+      }
+    }
+  }
+  __syncthreads();
+  const int e = chosen_expert;
+  if (e < 0) return;  // fewer active experts than slots
+  int64_t row_begin, row_end;
+  clipped(e, &row_begin, &row_end);
+  const int64_t expert_start = eo[e];
+  const int64_t scale_base = __ldg(p.blockscale_offsets + e);
+
+  const int num_chunks = p.num_chunks;
+  const int kp = num_chunks * kChunkK;
+  const int scale_cols = p.k / 32;
+  const uint8_t* panel_records =
+      p.prepared + (static_cast<int64_t>(e) * p.num_panels + panel) * num_chunks * kRecordBytes;
+
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
+    const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
+                                                                  : kGemvMaxTokens);
+    const int staged = nt == 3 ? 4 : nt;  // three rows run the four-row pass, the fourth zero
+    if (r0 != row_begin) __syncthreads();  // the previous group's reads of act/fac/partial
+    // Stage: one thread per (token, 8 codes): a 32-bit load, two int8x4 words into the lane
+    // order (k = 32s + 16 half + 4t + j lives at byte 64q + 16t + 8h + 4 half + j, s = 2q + h).
+    const int words_per_row = kp / 8;
+    for (int i = tid; i < staged * words_per_row; i += kGemvThreads) {
+      const int tok = i / words_per_row, wi = i - tok * words_per_row;
+      const int k0 = wi * 8;
+      uint32_t codes = 0;
+      if (tok < nt && k0 < p.k) {
+        codes = __ldg(reinterpret_cast<const uint32_t*>(p.a + (r0 + tok) * (p.k / 2) + k0 / 2));
+      }
+      uint32_t out[2];
+#pragma unroll
+      for (int hw = 0; hw < 2; ++hw) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int v = format::E2M1TwiceValue(static_cast<uint8_t>((codes >> (16 * hw + 4 * j)) & 0xFu));
+          word |= (static_cast<uint32_t>(v) & 0xFFu) << (8 * j);
+        }
+        out[hw] = word;
+      }
+      const int c = k0 / kChunkK, kk = k0 % kChunkK;
+      const int s = kk / 32, kin = kk % 32, half = kin / 16, t = (kin % 16) / 4;
+      const int q = s >> 1, h = s & 1;
+      uint8_t* dst = act + tok * kp + c * kChunkK + q * 64 + h * 8 + half * 4;
+      *reinterpret_cast<uint32_t*>(dst + t * 16) = out[0];
+      *reinterpret_cast<uint32_t*>(dst + (t + 1) * 16) = out[1];
+    }
+    for (int i = tid; i < staged * num_chunks * 4; i += kGemvThreads) {
+      const int tok = i / (num_chunks * 4), kb = i - tok * (num_chunks * 4);
+      float f = 0.0f;  // padding blocks past K (their codes are zero)
+      if (tok < nt && kb < scale_cols) {
+        const int64_t scale_row = scale_base + (r0 + tok - expert_start);
+        const int sa = p.a_scales[format::SwizzledOffset(scale_row, kb, scale_cols)];
+        f = sa == 0xFF ? format::BitsFloat(0x7FC00000u) : Pow2(sa - 129);
+      }
+      fac[i] = f;
+    }
+    __syncthreads();
+    if (nt == 1) {
+      GemvGroup<1>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+    } else if (nt == 2) {
+      GemvGroup<2>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+    } else {
+      GemvGroup<4>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+    }
+    __syncthreads();
+    // One thread per (row, token): the 8 warps' partials in warp order, one rounding, one store.
+    const int used_warps = num_chunks < kGemvWarps ? num_chunks : kGemvWarps;
+    for (int i = tid; i < kPanelRows * nt; i += kGemvThreads) {
+      const int tok = i / kPanelRows, r = i % kPanelRows;
+      const int col = panel * kPanelRows + r;
+      if (col >= p.n) continue;
+      float sum = 0.0f;
+      for (int w = 0; w < used_warps; ++w) sum += partial[(w * kPanelRows + r) * kGemvMaxTokens + tok];
+      const uint16_t bits = p.c_is_fp16 ? __half_as_ushort(__float2half_rn(sum))
+                                        : __bfloat16_as_ushort(__float2bfloat16_rn(sum));
+      static_cast<uint16_t*>(p.c)[(r0 + tok) * p.n + col] = bits;
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+int64_t GemvSmemBytes(int32_t num_experts, int64_t k) {
+  return GemvLayout(num_experts, static_cast<int>(NumChunks(k))).total;
+}
+
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
+                              cudaStream_t stream) {
+  const int64_t grid = static_cast<int64_t>(num_slots) * params.num_panels;
+  if (grid == 0) return MXMOE_STATUS_OK;
+  const int smem = GemvLayout(params.num_experts, params.num_chunks).total;
+  MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      GroupedGemvSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  GroupedGemvSm90Kernel<<<static_cast<unsigned>(grid), kGemvThreads, smem, stream>>>(params);
+  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  return MXMOE_STATUS_OK;
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace mxmoe

@@ -68,7 +68,10 @@ __device__ __forceinline__ uint4 LoadWeights16(const void* ptr) {
 __device__ __forceinline__ uint32_t SignedTwice(uint32_t mag, uint32_t sign) {
   const uint32_t pos = __byte_perm(kPosLo, kPosHi, mag);
   const uint32_t neg = __byte_perm(kNegLo, kNegHi, mag);
-  const uint32_t mask = __byte_perm(sign, 0, 0xBA98);  // 0xFF per byte whose bit 7 is set
+  // 0xFF per byte whose bit 7 is set: prmt's sign-replicate selectors (8 + byte). Inline PTX:
+  // __byte_perm is specified with 3-bit selectors only.
+  uint32_t mask;
+  asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(mask) : "r"(sign));
   return (pos & ~mask) | (neg & mask);
 }
 

@@ -11,11 +11,9 @@
 //     so that a lane's 16-byte load matches the k positions of its 16-byte weight load, and each
 //     block's activation factor 2^(sa - 129) as fp32 (0 for padding blocks past K; NaN for a 0xFF
 //     scale);
-//   - each warp streams its chunks' records (4352 bytes each) into its own 2-stage ring in
-//     shared memory with bulk copies (TMA, mbarriers), the first ones issued before the
-//     activations are staged; a lane reads, per chunk, the 8 16-byte pieces it owns of the record
-//     (rows 16w + g and 16w + g + 8 of each 16-row group w, 8 k of each of the chunk's 4 blocks:
-//     CodeByteOffset) and the 8 rows' scale words; each 32-bit word (8 codes of one row and block) becomes two int8x4
+//   - a lane loads, per chunk, the 8 16-byte pieces it owns of the record (rows 16w + g and
+//     16w + g + 8 of each 16-row group w, 8 k of each of the chunk's 4 blocks: CodeByteOffset) and
+//     the 8 rows' scale words; each 32-bit word (8 codes of one row and block) becomes two int8x4
 //     words through prmt tables (magnitude, negated magnitude, and the sign bit replicated as a
 //     byte mask), and two dp4a per row give the lane's part of the block's integer dot;
 //   - the part is scaled exactly: float(dot) * 2^(s_w - 127) (one multiply: the row's
@@ -40,7 +38,6 @@
 #include "cc/base/status.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
-#include "cc/cuda/grouped_gemm_sm90_ptx.cuh"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -54,6 +51,16 @@ constexpr int kGemvWarps = kGemvThreads / 32;
 // prmt tables: twice the magnitude of E2M1 codes 0..7 as int8, and its negation.
 constexpr uint32_t kPosLo = 0x03020100u, kPosHi = 0x0C080604u;
 constexpr uint32_t kNegLo = 0xFDFEFF00u, kNegHi = 0xF4F8FAFCu;
+
+// 16-byte streaming load (each weight byte is read once per row group: keep it out of L1). Not
+// volatile, so the compiler may batch the loads of a chunk.
+__device__ __forceinline__ uint4 LoadWeights16(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
+}
 
 // Four codes of a prepared word -> four int8 twice-values. `mag` holds the 3-bit magnitudes in
 // the low nibbles of its low 16 bits (bit 3 of each nibble clear), `sign` the signs in bits
@@ -74,18 +81,11 @@ __device__ __forceinline__ float Pow2(int e) {
                    : format::BitsFloat(1u << (e + 149));
 }
 
-// Records in flight per warp: each warp streams its chunks' records through its own ring of
-// bulk copies (TMA), so the bytes in flight do not depend on registers.
-constexpr int kGemvStages = 2;
-
-// Shared memory (dynamic): the experts' offsets, the warps' record rings and their barriers,
-// the staged activations of one row group
+// Shared memory (dynamic): the experts' offsets, the staged activations of one row group
 // (kGemvMaxTokens x Kp int8), their block factors (kGemvMaxTokens x 4C fp32) and the cross-warp
 // partial sums (8 warps x 64 rows x kGemvMaxTokens fp32).
 struct GemvSmem {
   int offsets;  // (E + 1) int32
-  int ring;     // kGemvWarps * kGemvStages weight records, 16-aligned (bulk copy destinations)
-  int bars;     // kGemvWarps * kGemvStages "full" then as many "empty" mbarriers
   int act;      // kGemvMaxTokens * Kp bytes, 16-aligned
   int factors;  // kGemvMaxTokens * 4C floats
   int partial;  // kGemvWarps * 64 * kGemvMaxTokens floats
@@ -97,10 +97,6 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) 
   int at = 0;
   s.offsets = at;
   at += static_cast<int>(format::RoundUp(4 * (num_experts + 1), 16));
-  s.ring = at;
-  at += kGemvWarps * kGemvStages * kRecordBytes;
-  s.bars = at;
-  at += 2 * kGemvWarps * kGemvStages * 8;
   s.act = at;
   at += kGemvMaxTokens * num_chunks * kChunkK;
   s.factors = at;
@@ -149,36 +145,12 @@ __device__ __forceinline__ void GemvHalfChunk(const uint4 (&v)[4], const uint32_
   }
 }
 
-// A warp's stream of weight records: item i is its chunk warp + 8 * (i % nc) of row group
-// i / nc (the same records for every row group), in ring stage i % kGemvStages. Lane 0 issues
-// the bulk copies; every lane arrives on the stage's "empty" barrier after reading it, and the
-// next copy into the stage waits for that.
-struct GemvRing {
-  uint8_t* stages;       // kGemvStages records
-  uint64_t* full;        // kGemvStages
-  uint64_t* empty;       // kGemvStages
-  const uint8_t* records;  // the panel's first record
-  int warp;
-  int nc;     // the warp's chunks per row group
-  int total;  // nc * row groups
-
-  __device__ __forceinline__ void Issue(int item) const {
-    if (item >= total) return;
-    const int stage = item % kGemvStages;
-    if (item >= kGemvStages) MbarWait(SmemAddr(&empty[stage]), ((item / kGemvStages) - 1) & 1);
-    const int c = warp + kGemvWarps * (item % nc);
-    MbarArriveExpectTx(SmemAddr(&full[stage]), kRecordBytes);
-    BulkCopyG2S(SmemAddr(stages + stage * kRecordBytes),
-                records + static_cast<int64_t>(c) * kRecordBytes, kRecordBytes,
-                SmemAddr(&full[stage]));
-  }
-};
-
-// The warp's chunks of one row group (items item0 .. item0 + nc - 1) for kTok tokens; leaves the
-// lane's sums in `acc`.
+// The warp's chunks for kTok tokens, in half-chunk steps (4 16-byte loads each; the next step's
+// loads are in flight while one is computed); leaves the lane's sums in `acc`.
 template <int kTok>
-__device__ __forceinline__ void GemvPanel(const GemvRing& ring, int item0, const uint8_t* act,
-                                          const float* fac, int kp, int num_chunks, int lane,
+__device__ __forceinline__ void GemvPanel(const uint8_t* __restrict__ panel_records,
+                                          const uint8_t* act, const float* fac, int kp,
+                                          int num_chunks, int warp, int lane,
                                           const float* pow2_idx, float (&acc)[8][kTok]) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -186,26 +158,25 @@ __device__ __forceinline__ void GemvPanel(const GemvRing& ring, int item0, const
 #pragma unroll
     for (int tok = 0; tok < kTok; ++tok) acc[i][tok] = 0.0f;
   }
-  for (int j = 0; j < ring.nc; ++j) {
-    const int item = item0 + j;
-    const int c = ring.warp + kGemvWarps * j;
-    const int stage = item % kGemvStages;
-    const uint8_t* rec = ring.stages + stage * kRecordBytes;
-    MbarWait(SmemAddr(&ring.full[stage]), (item / kGemvStages) & 1);
-    uint4 v0[4], v1[4];
-    uint32_t sw[8];
+  auto load_codes = [&](int c, int q, uint4 (&v)[4]) {
+    const uint8_t* rec = panel_records + static_cast<int64_t>(c) * kRecordBytes;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      v0[w] = *reinterpret_cast<const uint4*>(rec + ((2 * w + 0) * 32 + lane) * 16);
-      v1[w] = *reinterpret_cast<const uint4*>(rec + ((2 * w + 1) * 32 + lane) * 16);
-    }
+    for (int w = 0; w < 4; ++w) v[w] = LoadWeights16(rec + ((2 * w + q) * 32 + lane) * 16);
+  };
+  auto load_scales = [&](int c, uint32_t (&sw)[8]) {
+    const uint8_t* rec = panel_records + static_cast<int64_t>(c) * kRecordBytes + kCodeBytes;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      sw[i] = *reinterpret_cast<const uint32_t*>(rec + kCodeBytes +
-                                                 4 * (16 * (i >> 1) + g + 8 * (i & 1)));
+      sw[i] = __ldg(reinterpret_cast<const uint32_t*>(rec + 4 * (16 * (i >> 1) + g + 8 * (i & 1))));
     }
-    MbarArrive(SmemAddr(&ring.empty[stage]));
-    if (lane == 0) ring.Issue(item + kGemvStages);  // the stage's next record, in flight now
+  };
+  int c = warp;
+  if (c >= num_chunks) return;
+  uint4 v[4];
+  uint32_t sw[8];
+  load_codes(c, 0, v);
+  load_scales(c, sw);
+  for (; c < num_chunks; c += kGemvWarps) {
     // Per row: 2^(mx - 146) (NaN for a 0xFF scale); times the table's 2^idx it is 2^(s_w - 127).
     float base[8];
 #pragma unroll
@@ -213,18 +184,28 @@ __device__ __forceinline__ void GemvPanel(const GemvRing& ring, int item0, const
       const int mx = PreparedMaxScale(sw[i]);
       base[i] = mx == 0xFF ? format::BitsFloat(0x7FC00000u) : Pow2(mx - 146);
     }
-    GemvHalfChunk<kTok>(v0, sw, base, act, fac, c, 0, kp, num_chunks, t, pow2_idx, acc);
-    GemvHalfChunk<kTok>(v1, sw, base, act, fac, c, 1, kp, num_chunks, t, pow2_idx, acc);
+    uint4 vn[4];
+    load_codes(c, 1, vn);
+    GemvHalfChunk<kTok>(v, sw, base, act, fac, c, 0, kp, num_chunks, t, pow2_idx, acc);
+    const bool more = c + kGemvWarps < num_chunks;
+    uint32_t swc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) swc[i] = sw[i];
+    if (more) {
+      load_codes(c + kGemvWarps, 0, v);
+      load_scales(c + kGemvWarps, sw);
+    }
+    GemvHalfChunk<kTok>(vn, swc, base, act, fac, c, 1, kp, num_chunks, t, pow2_idx, acc);
   }
 }
 
 template <int kTok>
-__device__ __forceinline__ void GemvGroup(const GemvRing& ring, int item0, const uint8_t* act,
+__device__ __forceinline__ void GemvGroup(const uint8_t* panel_records, const uint8_t* act,
                                           const float* fac, float* partial, int kp,
                                           int num_chunks, int warp, int lane,
                                           const float* pow2_idx) {
   float acc[8][kTok];
-  GemvPanel<kTok>(ring, item0, act, fac, kp, num_chunks, lane, pow2_idx, acc);
+  GemvPanel<kTok>(panel_records, act, fac, kp, num_chunks, warp, lane, pow2_idx, acc);
   // Sum the 4 lanes of each row (t = lane & 3), then lane t = 0 writes the warp's partials.
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -266,15 +247,9 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const int panel = static_cast<int>(blockIdx.x) % p.num_panels;
   const int num_experts = p.num_experts;
 
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + layout.bars);
   for (int i = tid; i <= num_experts; i += kGemvThreads) eo[i] = __ldg(p.expert_offsets + i);
   if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);
-  if (tid < kGemvWarps * kGemvStages) {
-    MbarInit(SmemAddr(&bars[tid]), 1);                                 // full: lane 0's arrive
-    MbarInit(SmemAddr(&bars[kGemvWarps * kGemvStages + tid]), 32);     // empty: the warp's lanes
-  }
   if (tid == 0) chosen_expert = -1;
-  FenceMbarInit();
   __syncthreads();
 
   // The slot-th expert with rows in [0, rows): each thread counts a contiguous range of experts,
@@ -330,24 +305,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const int num_chunks = p.num_chunks;
   const int kp = num_chunks * kChunkK;
   const int scale_cols = p.k / 32;
-  GemvRing ring;
-  ring.stages = smem + layout.ring + warp * kGemvStages * kRecordBytes;
-  ring.full = bars + warp * kGemvStages;
-  ring.empty = bars + kGemvWarps * kGemvStages + warp * kGemvStages;
-  ring.records =
+  const uint8_t* panel_records =
       p.prepared + (static_cast<int64_t>(e) * p.num_panels + panel) * num_chunks * kRecordBytes;
-  ring.warp = warp;
-  ring.nc = warp < num_chunks ? (num_chunks - warp + kGemvWarps - 1) / kGemvWarps : 0;
-  const int64_t groups = (row_end - row_begin + kGemvMaxTokens - 1) / kGemvMaxTokens;
-  ring.total = static_cast<int>(ring.nc * groups);
-  // The first records go out before the activations are staged.
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < kGemvStages; ++i) ring.Issue(i);
-  }
 
-  int item0 = 0;
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens, item0 += ring.nc) {
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
     const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
                                                                   : kGemvMaxTokens);
     const int staged = nt == 3 ? 4 : nt;  // three rows run the four-row pass, the fourth zero
@@ -392,11 +353,11 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
     }
     __syncthreads();
     if (nt == 1) {
-      GemvGroup<1>(ring, item0, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+      GemvGroup<1>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
     } else if (nt == 2) {
-      GemvGroup<2>(ring, item0, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+      GemvGroup<2>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
     } else {
-      GemvGroup<4>(ring, item0, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+      GemvGroup<4>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
     }
     __syncthreads();
     // One thread per (row, token): the 8 warps' partials in warp order, one rounding, one store.

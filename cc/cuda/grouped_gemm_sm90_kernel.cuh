@@ -29,7 +29,6 @@
 #include "cc/cuda/expert_search.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
-#include "cc/cuda/grouped_gemm_sm90_ptx.cuh"
 #include "cc/cuda/grouped_gemm_sm90_wgmma.h"
 #include "mxmoe/format.h"
 
@@ -65,7 +64,43 @@ struct Traits {
   static_assert(kNumTables == 20, "table count mismatch");
 };
 
-// ---- PTX wrappers (the rest: grouped_gemm_sm90_ptx.cuh) ---------------------------------
+// ---- PTX wrappers ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "MXMOE_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra MXMOE_WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void BulkCopyG2S(uint32_t dst, const void* src, uint32_t bytes,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
 
 __device__ __forceinline__ void TmaLoad2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
                                           uint32_t bar) {
@@ -257,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
       MbarInit(SmemAddr(&full[s]), 1);
       MbarInit(SmemAddr(&empty[s]), kEmptyArrivals);
     }
-    FenceMbarInit();
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   if (tid < kNumTables) {
     uint32_t lo, hi;

@@ -98,13 +98,11 @@ struct GemvKernelParams {
   int32_t c_is_fp16;
 };
 
-// Dynamic shared memory of the kernel: the experts' offsets, each warp's ring of weight records
-// (2 x 4352 bytes), kGemvMaxTokens staged activation rows of K padded to 128 (int8) and their
-// block factors, and the cross-warp partial sums (~90 KB at K = 2880, ~109 KB at K = 7168).
+// Dynamic shared memory of the kernel: the experts' offsets, kGemvMaxTokens staged activation
+// rows of K padded to 128 (int8) and their block factors, and the cross-warp partial sums.
 int64_t GemvSmemBytes(int32_t num_experts, int64_t k);
-// The heuristic takes the CUDA-core path only where its shared memory allows two CTAs per SM
-// (228 KB per SM, 1 KB of it reserved per CTA).
-constexpr int64_t kGemvSmemLimit = 112 * 1024;
+// The heuristic takes the CUDA-core path only where its shared memory allows two CTAs per SM.
+constexpr int64_t kGemvSmemLimit = 100 * 1024;
 
 // One CTA per (expert slot, weight panel); num_slots >= the number of experts with rows
 // (min(rows, num_experts) always suffices).

@@ -424,7 +424,7 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
     gp.num_chunks = num_chunks;
     gp.c_is_fp16 = args.c_dtype == MXMOE_DTYPE_FP16 ? 1 : 0;
     const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
-    return sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream);
+    return sm90::LaunchGemvKernel(gp, static_cast<int>(slots), num_sms, stream);
   }
 
   const int64_t factor_stride = FactorStride(args.rows);

@@ -5,8 +5,10 @@
 // one token (docs/perf-notes.md, "A CUDA-core GEMV path for T <= 4").
 //
 // Work: one CTA per (active expert slot, 64-row weight panel); slot j takes the j-th expert with
-// rows (a block-wide count over expert_offsets). Its 8 warps split the panel's 128-wide K chunks
-// (warp w takes chunks w, w + 8, ...). Per group of up to 4 of the expert's rows:
+// rows (a block-wide count over expert_offsets). Its W warps (1, 2, 4 or 8: as many as one wave
+// of the grid allows) split the panel's 128-wide K chunks (warp w takes chunks w, w + W, ...);
+// each warp's first chunk is loaded before the activations are staged, and the next half-chunk's
+// loads are in flight while one is computed. Per group of up to 4 of the expert's rows:
 //   - the rows' MXFP4 codes are staged in shared memory as int8 twice-values (-12..12), laid out
 //     so that a lane's 16-byte load matches the k positions of its 16-byte weight load, and each
 //     block's activation factor 2^(sa - 129) as fp32 (0 for padding blocks past K; NaN for a 0xFF
@@ -20,10 +22,10 @@
 //     2^(mx - 146) times the block's 2^idx from a 20-entry table; idx 0, the blocks the WGMMA
 //     path flushes to zero, gives 0), then fused-multiply-added with the activation factor into
 //     an fp32 accumulator per (row, token);
-//   - the lanes of a row (4) and the warps (8) are summed in a fixed order, and one thread per
+//   - the lanes of a row (4) and the warps (W) are summed in a fixed order, and one thread per
 //     (row, token) rounds to bf16/fp16 and stores.
 // Numerics: every block dot and its scaling are exact; only the fp32 sum order differs from the
-// WGMMA kernel (per lane over its chunks, then 4 lanes, then 8 warps), and blocks more than 14
+// WGMMA kernel (per lane over its chunks, then 4 lanes, then W warps), and blocks more than 14
 // binades below their chunk's largest are computed exactly here (the WGMMA path rounds them onto
 // the E4M3 subnormal grid) except those 19 or more binades below, which both paths flush to zero
 // (the prepared record keeps only a clamped table index for them). Within docs/format.md's bound.
@@ -45,8 +47,12 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
-constexpr int kGemvThreads = 256;
-constexpr int kGemvWarps = kGemvThreads / 32;
+// Warps per CTA: at most 8 (the launch picks 1, 2, 4 or 8 so that the grid's warps fit in one
+// wave of 16 warps per SM: the kernel's time is a few dependent latencies per CTA, and a second
+// wave doubles them).
+constexpr int kGemvMaxWarps = 8;
+constexpr int kGemvMaxThreads = 32 * kGemvMaxWarps;
+constexpr int kGemvWarpsPerSm = 16;  // 128 registers per thread
 
 // prmt tables: twice the magnitude of E2M1 codes 0..7 as int8, and its negation.
 constexpr uint32_t kPosLo = 0x03020100u, kPosHi = 0x0C080604u;
@@ -88,7 +94,7 @@ struct GemvSmem {
   int offsets;  // (E + 1) int32
   int act;      // kGemvMaxTokens * Kp bytes, 16-aligned
   int factors;  // kGemvMaxTokens * 4C floats
-  int partial;  // kGemvWarps * 64 * kGemvMaxTokens floats
+  int partial;  // kGemvMaxWarps * 64 * kGemvMaxTokens floats
   int total;
 };
 
@@ -102,7 +108,7 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) 
   s.factors = at;
   at += kGemvMaxTokens * num_chunks * 4 * 4;
   s.partial = at;
-  at += kGemvWarps * kPanelRows * kGemvMaxTokens * 4;
+  at += kGemvMaxWarps * kPanelRows * kGemvMaxTokens * 4;
   s.total = at;
   return s;
 }
@@ -145,38 +151,44 @@ __device__ __forceinline__ void GemvHalfChunk(const uint4 (&v)[4], const uint32_
   }
 }
 
-// The warp's chunks for kTok tokens, in half-chunk steps (4 16-byte loads each; the next step's
-// loads are in flight while one is computed); leaves the lane's sums in `acc`.
+// A warp's loads of one chunk record straight from global memory: half q's 4 16-byte code
+// pieces, or the 8 rows' scale words.
+struct GemvLoader {
+  const uint8_t* __restrict__ records;  // the panel's first record
+  int lane;
+
+  __device__ __forceinline__ void Codes(int c, int q, uint4 (&v)[4]) const {
+    const uint8_t* rec = records + static_cast<int64_t>(c) * kRecordBytes;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) v[w] = LoadWeights16(rec + ((2 * w + q) * 32 + lane) * 16);
+  }
+  __device__ __forceinline__ void Scales(int c, uint32_t (&sw)[8]) const {
+    const uint8_t* rec = records + static_cast<int64_t>(c) * kRecordBytes + kCodeBytes;
+    const int g = lane >> 2;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      sw[i] = __ldg(reinterpret_cast<const uint32_t*>(rec + 4 * (16 * (i >> 1) + g + 8 * (i & 1))));
+    }
+  }
+};
+
+// The warp's chunks (warp, warp + warps, ...) for kTok tokens, in half-chunk steps (the next
+// step's loads are in flight while one is computed). v and sw hold the first chunk's half 0 and
+// scale words on entry (loaded by the caller, before the activations were staged); on exit,
+// with `reload`, they hold them again for the next row group. Leaves the lane's sums in `acc`.
 template <int kTok>
-__device__ __forceinline__ void GemvPanel(const uint8_t* __restrict__ panel_records,
-                                          const uint8_t* act, const float* fac, int kp,
-                                          int num_chunks, int warp, int lane,
-                                          const float* pow2_idx, float (&acc)[8][kTok]) {
-  const int g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ void GemvPanel(const GemvLoader& ld, uint4 (&v)[4],
+                                          uint32_t (&sw)[8], bool reload, const uint8_t* act,
+                                          const float* fac, int kp, int num_chunks, int warp,
+                                          int warps, const float* pow2_idx,
+                                          float (&acc)[8][kTok]) {
+  const int t = ld.lane & 3;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
 #pragma unroll
     for (int tok = 0; tok < kTok; ++tok) acc[i][tok] = 0.0f;
   }
-  auto load_codes = [&](int c, int q, uint4 (&v)[4]) {
-    const uint8_t* rec = panel_records + static_cast<int64_t>(c) * kRecordBytes;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) v[w] = LoadWeights16(rec + ((2 * w + q) * 32 + lane) * 16);
-  };
-  auto load_scales = [&](int c, uint32_t (&sw)[8]) {
-    const uint8_t* rec = panel_records + static_cast<int64_t>(c) * kRecordBytes + kCodeBytes;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      sw[i] = __ldg(reinterpret_cast<const uint32_t*>(rec + 4 * (16 * (i >> 1) + g + 8 * (i & 1))));
-    }
-  };
-  int c = warp;
-  if (c >= num_chunks) return;
-  uint4 v[4];
-  uint32_t sw[8];
-  load_codes(c, 0, v);
-  load_scales(c, sw);
-  for (; c < num_chunks; c += kGemvWarps) {
+  for (int c = warp; c < num_chunks; c += warps) {
     // Per row: 2^(mx - 146) (NaN for a 0xFF scale); times the table's 2^idx it is 2^(s_w - 127).
     float base[8];
 #pragma unroll
@@ -185,27 +197,28 @@ __device__ __forceinline__ void GemvPanel(const uint8_t* __restrict__ panel_reco
       base[i] = mx == 0xFF ? format::BitsFloat(0x7FC00000u) : Pow2(mx - 146);
     }
     uint4 vn[4];
-    load_codes(c, 1, vn);
+    ld.Codes(c, 1, vn);
     GemvHalfChunk<kTok>(v, sw, base, act, fac, c, 0, kp, num_chunks, t, pow2_idx, acc);
-    const bool more = c + kGemvWarps < num_chunks;
     uint32_t swc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) swc[i] = sw[i];
-    if (more) {
-      load_codes(c + kGemvWarps, 0, v);
-      load_scales(c + kGemvWarps, sw);
+    const int next = c + warps < num_chunks ? c + warps : (reload ? warp : -1);
+    if (next >= 0) {
+      ld.Codes(next, 0, v);
+      ld.Scales(next, sw);
     }
     GemvHalfChunk<kTok>(vn, swc, base, act, fac, c, 1, kp, num_chunks, t, pow2_idx, acc);
   }
 }
 
 template <int kTok>
-__device__ __forceinline__ void GemvGroup(const uint8_t* panel_records, const uint8_t* act,
-                                          const float* fac, float* partial, int kp,
-                                          int num_chunks, int warp, int lane,
-                                          const float* pow2_idx) {
+__device__ __forceinline__ void GemvGroup(const GemvLoader& ld, uint4 (&v)[4], uint32_t (&sw)[8],
+                                          bool reload, const uint8_t* act, const float* fac,
+                                          float* partial, int kp, int num_chunks, int warp,
+                                          int warps, const float* pow2_idx) {
+  const int lane = ld.lane;
   float acc[8][kTok];
-  GemvPanel<kTok>(panel_records, act, fac, kp, num_chunks, warp, lane, pow2_idx, acc);
+  GemvPanel<kTok>(ld, v, sw, reload, act, fac, kp, num_chunks, warp, warps, pow2_idx, acc);
   // Sum the 4 lanes of each row (t = lane & 3), then lane t = 0 writes the warp's partials.
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -230,12 +243,12 @@ __device__ __forceinline__ void GemvGroup(const uint8_t* panel_records, const ui
   }
 }
 
-__global__ void __launch_bounds__(kGemvThreads, 2)
+__global__ void __launch_bounds__(kGemvMaxThreads, 2)
     GroupedGemvSm90Kernel(GemvKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ float pow2_idx[kNumTables];
-  __shared__ int warp_counts[kGemvWarps];
+  __shared__ int warp_counts[kGemvMaxWarps];
   __shared__ int chosen_expert;
   const GemvSmem layout = GemvLayout(p.num_experts, p.num_chunks);
   int32_t* eo = reinterpret_cast<int32_t*>(smem + layout.offsets);
@@ -246,8 +259,9 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const int slot = static_cast<int>(blockIdx.x) / p.num_panels;
   const int panel = static_cast<int>(blockIdx.x) % p.num_panels;
   const int num_experts = p.num_experts;
+  const int nthreads = nthreads;
 
-  for (int i = tid; i <= num_experts; i += kGemvThreads) eo[i] = __ldg(p.expert_offsets + i);
+  for (int i = tid; i <= num_experts; i += nthreads) eo[i] = __ldg(p.expert_offsets + i);
   if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);
   if (tid == 0) chosen_expert = -1;
   __syncthreads();
@@ -262,7 +276,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
     *end = en;
     return en > b;
   };
-  const int per_thread = (num_experts + kGemvThreads - 1) / kGemvThreads;
+  const int per_thread = (num_experts + nthreads - 1) / nthreads;
   const int e_lo = tid * per_thread;
   const int e_hi = min(e_lo + per_thread, num_experts);
   int count = 0;
@@ -305,64 +319,98 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const int num_chunks = p.num_chunks;
   const int kp = num_chunks * kChunkK;
   const int scale_cols = p.k / 32;
-  const uint8_t* panel_records =
+  const int warps = nthreads >> 5;
+  GemvLoader ld;
+  ld.records =
       p.prepared + (static_cast<int64_t>(e) * p.num_panels + panel) * num_chunks * kRecordBytes;
+  ld.lane = lane;
+  // The first chunk's weights go out before the activations are staged.
+  uint4 v[4];
+  uint32_t sw[8];
+  if (warp < num_chunks) {
+    ld.Codes(warp, 0, v);
+    ld.Scales(warp, sw);
+  }
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
     const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
                                                                   : kGemvMaxTokens);
     const int staged = nt == 3 ? 4 : nt;  // three rows run the four-row pass, the fourth zero
     if (r0 != row_begin) __syncthreads();  // the previous group's reads of act/fac/partial
-    // Stage: one thread per (token, 8 codes): a 32-bit load, two int8x4 words into the lane
-    // order (k = 32s + 16 half + 4t + j lives at byte 64q + 16t + 8h + 4 half + j, s = 2q + h).
+    // Stage, in passes whose loads are all in flight before any is used. Items
+    // [0, code_items): one (token, 8 codes) each, a 32-bit load and two int8x4 words into the
+    // lane order (k = 32s + 16 half + 4t + j lives at byte 64q + 16t + 8h + 4 half + j,
+    // s = 2q + h); then one (token, block) scale each, as its fp32 factor.
     const int words_per_row = kp / 8;
-    for (int i = tid; i < staged * words_per_row; i += kGemvThreads) {
-      const int tok = i / words_per_row, wi = i - tok * words_per_row;
-      const int k0 = wi * 8;
-      uint32_t codes = 0;
-      if (tok < nt && k0 < p.k) {
-        codes = __ldg(reinterpret_cast<const uint32_t*>(p.a + (r0 + tok) * (p.k / 2) + k0 / 2));
-      }
-      uint32_t out[2];
+    const int code_items = staged * words_per_row;
+    const int items = code_items + staged * num_chunks * 4;
+    constexpr int kUnroll = 4;
+    for (int i0 = tid; i0 < items; i0 += kUnroll * nthreads) {
+      uint32_t val[kUnroll];
 #pragma unroll
-      for (int hw = 0; hw < 2; ++hw) {
-        uint32_t word = 0;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int v = format::E2M1TwiceValue(static_cast<uint8_t>((codes >> (16 * hw + 4 * j)) & 0xFu));
-          word |= (static_cast<uint32_t>(v) & 0xFFu) << (8 * j);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = i0 + u * nthreads;
+        val[u] = 0;
+        if (i < code_items) {
+          const int tok = i / words_per_row, k0 = (i - tok * words_per_row) * 8;
+          if (tok < nt && k0 < p.k) {
+            val[u] = __ldg(
+                reinterpret_cast<const uint32_t*>(p.a + (r0 + tok) * (p.k / 2) + k0 / 2));
+          }
+        } else if (i < items) {
+          const int j = i - code_items;
+          const int tok = j / (num_chunks * 4), kb = j - tok * (num_chunks * 4);
+          val[u] = 0x100;  // padding block past K (its codes are zero): factor 0
+          if (tok < nt && kb < scale_cols) {
+            const int64_t scale_row = scale_base + (r0 + tok - expert_start);
+            val[u] = p.a_scales[format::SwizzledOffset(scale_row, kb, scale_cols)];
+          }
         }
-        out[hw] = word;
       }
-      const int c = k0 / kChunkK, kk = k0 % kChunkK;
-      const int s = kk / 32, kin = kk % 32, half = kin / 16, t = (kin % 16) / 4;
-      const int q = s >> 1, h = s & 1;
-      uint8_t* dst = act + tok * kp + c * kChunkK + q * 64 + h * 8 + half * 4;
-      *reinterpret_cast<uint32_t*>(dst + t * 16) = out[0];
-      *reinterpret_cast<uint32_t*>(dst + (t + 1) * 16) = out[1];
-    }
-    for (int i = tid; i < staged * num_chunks * 4; i += kGemvThreads) {
-      const int tok = i / (num_chunks * 4), kb = i - tok * (num_chunks * 4);
-      float f = 0.0f;  // padding blocks past K (their codes are zero)
-      if (tok < nt && kb < scale_cols) {
-        const int64_t scale_row = scale_base + (r0 + tok - expert_start);
-        const int sa = p.a_scales[format::SwizzledOffset(scale_row, kb, scale_cols)];
-        f = sa == 0xFF ? format::BitsFloat(0x7FC00000u) : Pow2(sa - 129);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = i0 + u * nthreads;
+        if (i < code_items) {
+          const int tok = i / words_per_row, k0 = (i - tok * words_per_row) * 8;
+          uint32_t out[2];
+#pragma unroll
+          for (int hw = 0; hw < 2; ++hw) {
+            uint32_t word = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int tv = format::E2M1TwiceValue(
+                  static_cast<uint8_t>((val[u] >> (16 * hw + 4 * j)) & 0xFu));
+              word |= (static_cast<uint32_t>(tv) & 0xFFu) << (8 * j);
+            }
+            out[hw] = word;
+          }
+          const int c = k0 / kChunkK, kk = k0 % kChunkK;
+          const int s = kk / 32, kin = kk % 32, half = kin / 16, t = (kin % 16) / 4;
+          const int q = s >> 1, h = s & 1;
+          uint8_t* dst = act + tok * kp + c * kChunkK + q * 64 + h * 8 + half * 4;
+          *reinterpret_cast<uint32_t*>(dst + t * 16) = out[0];
+          *reinterpret_cast<uint32_t*>(dst + (t + 1) * 16) = out[1];
+        } else if (i < items) {
+          const uint32_t sa = val[u];
+          fac[i - code_items] = sa == 0x100  ? 0.0f
+                                : sa == 0xFF ? format::BitsFloat(0x7FC00000u)
+                                             : Pow2(static_cast<int>(sa) - 129);
+        }
       }
-      fac[i] = f;
     }
     __syncthreads();
+    const bool reload = r0 + kGemvMaxTokens < row_end;  // another row group follows
     if (nt == 1) {
-      GemvGroup<1>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+      GemvGroup<1>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
     } else if (nt == 2) {
-      GemvGroup<2>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+      GemvGroup<2>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
     } else {
-      GemvGroup<4>(panel_records, act, fac, partial, kp, num_chunks, warp, lane, pow2_idx);
+      GemvGroup<4>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
     }
     __syncthreads();
-    // One thread per (row, token): the 8 warps' partials in warp order, one rounding, one store.
-    const int used_warps = num_chunks < kGemvWarps ? num_chunks : kGemvWarps;
-    for (int i = tid; i < kPanelRows * nt; i += kGemvThreads) {
+    // One thread per (row, token): the warps' partials in warp order, one rounding, one store.
+    const int used_warps = num_chunks < warps ? num_chunks : warps;
+    for (int i = tid; i < kPanelRows * nt; i += nthreads) {
       const int tok = i / kPanelRows, r = i % kPanelRows;
       const int col = panel * kPanelRows + r;
       if (col >= p.n) continue;
@@ -382,14 +430,17 @@ int64_t GemvSmemBytes(int32_t num_experts, int64_t k) {
   return GemvLayout(num_experts, static_cast<int>(NumChunks(k))).total;
 }
 
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int num_sms,
                               cudaStream_t stream) {
   const int64_t grid = static_cast<int64_t>(num_slots) * params.num_panels;
   if (grid == 0) return MXMOE_STATUS_OK;
+  int warps = kGemvMaxWarps;
+  const int64_t resident = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * kGemvWarpsPerSm;
+  while (warps > 1 && (grid * warps > resident || warps > params.num_chunks)) warps /= 2;
   const int smem = GemvLayout(params.num_experts, params.num_chunks).total;
   MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       GroupedGemvSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  GroupedGemvSm90Kernel<<<static_cast<unsigned>(grid), kGemvThreads, smem, stream>>>(params);
+  GroupedGemvSm90Kernel<<<static_cast<unsigned>(grid), 32 * warps, smem, stream>>>(params);
   MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
   return MXMOE_STATUS_OK;
 }

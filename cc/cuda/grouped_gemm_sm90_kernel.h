@@ -106,7 +106,9 @@ constexpr int64_t kGemvSmemLimit = 100 * 1024;
 
 // One CTA per (expert slot, weight panel); num_slots >= the number of experts with rows
 // (min(rows, num_experts) always suffices).
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, cudaStream_t stream);
+// Warps per CTA (1-8) are chosen from the grid and num_sms so that the grid runs in one wave.
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int num_sms,
+                              cudaStream_t stream);
 
 // Launches on `stream`; block_n in {16, 32, 64, 128}. Returns UNSUPPORTED for other values.
 mxmoe_status LaunchGemmKernel(int block_n, const GemmKernelLaunch& launch, cudaStream_t stream);

@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   const int slot = static_cast<int>(blockIdx.x) / p.num_panels;
   const int panel = static_cast<int>(blockIdx.x) % p.num_panels;
   const int num_experts = p.num_experts;
-  const int nthreads = nthreads;
+  const int nthreads = static_cast<int>(blockDim.x);
 
   for (int i = tid; i <= num_experts; i += nthreads) eo[i] = __ldg(p.expert_offsets + i);
   if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);

@@ -5,8 +5,8 @@
 // one token (docs/perf-notes.md, "A CUDA-core GEMV path for T <= 4").
 //
 // Work: one CTA per (active expert slot, 64-row weight panel); slot j takes the j-th expert with
-// rows (a block-wide count over expert_offsets). Its W warps (1, 2, 4 or 8: as many as one wave
-// of the grid allows) split the panel's 128-wide K chunks (warp w takes chunks w, w + W, ...);
+// rows (a block-wide count over expert_offsets). Its W warps (8, fewer where K has fewer chunks)
+// split the panel's 128-wide K chunks (warp w takes chunks w, w + W, ...);
 // each warp's first chunk is loaded before the activations are staged, and the next half-chunk's
 // loads are in flight while one is computed. Per group of up to 4 of the expert's rows:
 //   - the rows' MXFP4 codes are staged in shared memory as int8 twice-values (-12..12), laid out
@@ -47,12 +47,9 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
-// Warps per CTA: at most 8 (the launch picks 1, 2, 4 or 8 so that the grid's warps fit in one
-// wave of 16 warps per SM: the kernel's time is a few dependent latencies per CTA, and a second
-// wave doubles them).
+// Warps per CTA: 8, or fewer where K has fewer than 8 chunks.
 constexpr int kGemvMaxWarps = 8;
 constexpr int kGemvMaxThreads = 32 * kGemvMaxWarps;
-constexpr int kGemvWarpsPerSm = 16;  // 128 registers per thread
 
 // prmt tables: twice the magnitude of E2M1 codes 0..7 as int8, and its negation.
 constexpr uint32_t kPosLo = 0x03020100u, kPosHi = 0x0C080604u;
@@ -434,9 +431,11 @@ mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int
                               cudaStream_t stream) {
   const int64_t grid = static_cast<int64_t>(num_slots) * params.num_panels;
   if (grid == 0) return MXMOE_STATUS_OK;
+  (void)num_sms;
+  // 8 warps, fewer only where K has fewer chunks. Fewer warps so that a large grid fits one wave
+  // was measured slower at 2-4 rows per expert (longer chains per warp; docs/perf-notes.md).
   int warps = kGemvMaxWarps;
-  const int64_t resident = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * kGemvWarpsPerSm;
-  while (warps > 1 && (grid * warps > resident || warps > params.num_chunks)) warps /= 2;
+  while (warps > 1 && warps > params.num_chunks) warps /= 2;
   const int smem = GemvLayout(params.num_experts, params.num_chunks).total;
   MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       GroupedGemvSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

@@ -31,15 +31,16 @@ struct GemmConfig {
   int grid;     // persistent CTAs
   bool pingpong = true;  // token tile 128: math warpgroups alternate on the tensor cores
   // The CUDA-core kernel (grouped_gemm_sm90_gemv.cu) instead of the WGMMA kernel: at most
-  // kGemvMaxRows rows in all (the MoE at T <= 4), where the WGMMA kernel's per-chunk latency with
+  // kGemvMaxRows rows in all (the MoE at T <= 16 / top_k), where the WGMMA kernel's per-chunk latency with
   // one token per tile dominates; block_n and grid are then unused.
   bool gemv = false;
   std::string ToString() const;
 };
 
 // Rows up to which the CUDA-core path is taken (docs/perf-notes.md: measured against the WGMMA
-// kernel at T = 1, 2, 4, 8 of the three model shapes).
-constexpr int64_t kGemvMaxRows = 64;
+// kernel at T = 1, 2, 4, 8, 16 of the three model shapes on an H200: faster at up to 16 rows,
+// i.e. T <= 4 at top-4 and T <= 2 at top-8; slower from 32 rows on).
+constexpr int64_t kGemvMaxRows = 16;
 
 // Token tiles the kernels are instantiated for (every one is tested).
 constexpr int kBlockNChoices[] = {16, 32, 64, 128};

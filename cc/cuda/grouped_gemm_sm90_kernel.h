@@ -106,7 +106,7 @@ constexpr int64_t kGemvSmemLimit = 100 * 1024;
 
 // One CTA per (expert slot, weight panel); num_slots >= the number of experts with rows
 // (min(rows, num_experts) always suffices).
-// Warps per CTA (1-8) are chosen from the grid and num_sms so that the grid runs in one wave.
+// num_sms is unused for now (kept for grid-shape heuristics).
 mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int num_sms,
                               cudaStream_t stream);
 

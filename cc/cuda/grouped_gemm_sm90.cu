@@ -6,10 +6,11 @@
 // over the weights: pass PREPARED weights for speed); (2) convert the MXFP4 activations into
 // E4M3 with per-128-chunk exponent folding plus one fp32 factor per (row, chunk) in the
 // workspace; (3) the grouped GEMM. With few rows (the heuristic's `gemv`: at most kGemvMaxRows,
-// decode at T <= 4 in the MoE) steps (2) and (3) are one CUDA-core kernel instead
-// (grouped_gemm_sm90_gemv.cu) that reads the MXFP4 activations as they are. Everything is asynchronous on `stream`: no allocation, no
-// host synchronisation (CUDA-graph capturable). Per-expert row counts come from expert_offsets on
-// the device; problem_sizes is not read (it must agree with expert_offsets).
+// decode at T <= 16 / top_k in the MoE) steps (2) and (3) are one CUDA-core kernel instead
+// (grouped_gemm_sm90_gemv.cu) that reads the MXFP4 activations as they are. Everything is
+// asynchronous on `stream`: no allocation, no host synchronisation (CUDA-graph capturable).
+// Per-expert row counts come from expert_offsets on the device; problem_sizes is not read (it
+// must agree with expert_offsets).
 // Device-side checks: negative m_e counts as 0; writes past `rows` are dropped.
 // Limits beyond the public contract live in CanImplementGroupedGemmSm90 /
 // CanImplementPrepareWeightsSm90 (n % 32 == 0, k > 0, n and k < 2^30, rows < 2^31 - 256, the
@@ -424,7 +425,7 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
     gp.num_chunks = num_chunks;
     gp.c_is_fp16 = args.c_dtype == MXMOE_DTYPE_FP16 ? 1 : 0;
     const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
-    return sm90::LaunchGemvKernel(gp, static_cast<int>(slots), num_sms, stream);
+    return sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream);
   }
 
   const int64_t factor_stride = FactorStride(args.rows);

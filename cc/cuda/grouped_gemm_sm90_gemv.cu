@@ -1,8 +1,9 @@
-// SM90 grouped GEMM for a few rows per expert (decode at T <= 4 in the MoE): a CUDA-core kernel
+// SM90 grouped GEMM for a few rows in all (at most kGemvMaxRows: decode at T <= 16 / top_k in the
+// MoE): a CUDA-core kernel
 // that streams the PREPARED weight records (grouped_gemm_sm90_layout.h) from global memory and
 // computes exact integer block dots with dp4a, instead of the WGMMA kernel's
 // decode -> FP8 WGMMA -> promote chain, whose per-chunk latency dominates when a token tile holds
-// one token (docs/perf-notes.md, "A CUDA-core GEMV path for T <= 4").
+// one token (docs/perf-notes.md, "The CUDA-core path for few rows, built").
 //
 // Work: one CTA per (active expert slot, 64-row weight panel); slot j takes the j-th expert with
 // rows (a block-wide count over expert_offsets). Its W warps (8, fewer where K has fewer chunks)
@@ -110,6 +111,9 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) 
   return s;
 }
 
+// Panel row of a lane's row slot i = 2w + rh (16-row group w, upper half rh) for lane group g.
+__device__ __forceinline__ int LaneRow(int i, int g) { return 16 * (i >> 1) + g + 8 * (i & 1); }
+
 // Half q (blocks 2q and 2q + 1) of one chunk for kTok staged tokens: v[w] is the lane's 16-byte
 // piece of 16-row group w; acc[i][tok] for the lane's rows i = 2w + rh (row 16w + g + 8rh).
 template <int kTok>
@@ -164,7 +168,7 @@ struct GemvLoader {
     const int g = lane >> 2;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      sw[i] = __ldg(reinterpret_cast<const uint32_t*>(rec + 4 * (16 * (i >> 1) + g + 8 * (i & 1))));
+      sw[i] = __ldg(reinterpret_cast<const uint32_t*>(rec + 4 * LaneRow(i, g)));
     }
   }
 };
@@ -231,7 +235,7 @@ __device__ __forceinline__ void GemvGroup(const GemvLoader& ld, uint4 (&v)[4], u
     const int g = lane >> 2;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int row = 16 * (i >> 1) + g + 8 * (i & 1);
+      const int row = LaneRow(i, g);
 #pragma unroll
       for (int tok = 0; tok < kTok; ++tok) {
         partial[(warp * kPanelRows + row) * kGemvMaxTokens + tok] = acc[i][tok];
@@ -427,11 +431,10 @@ int64_t GemvSmemBytes(int32_t num_experts, int64_t k) {
   return GemvLayout(num_experts, static_cast<int>(NumChunks(k))).total;
 }
 
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int num_sms,
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
                               cudaStream_t stream) {
   const int64_t grid = static_cast<int64_t>(num_slots) * params.num_panels;
   if (grid == 0) return MXMOE_STATUS_OK;
-  (void)num_sms;
   // 8 warps, fewer only where K has fewer chunks. Fewer warps so that a large grid fits one wave
   // was measured slower at 2-4 rows per expert (longer chains per warp; docs/perf-notes.md).
   int warps = kGemvMaxWarps;

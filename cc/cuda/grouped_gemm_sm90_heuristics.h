@@ -31,8 +31,8 @@ struct GemmConfig {
   int grid;     // persistent CTAs
   bool pingpong = true;  // token tile 128: math warpgroups alternate on the tensor cores
   // The CUDA-core kernel (grouped_gemm_sm90_gemv.cu) instead of the WGMMA kernel: at most
-  // kGemvMaxRows rows in all (the MoE at T <= 16 / top_k), where the WGMMA kernel's per-chunk latency with
-  // one token per tile dominates; block_n and grid are then unused.
+  // kGemvMaxRows rows in all (the MoE at T <= 16 / top_k), where the WGMMA kernel's per-chunk
+  // latency with one token per tile dominates; block_n and grid are then unused.
   bool gemv = false;
   std::string ToString() const;
 };

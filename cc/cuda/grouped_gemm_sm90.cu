@@ -32,6 +32,7 @@
 #include "cc/cuda/grouped_gemm_sm90_heuristics.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "cc/cuda/pdl.cuh"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -156,9 +157,10 @@ __global__ void __launch_bounds__(256)
                              int64_t rows, int k, int num_chunks, int64_t factor_stride,
                              int scales_aligned4, uint8_t* __restrict__ a8,
                              float* __restrict__ factor) {
-  // Let the GEMM kernel (launched with programmatic stream serialization) start its prologue;
-  // it waits (griddepcontrol.wait) for this grid's completion before reading its outputs.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // Programmatic dependent launch (cc/cuda/pdl.cuh): wait for the quantize step before, then
+  // let the GEMM kernel start its prologue; it waits for this grid before reading its outputs.
+  PdlWait();
+  PdlLaunchDependents();
   extern __shared__ int32_t offsets_smem[];
   int32_t* eo = offsets_smem;
   int32_t* bso = offsets_smem + num_experts + 1;
@@ -438,11 +440,11 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
     const int64_t most = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 8;
     const int blocks = static_cast<int>(blocks64 < most ? blocks64 : most);
     const size_t offsets_smem = ConvertSmemBytes(args.num_experts);
-    ConvertActivationsKernel<<<blocks, threads, offsets_smem, stream>>>(
-        args.a, args.a_scales, args.expert_offsets, args.blockscale_offsets, args.num_experts,
-        args.rows, static_cast<int>(args.k), num_chunks, factor_stride,
-        Aligned(args.a_scales, 4) ? 1 : 0, a8, factor);
-    MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+    MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(
+        ConvertActivationsKernel, dim3(blocks), dim3(threads), offsets_smem, stream, args.a,
+        args.a_scales, args.expert_offsets, args.blockscale_offsets, args.num_experts, args.rows,
+        static_cast<int>(args.k), num_chunks, factor_stride, Aligned(args.a_scales, 4) ? 1 : 0,
+        a8, factor));
   }
 
   sm90::GemmKernelLaunch launch;

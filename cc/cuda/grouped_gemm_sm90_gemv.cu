@@ -41,6 +41,7 @@
 #include "cc/base/status.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "cc/cuda/pdl.cuh"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -262,6 +263,8 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   const int num_experts = p.num_experts;
   const int nthreads = static_cast<int>(blockDim.x);
 
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
   for (int i = tid; i <= num_experts; i += nthreads) eo[i] = __ldg(p.expert_offsets + i);
   if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);
   if (tid == 0) chosen_expert = -1;
@@ -442,8 +445,8 @@ mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
   const int smem = GemvLayout(params.num_experts, params.num_chunks).total;
   MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       GroupedGemvSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  GroupedGemvSm90Kernel<<<static_cast<unsigned>(grid), 32 * warps, smem, stream>>>(params);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(GroupedGemvSm90Kernel, dim3(static_cast<unsigned>(grid)),
+                                       dim3(32 * warps), smem, stream, params));
   return MXMOE_STATUS_OK;
 }
 

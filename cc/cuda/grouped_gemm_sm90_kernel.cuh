@@ -29,6 +29,7 @@
 #include "cc/cuda/expert_search.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "cc/cuda/pdl.cuh"
 #include "cc/cuda/grouped_gemm_sm90_wgmma.h"
 #include "mxmoe/format.h"
 
@@ -365,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, GemmCtasPerSm(kBlockN))
           }
         }
       }
-      asm volatile("griddepcontrol.wait;" ::: "memory");
+      PdlWait();  // cc/cuda/pdl.cuh
       for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
         const Tile tile = DecodeTile<kBlockN>(t, eo, prefix, num_experts, weight_tiles);
         const int panel0 = tile.weight_tile * 2;
@@ -583,20 +584,12 @@ mxmoe_status LaunchGemmKernelN(const GemmKernelLaunch& launch, cudaStream_t stre
       static_cast<int>(smem)));
   MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       GroupedGemmSm90Kernel<kBlockN>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-  // Programmatic dependent launch: the prologue (barriers, tables, tile prefix sums) overlaps
-  // the activation conversion kernel before it in the stream (also inside CUDA graphs).
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(launch.grid);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  MXMOE_CUDA_RETURN_IF_ERROR(
-      cudaLaunchKernelEx(&config, GroupedGemmSm90Kernel<kBlockN>, launch.act_map, launch.params));
+  // Programmatic dependent launch (cc/cuda/pdl.cuh): the prologue (barriers, tables, tile prefix
+  // sums, the first weight copies) overlaps the activation conversion kernel before it in the
+  // stream (also inside CUDA graphs).
+  MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(GroupedGemmSm90Kernel<kBlockN>, dim3(launch.grid),
+                                       dim3(kThreads), smem, stream, launch.act_map,
+                                       launch.params));
   return MXMOE_STATUS_OK;
 }
 

@@ -42,6 +42,7 @@
 #include "cc/cuda/device.h"
 #include "cc/cuda/dispatch.h"
 #include "cc/cuda/grouped_gemm.h"
+#include "cc/cuda/pdl.cuh"
 #include "cc/cuda/quantize.h"
 #include "cc/cuda/quantize_device.cuh"
 #include "mxmoe/format.h"
@@ -168,6 +169,8 @@ __device__ __forceinline__ int32_t SlotExpert(const RoutingParams& p, int s, int
 
 // Precomputed top-k: copy, map, append the shared slots. One thread per slot.
 __global__ void CopyTopKKernel(RoutingParams p) {
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int per_token = p.top_k + p.num_shared;
   if (i >= p.num_tokens * per_token) return;
@@ -271,6 +274,8 @@ struct LaneExperts {
 // (the group scores).
 template <int V>
 __global__ void RoutingKernel(RoutingParams p) {
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
   constexpr int kUnroll = LaneExperts<V>::kUnroll;
   const int warps_per_block = blockDim.x / 32;
   const int lane = threadIdx.x % 32;
@@ -470,6 +475,8 @@ __device__ int BlockInclusiveScan(int value, int* warp_totals) {
 }
 
 __global__ void __launch_bounds__(kMetadataThreads) MetadataKernel(MetadataParams p) {
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
   __shared__ int counts[kMaxLocalExperts];
   __shared__ int cursor[kMaxLocalExperts];
   __shared__ int warp_totals[32];
@@ -534,6 +541,8 @@ struct ReduceParams {
 // One thread per 8 output elements (16 bytes); slots in order, separately rounded mul and add.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) WeightedReduceKernel(ReduceParams p) {
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
   const int64_t vecs_per_row = p.hidden_size / quant::kElemsPerLane;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (item >= p.num_tokens * vecs_per_row) return;
@@ -693,17 +702,17 @@ mxmoe_status LaunchRouting(const RoutingParams& r, cudaStream_t stream) {
   const int e = r.num_global_experts;
   const int per_lane = e <= 4 * 32 ? 4 : e <= 8 * 32 ? 8 : e <= 16 * 32 ? 16 : 128;
   return DispatchValue<4, 8, 16, 128>(per_lane, "routing rank values per lane", [&](auto v) {
-    RoutingKernel<decltype(v)::value>
-        <<<Blocks(r.num_tokens, warps), warps * 32, warps * per_warp, stream>>>(r);
-    MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+    MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(RoutingKernel<decltype(v)::value>,
+                                         dim3(Blocks(r.num_tokens, warps)), dim3(warps * 32),
+                                         warps * per_warp, stream, r));
     return MXMOE_STATUS_OK;
   });
 }
 
 mxmoe_status LaunchCopyTopK(const RoutingParams& r, cudaStream_t stream) {
-  CopyTopKKernel<<<Blocks(r.num_tokens * (r.top_k + r.num_shared), kThreads), kThreads, 0,
-                   stream>>>(r);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  MXMOE_CUDA_RETURN_IF_ERROR(
+      LaunchPdl(CopyTopKKernel, dim3(Blocks(r.num_tokens * (r.top_k + r.num_shared), kThreads)),
+                dim3(kThreads), 0, stream, r));
   return MXMOE_STATUS_OK;
 }
 
@@ -721,8 +730,8 @@ mxmoe_status LaunchMetadata(const mxmoe_moe_forward_args& args, const MoeWorkspa
   m.num_experts = args.num_local_experts;
   m.hidden_size = static_cast<int32_t>(args.hidden_size);
   m.intermediate_size = static_cast<int32_t>(args.intermediate_size);
-  MetadataKernel<<<1, kMetadataThreads, 0, stream>>>(m);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  MXMOE_CUDA_RETURN_IF_ERROR(
+      LaunchPdl(MetadataKernel, dim3(1), dim3(kMetadataThreads), 0, stream, m));
   return MXMOE_STATUS_OK;
 }
 
@@ -780,10 +789,10 @@ mxmoe_status LaunchWeightedReduce(const mxmoe_moe_forward_args& args, const MoeW
   r.top_k = args.top_k;
   r.slots_per_token = SlotsPerToken(args);
   r.hidden_size = static_cast<int32_t>(args.hidden_size);
-  WeightedReduceKernel<T>
-      <<<Blocks(args.num_tokens * args.hidden_size / quant::kElemsPerLane, kThreads), kThreads, 0,
-         stream>>>(r);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(
+      WeightedReduceKernel<T>,
+      dim3(Blocks(args.num_tokens * args.hidden_size / quant::kElemsPerLane, kThreads)),
+      dim3(kThreads), 0, stream, r));
   return MXMOE_STATUS_OK;
 }
 

@@ -50,6 +50,7 @@
 #include "cc/cuda/device.h"
 #include "cc/cuda/dispatch.h"
 #include "cc/cuda/expert_search.h"
+#include "cc/cuda/pdl.cuh"
 #include "cc/cuda/quantize_device.cuh"
 #include "mxmoe/format.h"
 
@@ -318,6 +319,8 @@ __global__ void __launch_bounds__(kThreads) QuantizeRowsKernel(const RowsParams 
   __shared__ int64_t s_row_scale_base[Tile<kUnits>::kMaxRows];
   // SiluImpl::kGeneral: the expert of row first_row + i.
   __shared__ int32_t s_row_expert[kSilu == SiluImpl::kGeneral ? Tile<kUnits>::kMaxRows : 1];
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
 
   if (blockIdx.x < p.padding_ctas) {
     if constexpr (kMap != ScaleMap::kLinear) ZeroScalePaddingRows<kMap>(p);
@@ -542,9 +545,9 @@ KernelVariant VariantFromEnv(int sm_count) {
 template <typename T, SiluImpl kSilu, ScaleMap kMap, int kUnits, quant::Encode kEncode>
 mxmoe_status LaunchRows(const RowsParams& p, int32_t data_ctas, size_t smem,
                         cudaStream_t stream) {
-  QuantizeRowsKernel<T, kSilu, kMap, kUnits, kEncode>
-      <<<p.padding_ctas + data_ctas, kThreads, smem, stream>>>(p);
-  MXMOE_CUDA_RETURN_IF_LAUNCH_ERROR();
+  MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(QuantizeRowsKernel<T, kSilu, kMap, kUnits, kEncode>,
+                                       dim3(p.padding_ctas + data_ctas), dim3(kThreads), smem,
+                                       stream, p));
   return MXMOE_STATUS_OK;
 }
 

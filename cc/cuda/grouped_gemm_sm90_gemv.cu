@@ -57,24 +57,14 @@ constexpr int kGemvMaxThreads = 32 * kGemvMaxWarps;
 constexpr uint32_t kPosLo = 0x03020100u, kPosHi = 0x0C080604u;
 constexpr uint32_t kNegLo = 0xFDFEFF00u, kNegHi = 0xF4F8FAFCu;
 
-// Asynchronous 16-byte copy global -> shared, cached in L2 only (cp.async.cg; the weights are
-// streamed once per pass), and its group commit / wait.
-__device__ __forceinline__ void CopyAsync16(uint32_t smem_addr, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr), "l"(gmem)
-               : "memory");
-}
-__device__ __forceinline__ void CopyAsyncCommit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-// Until at most `pending` (0, 1 or 2) of this thread's committed groups are still in flight.
-__device__ __forceinline__ void CopyAsyncWait(int pending) {
-  if (pending <= 0) {
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-  } else if (pending == 1) {
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-  } else {
-    asm volatile("cp.async.wait_group 2;" ::: "memory");
-  }
+// 16-byte streaming load (each weight byte is read once per row group: keep it out of L1). Not
+// volatile, so the compiler may batch the loads of a chunk.
+__device__ __forceinline__ uint4 LoadWeights16(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr));
+  return v;
 }
 
 // Four codes of a prepared word -> four int8 twice-values. `mag` holds the 3-bit magnitudes in
@@ -96,27 +86,18 @@ __device__ __forceinline__ float Pow2(int e) {
                    : format::BitsFloat(1u << (e + 149));
 }
 
-// Weight records in flight per warp: a ring of up to kGemvMaxStages whole chunk records.
-constexpr int kGemvMaxStages = 3;
-// Dynamic shared memory per CTA that leaves room for two CTAs per SM (228 KB per SM, 1 KB of it
-// reserved per CTA, the kernel's static shared memory): the ring gets what the rest leaves.
-constexpr int kGemvCtaSmemBudget = 112 * 1024;
-
 // Shared memory (dynamic): the experts' offsets, the staged activations of one row group
-// (kGemvMaxTokens x Kp int8), their block factors (kGemvMaxTokens x 4C fp32), the cross-warp
-// partial sums (8 warps x 64 rows x kGemvMaxTokens fp32) and the warps' weight rings (warps x
-// stages records).
+// (kGemvMaxTokens x Kp int8), their block factors (kGemvMaxTokens x 4C fp32) and the cross-warp
+// partial sums (8 warps x 64 rows x kGemvMaxTokens fp32).
 struct GemvSmem {
   int offsets;  // (E + 1) int32
   int act;      // kGemvMaxTokens * Kp bytes, 16-aligned
   int factors;  // kGemvMaxTokens * 4C floats
   int partial;  // kGemvMaxWarps * 64 * kGemvMaxTokens floats
-  int ring;     // warps * stages * kRecordBytes, 16-aligned
   int total;
 };
 
-__host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks, int warps,
-                                               int stages) {
+__host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) {
   GemvSmem s;
   int at = 0;
   s.offsets = at;
@@ -127,18 +108,8 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks, 
   at += kGemvMaxTokens * num_chunks * 4 * 4;
   s.partial = at;
   at += kGemvMaxWarps * kPanelRows * kGemvMaxTokens * 4;
-  s.ring = at;
-  at += warps * stages * kRecordBytes;
   s.total = at;
   return s;
-}
-
-// Ring stages per warp: as many records as the budget leaves after the rest (at least one, at
-// most kGemvMaxStages). Host and kernel compute it alike.
-__host__ __device__ inline int GemvStages(int num_experts, int num_chunks, int warps) {
-  const int rest = GemvLayout(num_experts, num_chunks, warps, 0).total;
-  const int fit = (kGemvCtaSmemBudget - rest) / (warps * kRecordBytes);
-  return fit < 1 ? 1 : fit > kGemvMaxStages ? kGemvMaxStages : fit;
 }
 
 // Panel row of a lane's row slot i = 2w + rh (16-row group w, upper half rh) for lane group g.
@@ -182,64 +153,44 @@ __device__ __forceinline__ void GemvHalfChunk(const uint4 (&v)[4], const uint32_
   }
 }
 
-// A warp's ring of `stages` chunk records in shared memory, filled by cp.async: step j of the
-// warp's sequence (chunk warp + (j mod chunks) * warps, the sequence repeated once per row group)
-// lives in slot j mod stages. Every step commits one copy group (empty past the last step), so at
-// step j, waiting until stages - 1 groups are pending means step j's record has landed. The slot
-// read at step j is refilled with step j + stages right after the read (the warp's lanes copy
-// and read each other's pieces: __syncwarp on both sides).
-struct GemvRing {
+// A warp's loads of one chunk record straight from global memory: half q's 4 16-byte code
+// pieces, or the 8 rows' scale words.
+struct GemvLoader {
   const uint8_t* __restrict__ records;  // the panel's first record
-  const uint8_t* slots;                 // this warp's slots (shared memory)
-  uint32_t slots_addr;                  // the same, as a shared address
-  int stages, lane, warp, warps, chunks, steps;
+  int lane;
 
-  __device__ __forceinline__ int Chunk(int j) const { return warp + (j % chunks) * warps; }
-  __device__ __forceinline__ void Issue(int j) const {
-    if (j < steps) {
-      const uint8_t* src = records + static_cast<int64_t>(Chunk(j)) * kRecordBytes;
-      const uint32_t dst = slots_addr + (j % stages) * kRecordBytes;
-      for (int piece = lane; piece < kRecordBytes / 16; piece += 32) {
-        CopyAsync16(dst + piece * 16, src + piece * 16);
-      }
-    }
-    CopyAsyncCommit();
-  }
-  // Step j's record: the lane's 8 16-byte code pieces (16-row group w, half q at v[2w + q]) and
-  // its 8 rows' scale words; then the slot goes out again for step j + stages.
-  __device__ __forceinline__ void Take(int j, uint4 (&v)[8], uint32_t (&sw)[8]) const {
-    CopyAsyncWait(stages - 1);
-    __syncwarp();
-    const uint8_t* rec = slots + (j % stages) * kRecordBytes;
+  __device__ __forceinline__ void Codes(int c, int q, uint4 (&v)[4]) const {
+    const uint8_t* rec = records + static_cast<int64_t>(c) * kRecordBytes;
 #pragma unroll
-    for (int x = 0; x < 8; ++x) v[x] = *reinterpret_cast<const uint4*>(rec + (x * 32 + lane) * 16);
+    for (int w = 0; w < 4; ++w) v[w] = LoadWeights16(rec + ((2 * w + q) * 32 + lane) * 16);
+  }
+  __device__ __forceinline__ void Scales(int c, uint32_t (&sw)[8]) const {
+    const uint8_t* rec = records + static_cast<int64_t>(c) * kRecordBytes + kCodeBytes;
     const int g = lane >> 2;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      sw[i] = *reinterpret_cast<const uint32_t*>(rec + kCodeBytes + 4 * LaneRow(i, g));
+      sw[i] = __ldg(reinterpret_cast<const uint32_t*>(rec + 4 * LaneRow(i, g)));
     }
-    __syncwarp();
-    Issue(j + stages);
   }
 };
 
-// The warp's chunks (warp, warp + warps, ...) for kTok tokens from its ring, steps `step`,
-// step + 1, ... (advanced past them). Leaves the lane's sums in `acc`.
+// The warp's chunks (warp, warp + warps, ...) for kTok tokens, in half-chunk steps (the next
+// step's loads are in flight while one is computed). v and sw hold the first chunk's half 0 and
+// scale words on entry (loaded by the caller, before the activations were staged); on exit,
+// with `reload`, they hold them again for the next row group. Leaves the lane's sums in `acc`.
 template <int kTok>
-__device__ __forceinline__ void GemvPanel(const GemvRing& ring, int& step, const uint8_t* act,
-                                          const float* fac, int kp, int num_chunks,
-                                          const float* pow2_idx, float (&acc)[8][kTok]) {
-  const int t = ring.lane & 3;
+__device__ __forceinline__ void GemvPanel(const GemvLoader& ld, uint4 (&v)[4],
+                                          uint32_t (&sw)[8], bool reload, const uint8_t* act,
+                                          const float* fac, int kp, int num_chunks, int warp,
+                                          int warps, const float* pow2_idx,
+                                          float (&acc)[8][kTok]) {
+  const int t = ld.lane & 3;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
 #pragma unroll
     for (int tok = 0; tok < kTok; ++tok) acc[i][tok] = 0.0f;
   }
-  for (int n = 0; n < ring.chunks; ++n, ++step) {
-    const int c = ring.Chunk(step);
-    uint4 v[8];
-    uint32_t sw[8];
-    ring.Take(step, v, sw);
+  for (int c = warp; c < num_chunks; c += warps) {
     // Per row: 2^(mx - 146) (NaN for a 0xFF scale); times the table's 2^idx it is 2^(s_w - 127).
     float base[8];
 #pragma unroll
@@ -247,20 +198,29 @@ __device__ __forceinline__ void GemvPanel(const GemvRing& ring, int& step, const
       const int mx = PreparedMaxScale(sw[i]);
       base[i] = mx == 0xFF ? format::BitsFloat(0x7FC00000u) : Pow2(mx - 146);
     }
-    const uint4 v0[4] = {v[0], v[2], v[4], v[6]};
-    const uint4 v1[4] = {v[1], v[3], v[5], v[7]};
-    GemvHalfChunk<kTok>(v0, sw, base, act, fac, c, 0, kp, num_chunks, t, pow2_idx, acc);
-    GemvHalfChunk<kTok>(v1, sw, base, act, fac, c, 1, kp, num_chunks, t, pow2_idx, acc);
+    uint4 vn[4];
+    ld.Codes(c, 1, vn);
+    GemvHalfChunk<kTok>(v, sw, base, act, fac, c, 0, kp, num_chunks, t, pow2_idx, acc);
+    uint32_t swc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) swc[i] = sw[i];
+    const int next = c + warps < num_chunks ? c + warps : (reload ? warp : -1);
+    if (next >= 0) {
+      ld.Codes(next, 0, v);
+      ld.Scales(next, sw);
+    }
+    GemvHalfChunk<kTok>(vn, swc, base, act, fac, c, 1, kp, num_chunks, t, pow2_idx, acc);
   }
 }
 
 template <int kTok>
-__device__ __forceinline__ void GemvGroup(const GemvRing& ring, int& step, const uint8_t* act,
-                                          const float* fac, float* partial, int kp,
-                                          int num_chunks, const float* pow2_idx) {
-  const int lane = ring.lane, warp = ring.warp;
+__device__ __forceinline__ void GemvGroup(const GemvLoader& ld, uint4 (&v)[4], uint32_t (&sw)[8],
+                                          bool reload, const uint8_t* act, const float* fac,
+                                          float* partial, int kp, int num_chunks, int warp,
+                                          int warps, const float* pow2_idx) {
+  const int lane = ld.lane;
   float acc[8][kTok];
-  GemvPanel<kTok>(ring, step, act, fac, kp, num_chunks, pow2_idx, acc);
+  GemvPanel<kTok>(ld, v, sw, reload, act, fac, kp, num_chunks, warp, warps, pow2_idx, acc);
   // Sum the 4 lanes of each row (t = lane & 3), then lane t = 0 writes the warp's partials.
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -292,9 +252,7 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   __shared__ float pow2_idx[kNumTables];
   __shared__ int warp_counts[kGemvMaxWarps];
   __shared__ int chosen_expert;
-  const int warps = static_cast<int>(blockDim.x) >> 5;
-  const GemvSmem layout =
-      GemvLayout(p.num_experts, p.num_chunks, warps, GemvStages(p.num_experts, p.num_chunks, warps));
+  const GemvSmem layout = GemvLayout(p.num_experts, p.num_chunks);
   int32_t* eo = reinterpret_cast<int32_t*>(smem + layout.offsets);
   uint8_t* act = smem + layout.act;
   float* fac = reinterpret_cast<float*>(smem + layout.factors);
@@ -365,22 +323,18 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   const int num_chunks = p.num_chunks;
   const int kp = num_chunks * kChunkK;
   const int scale_cols = p.k / 32;
-  // The warp's ring (the launcher keeps warps <= num_chunks: every warp has a chunk); its first
-  // stages go out before the activations are staged.
-  GemvRing ring;
-  ring.records =
+  const int warps = nthreads >> 5;
+  GemvLoader ld;
+  ld.records =
       p.prepared + (static_cast<int64_t>(e) * p.num_panels + panel) * num_chunks * kRecordBytes;
-  ring.stages = GemvStages(num_experts, num_chunks, warps);
-  ring.slots = smem + layout.ring + warp * ring.stages * kRecordBytes;
-  ring.slots_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring.slots));
-  ring.lane = lane;
-  ring.warp = warp;
-  ring.warps = warps;
-  ring.chunks = (num_chunks - warp + warps - 1) / warps;
-  ring.steps = ring.chunks * static_cast<int>((row_end - row_begin + kGemvMaxTokens - 1) /
-                                              kGemvMaxTokens);
-  for (int j = 0; j < ring.stages; ++j) ring.Issue(j);
-  int step = 0;
+  ld.lane = lane;
+  // The first chunk's weights go out before the activations are staged.
+  uint4 v[4];
+  uint32_t sw[8];
+  if (warp < num_chunks) {
+    ld.Codes(warp, 0, v);
+    ld.Scales(warp, sw);
+  }
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
     const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
@@ -449,12 +403,13 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
       }
     }
     __syncthreads();
+    const bool reload = r0 + kGemvMaxTokens < row_end;  // another row group follows
     if (nt == 1) {
-      GemvGroup<1>(ring, step, act, fac, partial, kp, num_chunks, pow2_idx);
+      GemvGroup<1>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
     } else if (nt == 2) {
-      GemvGroup<2>(ring, step, act, fac, partial, kp, num_chunks, pow2_idx);
+      GemvGroup<2>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
     } else {
-      GemvGroup<4>(ring, step, act, fac, partial, kp, num_chunks, pow2_idx);
+      GemvGroup<4>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
     }
     __syncthreads();
     // One thread per (row, token): the warps' partials in warp order, one rounding, one store.
@@ -476,7 +431,7 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
 }  // namespace
 
 int64_t GemvSmemBytes(int32_t num_experts, int64_t k) {
-  return GemvLayout(num_experts, static_cast<int>(NumChunks(k)), kGemvMaxWarps, 0).total;
+  return GemvLayout(num_experts, static_cast<int>(NumChunks(k))).total;
 }
 
 mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
@@ -487,14 +442,9 @@ mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
   // was measured slower at 2-4 rows per expert (longer chains per warp; docs/perf-notes.md).
   int warps = kGemvMaxWarps;
   while (warps > 1 && warps > params.num_chunks) warps /= 2;
-  const int smem =
-      GemvLayout(params.num_experts, params.num_chunks, warps,
-                 GemvStages(params.num_experts, params.num_chunks, warps))
-          .total;
+  const int smem = GemvLayout(params.num_experts, params.num_chunks).total;
   MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       GroupedGemvSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      GroupedGemvSm90Kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(GroupedGemvSm90Kernel, dim3(static_cast<unsigned>(grid)),
                                        dim3(32 * warps), smem, stream, params));
   return MXMOE_STATUS_OK;

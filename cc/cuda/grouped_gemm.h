@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cc/cuda/weighted_reduce.h"
 #include "mxmoe/mxmoe.h"
 
 namespace mxmoe {
@@ -35,6 +36,27 @@ mxmoe_status PrepareWeightsSm90(const mxmoe_prepare_weights_args& args, void* st
 mxmoe_status GroupedGemmSm90WorkspaceSize(const mxmoe_grouped_gemm_args& args, size_t* bytes);
 mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspace,
                              size_t workspace_bytes, void* stream);
+
+// What the MoE layer's kernel chain (moe_forward_cuda.cu) may ask of the sm90 GEMM beyond a
+// standalone call, which passes none of it.
+struct GemmChain {
+  // The kernel right before this GEMM in the stream is one of the chain's own, which waits before
+  // it lets its dependents launch (pdl.cuh): whatever earlier kernels wrote (the expert offsets,
+  // the routing) is final when this GEMM starts, so the CUDA-core path reads it, and its PREPARED
+  // weights, before its own wait.
+  bool offsets_before_wait = false;
+  // Fold the weighted reduce into the CUDA-core path's epilogue, where that path serves this GEMM
+  // and reduce->num_tokens * reduce->slots_per_token <= 16 (n == hidden_size);
+  // reduce_counters: ceil(n / 64) int32, zero on entry.
+  const ReduceParams* reduce = nullptr;
+  int32_t* reduce_counters = nullptr;
+};
+
+// GroupedGemmSm90 with the chain's requests; *reduced tells whether the weighted reduce was
+// folded in (if not, the caller runs it).
+mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* workspace,
+                                    size_t workspace_bytes, void* stream, const GemmChain& chain,
+                                    bool* reduced);
 
 // sm100 (Blackwell)
 mxmoe_status PrepareWeightsSm100Size(const mxmoe_prepare_weights_args& args, size_t* bytes);

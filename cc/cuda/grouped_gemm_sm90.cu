@@ -387,7 +387,16 @@ mxmoe_status GroupedGemmSm90WorkspaceSize(const mxmoe_grouped_gemm_args& args, s
 
 mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspace,
                              size_t workspace_bytes, void* stream_ptr) {
+  bool reduced = false;
+  return GroupedGemmSm90Chained(args, workspace, workspace_bytes, stream_ptr, GemmChain{},
+                                &reduced);
+}
+
+mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* workspace,
+                                    size_t workspace_bytes, void* stream_ptr,
+                                    const GemmChain& chain, bool* reduced) {
   (void)workspace_bytes;  // checked against the size query by cc/src
+  *reduced = false;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (args.rows == 0 || args.n == 0) return MXMOE_STATUS_OK;  // nothing to write
   const bool prepared = args.b.format == MXMOE_WEIGHT_FORMAT_PREPARED;
@@ -426,8 +435,19 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
     gp.num_panels = static_cast<int32_t>(sm90::NumPanels(args.n));
     gp.num_chunks = num_chunks;
     gp.c_is_fp16 = args.c_dtype == MXMOE_DTYPE_FP16 ? 1 : 0;
+    gp.offsets_before_wait = chain.offsets_before_wait && prepared ? 1 : 0;
+    gp.reduce = ReduceParams{};
+    gp.reduce_counters = nullptr;
+    const ReduceParams* r = chain.reduce;
+    if (r != nullptr && chain.reduce_counters != nullptr && r->hidden_size == args.n &&
+        r->num_tokens * r->slots_per_token <= sm90::kGemvReduceMaxPairs) {
+      gp.reduce = *r;
+      gp.reduce_counters = chain.reduce_counters;
+    }
     const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
-    return sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream);
+    MXMOE_RETURN_IF_ERROR(sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream));
+    *reduced = gp.reduce.output != nullptr;
+    return MXMOE_STATUS_OK;
   }
 
   const int64_t factor_stride = FactorStride(args.rows);

@@ -42,6 +42,7 @@
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
 #include "cc/cuda/pdl.cuh"
+#include "cc/cuda/weighted_reduce.cuh"
 #include "mxmoe/format.h"
 
 namespace mxmoe {
@@ -94,6 +95,9 @@ struct GemvSmem {
   int act;      // kGemvMaxTokens * Kp bytes, 16-aligned
   int factors;  // kGemvMaxTokens * 4C floats
   int partial;  // kGemvMaxWarps * 64 * kGemvMaxTokens floats
+  int pairs;    // the fused reduce: kGemvReduceMaxPairs x (row, weight, expert) int32/fp32
+  int y;        // the fused reduce: kGemvReduceMaxPairs x 64 y values (16-bit)
+  int bias;     // the fused reduce: kGemvReduceMaxPairs x 64 bias values (fp32)
   int total;
 };
 
@@ -108,6 +112,12 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) 
   at += kGemvMaxTokens * num_chunks * 4 * 4;
   s.partial = at;
   at += kGemvMaxWarps * kPanelRows * kGemvMaxTokens * 4;
+  s.pairs = at;
+  at += kGemvReduceMaxPairs * 3 * 4;
+  s.y = at;
+  at += kGemvReduceMaxPairs * kPanelRows * 2;
+  s.bias = at;
+  at += kGemvReduceMaxPairs * kPanelRows * 4;
   s.total = at;
   return s;
 }
@@ -245,6 +255,67 @@ __device__ __forceinline__ void GemvGroup(const GemvLoader& ld, uint4 (&v)[4], u
   }
 }
 
+// The fused weighted reduce of one panel's columns [64 panel, 64 panel + 64) for every token,
+// run by the panel's last CTA once every CTA of the panel has stored its y rows (or, with no rows
+// at all, by slot 0's CTA: every output is then zero). The pairs' y (and bias) go to shared memory
+// with all their loads in flight at once; then one thread per (token, 8 columns) runs
+// weighted_reduce.cuh's ReduceEight, the arithmetic of the reduce kernel.
+template <typename T>
+__device__ __forceinline__ void GemvFusedReduceAs(const GemvKernelParams& p, int panel,
+                                                  const int32_t* pair_row,
+                                                  const float* pair_weight,
+                                                  const int32_t* pair_expert, uint8_t* y_smem,
+                                                  float* bias_smem, int tid, int nthreads) {
+  const ReduceParams& r = p.reduce;
+  const int pairs = static_cast<int>(r.num_tokens) * r.slots_per_token;
+  const int col0 = panel * kPanelRows;
+  const int vecs = min(kPanelRows, p.n - col0) / 8;  // n % 32 == 0: whole 8-column vectors
+  const bool with_bias = r.bias != nullptr;
+  uint16_t* ys = reinterpret_cast<uint16_t*>(y_smem);
+  for (int i = tid; i < pairs * vecs; i += nthreads) {
+    const int pair = i / vecs, vec = i % vecs;
+    const int32_t row = pair_row[pair];
+    if (row < 0) continue;
+    const int64_t column = col0 + 8 * vec;
+    *reinterpret_cast<uint4*>(ys + pair * kPanelRows + 8 * vec) = __ldcg(
+        reinterpret_cast<const uint4*>(r.expert_outputs + row * int64_t{r.hidden_size} + column));
+    if (with_bias) {
+      const int64_t b = static_cast<int64_t>(pair_expert[pair]) * r.hidden_size + column;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        bias_smem[pair * kPanelRows + 8 * vec + j] = quant::LoadAsFloat(r.bias, r.bias_dtype, b + j);
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < static_cast<int>(r.num_tokens) * vecs; i += nthreads) {
+    const int token = i / vecs, vec = i % vecs;
+    const int first = token * r.slots_per_token;
+    const uint4 out = ReduceEight<T>(
+        r.slots_per_token, with_bias, [&](int s) { return pair_row[first + s]; },
+        [&](int s) { return pair_weight[first + s]; },
+        [&](int s, int32_t) {
+          return quant::AsLane8(
+              *reinterpret_cast<const uint4*>(ys + (first + s) * kPanelRows + 8 * vec));
+        },
+        [&](int s, int j) { return bias_smem[(first + s) * kPanelRows + 8 * vec + j]; });
+    *reinterpret_cast<uint4*>(r.output + token * int64_t{r.hidden_size} + col0 + 8 * vec) = out;
+  }
+}
+
+__device__ __forceinline__ void GemvFusedReduce(const GemvKernelParams& p, int panel,
+                                                const int32_t* pair_row, const float* pair_weight,
+                                                const int32_t* pair_expert, uint8_t* y_smem,
+                                                float* bias_smem, int tid, int nthreads) {
+  if (p.c_is_fp16) {
+    GemvFusedReduceAs<quant::Fp16>(p, panel, pair_row, pair_weight, pair_expert, y_smem,
+                                   bias_smem, tid, nthreads);
+  } else {
+    GemvFusedReduceAs<quant::Bf16>(p, panel, pair_row, pair_weight, pair_expert, y_smem,
+                                   bias_smem, tid, nthreads);
+  }
+}
+
 __global__ void __launch_bounds__(kGemvMaxThreads, 2)
     GroupedGemvSm90Kernel(GemvKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -263,11 +334,29 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   const int num_experts = p.num_experts;
   const int nthreads = static_cast<int>(blockDim.x);
 
-  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
-  PdlLaunchDependents();
+  // Programmatic dependent launch (cc/cuda/pdl.cuh). From the MoE chain (offsets_before_wait)
+  // the expert offsets, the routing's pairs and the prepared weights were final before the kernel
+  // right before this one started, so the expert search and the first weight loads overlap its
+  // tail; only the activations (and c) wait.
+  const bool early = p.offsets_before_wait != 0;
+  if (!early) {
+    PdlWait();
+    PdlLaunchDependents();
+  }
+  const bool fused = p.reduce.output != nullptr;
+  int32_t* pair_row = reinterpret_cast<int32_t*>(smem + layout.pairs);
+  float* pair_weight = reinterpret_cast<float*>(pair_row + kGemvReduceMaxPairs);
+  int32_t* pair_expert = pair_row + 2 * kGemvReduceMaxPairs;
   for (int i = tid; i <= num_experts; i += nthreads) eo[i] = __ldg(p.expert_offsets + i);
   if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);
   if (tid == 0) chosen_expert = -1;
+  if (fused && tid < p.reduce.num_tokens * p.reduce.slots_per_token) {
+    const ReduceParams& r = p.reduce;
+    const int token = tid / r.slots_per_token, s = tid % r.slots_per_token;
+    pair_row[tid] = r.slot_row[tid];
+    pair_weight[tid] = s < r.top_k ? r.topk_weights[token * r.top_k + s] : 1.0f;
+    pair_expert[tid] = r.local_expert[tid];
+  }
   __syncthreads();
 
   // The slot-th expert with rows in [0, rows): each thread counts a contiguous range of experts,
@@ -314,27 +403,41 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   }
   __syncthreads();
   const int e = chosen_expert;
-  if (e < 0) return;  // fewer active experts than slots
-  int64_t row_begin, row_end;
-  clipped(e, &row_begin, &row_end);
-  const int64_t expert_start = eo[e];
-  const int64_t scale_base = __ldg(p.blockscale_offsets + e);
+  const int warps = nthreads >> 5;
+  int active = 0;  // experts with rows: the CTAs of each panel that store and count themselves
+  for (int w = 0; w < warps; ++w) active += warp_counts[w];
 
   const int num_chunks = p.num_chunks;
   const int kp = num_chunks * kChunkK;
   const int scale_cols = p.k / 32;
-  const int warps = nthreads >> 5;
   GemvLoader ld;
-  ld.records =
-      p.prepared + (static_cast<int64_t>(e) * p.num_panels + panel) * num_chunks * kRecordBytes;
+  ld.records = p.prepared + (static_cast<int64_t>(e < 0 ? 0 : e) * p.num_panels + panel) *
+                                num_chunks * kRecordBytes;
   ld.lane = lane;
-  // The first chunk's weights go out before the activations are staged.
+  // The first chunk's weights go out before the activations are staged (and, early, before the
+  // wait).
   uint4 v[4];
   uint32_t sw[8];
-  if (warp < num_chunks) {
+  if (e >= 0 && warp < num_chunks) {
     ld.Codes(warp, 0, v);
     ld.Scales(warp, sw);
   }
+  if (early) {
+    PdlWait();
+    PdlLaunchDependents();
+  }
+  if (e < 0) {  // fewer active experts than slots
+    // No expert has rows at all: slot 0's CTAs write the (zero) reduce of every panel.
+    if (fused && active == 0 && slot == 0) {
+      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, smem + layout.y,
+                      reinterpret_cast<float*>(smem + layout.bias), tid, nthreads);
+    }
+    return;
+  }
+  int64_t row_begin, row_end;
+  clipped(e, &row_begin, &row_end);
+  const int64_t expert_start = eo[e];
+  const int64_t scale_base = __ldg(p.blockscale_offsets + e);
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
     const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
@@ -423,6 +526,20 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
       const uint16_t bits = p.c_is_fp16 ? __half_as_ushort(__float2half_rn(sum))
                                         : __bfloat16_as_ushort(__float2bfloat16_rn(sum));
       static_cast<uint16_t*>(p.c)[(r0 + tok) * p.n + col] = bits;
+    }
+  }
+  if (fused) {
+    // Every thread's y stores reach the device scope before the CTA counts itself; the panel's
+    // last CTA then reads all of them (from L2: ld.global.cg).
+    __shared__ int last_cta;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last_cta = atomicAdd(p.reduce_counters + panel, 1) == active - 1;
+    __syncthreads();
+    if (last_cta) {
+      __threadfence();
+      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, smem + layout.y,
+                      reinterpret_cast<float*>(smem + layout.bias), tid, nthreads);
     }
   }
 #endif

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "cc/cuda/weighted_reduce.h"
 #include "mxmoe/mxmoe.h"
 
 namespace mxmoe {
@@ -96,7 +97,20 @@ struct GemvKernelParams {
   int32_t num_panels;
   int32_t num_chunks;
   int32_t c_is_fp16;
+  // Set only from the MoE layer's chain (GemmChain in grouped_gemm.h), with PREPARED weights: the
+  // CTA reads the expert offsets, finds its expert and issues its first weight loads before its
+  // PdlWait (see pdl.cuh: they were written two or more kernels earlier).
+  int32_t offsets_before_wait;
+  // The fused weighted reduce (reduce.output != NULL, num_tokens * slots_per_token <=
+  // kGemvReduceMaxPairs, n == hidden_size): each CTA stores its y rows to c as usual, then counts
+  // itself in reduce_counters[panel] (zero on entry); the panel's last CTA reduces the panel's
+  // columns of every token into reduce.output with weighted_reduce.cuh's arithmetic.
+  ReduceParams reduce;
+  int32_t* reduce_counters;  // [num_panels]
 };
+
+// The most (token, slot) pairs the fused reduce stages in shared memory.
+constexpr int kGemvReduceMaxPairs = 16;
 
 // Dynamic shared memory of the kernel: the experts' offsets, kGemvMaxTokens staged activation
 // rows of K padded to 128 (int8) and their block factors, and the cross-warp partial sums.

@@ -3,13 +3,16 @@
 // is the contract of docs/format.md ("MoE forward"), the same as the CPU backend's
 // (cc/cpu/moe_forward.cc) at every step except the GEMMs' accumulation order.
 //
-// Launch sequence (7 launches, no host synchronisation, no allocation, CUDA-graph capturable):
+// Launch sequence (at most 7 launches, no host synchronisation, no allocation, CUDA-graph
+// capturable):
 //   1. RoutingKernel / CopyTopKKernel   one warp per token: SOFTMAX_TOPK, TOPK_SOFTMAX or
 //                             SIGMOID_GROUPED_TOPK (fp32, format.h / moe_numerics.h numerics, the
 //                             softmax denominator in the contract's 32-lane order), or a copy of
 //                             precomputed top-k; expert_map applied; shared-expert slots appended.
 //   2. MetadataKernel         one block: per-expert counts, expert_offsets, blockscale_offsets,
-//                             problem sizes, row permutation (slot -> row, row -> slot).
+//                             problem sizes, row permutation (slot -> row, row -> slot); zeroes
+//                             the fused reduce's panel counters.
+//      (1 + 2: RoutingMetadataKernel, one block, for router logits with T <= 16 and E <= 256.)
 //   3. gather + quantize      hidden rows straight into the expert-sorted MXFP4 layout, swizzled
 //                             scales, padding zeroed: cuda::ExpertsQuantizeRows (quantize.cu,
 //                             the experts_quantize kernel) reading each sorted row's token.
@@ -19,7 +22,13 @@
 //                             add and rounding, SiLU or SwiGLU-OAI, quantize_device.cuh).
 //   6. grouped GEMM 2         [rows, I] x w2 -> [rows, H] activation dtype.
 //   7. WeightedReduceKernel   out[t] = sum over slots of w * (y [+ w2 bias, rounded]), fp32,
-//                             separately rounded products and sums, rounded once.
+//                             separately rounded products and sums, rounded once
+//                             (weighted_reduce.cuh). With few rows on sm90 (T * slots <= 16, the
+//                             CUDA-core GEMM) it is folded into GEMM 2's epilogue instead: the
+//                             last CTA of each weight panel reduces that panel's columns, with the
+//                             same device function (GemmChain in grouped_gemm.h).
+// Both GEMMs follow a quantize kernel of this chain, which waits before it lets them launch: the
+// sm90 CUDA-core GEMM finds its expert and starts its weight loads before its own wait.
 // Device-side inputs the host cannot check: a precomputed top-k id outside [0, E_global) and an
 // expert_map entry outside [0, E_local - num_shared) make that slot contribute nothing (never out
 // of bounds).
@@ -45,6 +54,7 @@
 #include "cc/cuda/pdl.cuh"
 #include "cc/cuda/quantize.h"
 #include "cc/cuda/quantize_device.cuh"
+#include "cc/cuda/weighted_reduce.cuh"
 #include "mxmoe/format.h"
 #include "mxmoe/moe_numerics.h"
 
@@ -61,6 +71,9 @@ constexpr int kMaxExpertGroups = 32;  // one lane per group
 constexpr int kMetadataThreads = 1024;
 constexpr int kThreads = 256;
 constexpr size_t kRoutingSharedBytes = 32 * 1024;
+// Up to this many tokens, routing and metadata run as one block (RoutingMetadataKernel): warp t
+// routes token t (grouped routing: 16 x 256 x 4 bytes of shared memory at most).
+constexpr int64_t kFusedRoutingMaxTokens = 16;
 
 int64_t ScaleCols(int64_t k) { return fmt::RoundUp(k / fmt::kBlockSize, fmt::kSwizzleCols); }
 
@@ -88,6 +101,7 @@ struct MoeWorkspace {
   uint8_t* intermediate_packed = nullptr;  // [slots, I/2]
   uint8_t* intermediate_scales = nullptr;  // [scale_rows, round_up(I/32, 4)]
   uint16_t* gemm2_output = nullptr;        // [slots, H] activation dtype
+  int32_t* reduce_counters = nullptr;      // [ceil(H / 64)] zeroed by the metadata kernel
   uint8_t* gemm_workspace = nullptr;       // both GEMMs' scratch (shared)
   size_t gemm_bytes = 0;
 };
@@ -123,6 +137,8 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, size_t gemm_b
                                       scale_rows * ScaleCols(args.intermediate_size),
                                       &ws->intermediate_scales));
   MXMOE_RETURN_IF_ERROR(carver->Carve("gemm2_output", slots * h, &ws->gemm2_output));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("reduce_counters", static_cast<size_t>(fmt::CeilDiv(args.hidden_size, 64)),
+                                      &ws->reduce_counters));
   MXMOE_RETURN_IF_ERROR(carver->Carve("gemm_workspace", gemm_bytes, &ws->gemm_workspace));
   ws->gemm_bytes = gemm_bytes;
   return MXMOE_STATUS_OK;
@@ -269,22 +285,14 @@ struct LaneExperts {
   }
 };
 
-// One warp per token, the token's E <= 32 * V rank values in registers (V per lane; in local
-// memory for V = 128). Dynamic shared memory per warp: E floats, used by grouped routing only
-// (the group scores).
+// One token's routing by one whole warp, the token's E <= 32 * V rank values in registers (V per
+// lane; in local memory for V = 128). `shared_value`: E floats of shared memory for the warp,
+// used by grouped routing only (the group scores).
 template <int V>
-__global__ void RoutingKernel(RoutingParams p) {
-  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
-  PdlLaunchDependents();
+__device__ __forceinline__ void RouteToken(const RoutingParams& p, int64_t token, int lane,
+                                           float* shared_value) {
   constexpr int kUnroll = LaneExperts<V>::kUnroll;
-  const int warps_per_block = blockDim.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * warps_per_block + warp;
   const int num_experts = p.num_global_experts;
-  extern __shared__ float routing_shared[];
-  float* shared_value = routing_shared + warp * num_experts;
-  if (token >= p.num_tokens) return;  // whole warps only: no shuffle below misses a lane
   const int64_t row = token * num_experts;
   const bool sigmoid = p.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK;
 
@@ -437,6 +445,20 @@ __global__ void RoutingKernel(RoutingParams p) {
   if (lane < per_token) p.local_expert[token * per_token + lane] = SlotExpert(p, lane, my_id);
 }
 
+// One warp per token. Dynamic shared memory: E floats per warp (grouped routing only).
+template <int V>
+__global__ void RoutingKernel(RoutingParams p) {
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
+  const int warps_per_block = blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * warps_per_block + warp;
+  extern __shared__ float routing_shared[];
+  if (token >= p.num_tokens) return;  // whole warps only: no shuffle misses a lane
+  RouteToken<V>(p, token, lane, routing_shared + warp * p.num_global_experts);
+}
+
 // ---- 2. metadata --------------------------------------------------------------------------------
 
 struct MetadataParams {
@@ -447,6 +469,8 @@ struct MetadataParams {
   int32_t* blockscale_offsets;  // [E+1]
   int32_t* problem_sizes1;      // [E, 3] (m_e, 2I, H)
   int32_t* problem_sizes2;      // [E, 3] (m_e, H, I)
+  int32_t* reduce_counters;     // [num_counters] zeroed for the fused reduce (GemmChain)
+  int32_t num_counters;
   int64_t slots;
   int32_t num_experts;
   int32_t hidden_size;
@@ -474,14 +498,15 @@ __device__ int BlockInclusiveScan(int value, int* warp_totals) {
   return value + (warp > 0 ? warp_totals[warp - 1] : 0);
 }
 
-__global__ void __launch_bounds__(kMetadataThreads) MetadataKernel(MetadataParams p) {
-  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
-  PdlLaunchDependents();
+// The metadata of every slot, by one block of kMetadataThreads threads (local_expert final and
+// visible to the block).
+__device__ __forceinline__ void BuildMetadata(const MetadataParams& p) {
   __shared__ int counts[kMaxLocalExperts];
   __shared__ int cursor[kMaxLocalExperts];
   __shared__ int warp_totals[32];
   const int tid = threadIdx.x;
   for (int e = tid; e < kMaxLocalExperts; e += blockDim.x) counts[e] = 0;
+  for (int i = tid; i < p.num_counters; i += blockDim.x) p.reduce_counters[i] = 0;
   __syncthreads();
   for (int64_t i = tid; i < p.slots; i += blockDim.x) {
     const int e = p.local_expert[i];
@@ -522,21 +547,30 @@ __global__ void __launch_bounds__(kMetadataThreads) MetadataKernel(MetadataParam
   }
 }
 
-// ---- 7. weighted reduce -----------------------------------------------------------------------
+__global__ void __launch_bounds__(kMetadataThreads) MetadataKernel(MetadataParams p) {
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
+  BuildMetadata(p);
+}
 
-struct ReduceParams {
-  const uint16_t* expert_outputs;  // [rows, H]
-  const int32_t* slot_row;         // [T * P]
-  const int32_t* local_expert;     // [T * P]
-  const float* topk_weights;       // [T, top_k]
-  const void* bias;                // [E, H] or NULL
-  int32_t bias_dtype;
-  uint16_t* output;  // [T, H]
-  int64_t num_tokens;
-  int32_t top_k;
-  int32_t slots_per_token;
-  int32_t hidden_size;
-};
+// Steps 1 and 2 in one block for few tokens (kFusedRoutingMaxTokens): warp t routes token t,
+// then the whole block builds the metadata from the routing's local_expert (written by this
+// block: __syncthreads makes it visible). V <= 8 (E <= 256) keeps the routing within the 64
+// registers a 1024-thread block allows. Dynamic shared memory: as RoutingKernel's, per token.
+template <int V>
+__global__ void __launch_bounds__(kMetadataThreads)
+    RoutingMetadataKernel(RoutingParams r, MetadataParams m) {
+  PdlWait();  // programmatic dependent launch: cc/cuda/pdl.cuh
+  PdlLaunchDependents();
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  extern __shared__ float routing_shared[];
+  if (warp < r.num_tokens) RouteToken<V>(r, warp, lane, routing_shared + warp * r.num_global_experts);
+  __syncthreads();
+  BuildMetadata(m);
+}
+
+// ---- 7. weighted reduce -----------------------------------------------------------------------
 
 // One thread per 8 output elements (16 bytes); slots in order, separately rounded mul and add.
 template <typename T>
@@ -548,29 +582,18 @@ __global__ void __launch_bounds__(kThreads) WeightedReduceKernel(ReduceParams p)
   if (item >= p.num_tokens * vecs_per_row) return;
   const int64_t token = item / vecs_per_row;
   const int64_t column = (item % vecs_per_row) * quant::kElemsPerLane;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int s = 0; s < p.slots_per_token; ++s) {
-    const int64_t slot = token * p.slots_per_token + s;
-    const int32_t row = p.slot_row[slot];
-    if (row < 0) continue;
-    const float w = s < p.top_k ? p.topk_weights[token * p.top_k + s] : 1.0f;
-    const quant::Lane8 y = quant::AsLane8(*reinterpret_cast<const uint4*>(
-        p.expert_outputs + static_cast<int64_t>(row) * p.hidden_size + column));
-    const int64_t bias_row = static_cast<int64_t>(p.local_expert[slot]) * p.hidden_size;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      float v = quant::Element<T>(y, j);
-      if (p.bias != nullptr) {
-        v = RoundTo<T>(MXMOE_ADD(v, LoadAsFloat(p.bias, p.bias_dtype, bias_row + column + j)));
-      }
-      acc[j] = MXMOE_ADD(acc[j], MXMOE_MUL(w, v));
-    }
-  }
-  uint4 result;
-  result.x = T::FromFloat2(acc[0], acc[1]);
-  result.y = T::FromFloat2(acc[2], acc[3]);
-  result.z = T::FromFloat2(acc[4], acc[5]);
-  result.w = T::FromFloat2(acc[6], acc[7]);
+  const int64_t first_slot = token * p.slots_per_token;
+  const uint4 result = ReduceEight<T>(
+      p.slots_per_token, p.bias != nullptr, [&](int s) { return p.slot_row[first_slot + s]; },
+      [&](int s) { return s < p.top_k ? p.topk_weights[token * p.top_k + s] : 1.0f; },
+      [&](int, int32_t row) {
+        return quant::AsLane8(*reinterpret_cast<const uint4*>(
+            p.expert_outputs + static_cast<int64_t>(row) * p.hidden_size + column));
+      },
+      [&](int s, int j) {
+        const int64_t bias_row = static_cast<int64_t>(p.local_expert[first_slot + s]) * p.hidden_size;
+        return LoadAsFloat(p.bias, p.bias_dtype, bias_row + column + j);
+      });
   *reinterpret_cast<uint4*>(p.output + token * p.hidden_size + column) = result;
 }
 
@@ -605,16 +628,26 @@ mxmoe_status CheckLimits(const mxmoe_moe_forward_args& args) {
 // The one backend switch: which grouped GEMM serves the two expert GEMMs.
 struct GemmBackend {
   mxmoe_status (*workspace_size)(const mxmoe_grouped_gemm_args&, size_t*);
-  mxmoe_status (*run)(const mxmoe_grouped_gemm_args&, void*, size_t, void*);
+  // The chain's requests (grouped_gemm.h); *reduced: the weighted reduce was folded in.
+  mxmoe_status (*run)(const mxmoe_grouped_gemm_args&, void*, size_t, void*, const GemmChain&,
+                      bool* reduced);
 };
+
+// sm100 takes none of the chain's requests.
+mxmoe_status GroupedGemmSm100InChain(const mxmoe_grouped_gemm_args& args, void* workspace,
+                                     size_t workspace_bytes, void* stream, const GemmChain&,
+                                     bool* reduced) {
+  *reduced = false;
+  return GroupedGemmSm100(args, workspace, workspace_bytes, stream);
+}
 
 mxmoe_status GemmBackendFor(mxmoe_backend backend, GemmBackend* gemm) {
   switch (backend) {
     case MXMOE_BACKEND_SM90:
-      *gemm = {GroupedGemmSm90WorkspaceSize, GroupedGemmSm90};
+      *gemm = {GroupedGemmSm90WorkspaceSize, GroupedGemmSm90Chained};
       return MXMOE_STATUS_OK;
     case MXMOE_BACKEND_SM100:
-      *gemm = {GroupedGemmSm100WorkspaceSize, GroupedGemmSm100};
+      *gemm = {GroupedGemmSm100WorkspaceSize, GroupedGemmSm100InChain};
       return MXMOE_STATUS_OK;
     default:
       return Fail(MXMOE_STATUS_INTERNAL, "moe_forward (cuda): unexpected backend ", backend);
@@ -716,8 +749,7 @@ mxmoe_status LaunchCopyTopK(const RoutingParams& r, cudaStream_t stream) {
   return MXMOE_STATUS_OK;
 }
 
-mxmoe_status LaunchMetadata(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
-                            cudaStream_t stream) {
+MetadataParams MakeMetadataParams(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws) {
   MetadataParams m;
   m.local_expert = ws.local_expert;
   m.slot_row = ws.slot_row;
@@ -726,13 +758,36 @@ mxmoe_status LaunchMetadata(const mxmoe_moe_forward_args& args, const MoeWorkspa
   m.blockscale_offsets = ws.blockscale_offsets;
   m.problem_sizes1 = ws.problem_sizes1;
   m.problem_sizes2 = ws.problem_sizes2;
+  m.reduce_counters = ws.reduce_counters;
+  m.num_counters = static_cast<int32_t>(fmt::CeilDiv(args.hidden_size, int64_t{64}));
   m.slots = ws.slots;
   m.num_experts = args.num_local_experts;
   m.hidden_size = static_cast<int32_t>(args.hidden_size);
   m.intermediate_size = static_cast<int32_t>(args.intermediate_size);
+  return m;
+}
+
+mxmoe_status LaunchMetadata(const MetadataParams& m, cudaStream_t stream) {
   MXMOE_CUDA_RETURN_IF_ERROR(
       LaunchPdl(MetadataKernel, dim3(1), dim3(kMetadataThreads), 0, stream, m));
   return MXMOE_STATUS_OK;
+}
+
+// Routing (from router logits) and metadata in one launch: few tokens, E <= 256.
+bool RoutingMetadataFused(const RoutingParams& r) {
+  return r.num_tokens <= kFusedRoutingMaxTokens && r.num_global_experts <= 8 * 32;
+}
+
+mxmoe_status LaunchRoutingMetadata(const RoutingParams& r, const MetadataParams& m,
+                                   cudaStream_t stream) {
+  const bool grouped = r.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK && r.kept_groups < r.groups;
+  const size_t smem = grouped ? sizeof(float) * r.num_global_experts * r.num_tokens : 0;
+  const int per_lane = r.num_global_experts <= 4 * 32 ? 4 : 8;
+  return DispatchValue<4, 8>(per_lane, "fused routing rank values per lane", [&](auto v) {
+    MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(RoutingMetadataKernel<decltype(v)::value>, dim3(1),
+                                         dim3(kMetadataThreads), smem, stream, r, m));
+    return MXMOE_STATUS_OK;
+  });
 }
 
 // Stages 3 and 5: the per-expert quantize of cc/cuda/quantize.cu over the sorted rows (ws.slots
@@ -774,9 +829,7 @@ ExpertsQuantizeJob QuantizeJob(const mxmoe_moe_forward_args& args, const MoeWork
   return job;
 }
 
-template <typename T>
-mxmoe_status LaunchWeightedReduce(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
-                                  cudaStream_t stream) {
+ReduceParams MakeReduceParams(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws) {
   ReduceParams r;
   r.expert_outputs = ws.gemm2_output;
   r.slot_row = ws.slot_row;
@@ -789,9 +842,14 @@ mxmoe_status LaunchWeightedReduce(const mxmoe_moe_forward_args& args, const MoeW
   r.top_k = args.top_k;
   r.slots_per_token = SlotsPerToken(args);
   r.hidden_size = static_cast<int32_t>(args.hidden_size);
+  return r;
+}
+
+template <typename T>
+mxmoe_status LaunchWeightedReduce(const ReduceParams& r, cudaStream_t stream) {
   MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(
       WeightedReduceKernel<T>,
-      dim3(Blocks(args.num_tokens * args.hidden_size / quant::kElemsPerLane, kThreads)),
+      dim3(Blocks(r.num_tokens * r.hidden_size / quant::kElemsPerLane, kThreads)),
       dim3(kThreads), 0, stream, r));
   return MXMOE_STATUS_OK;
 }
@@ -801,13 +859,20 @@ template <typename T>
 mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
                         const GemmBackend& gemm, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  // Each GEMM follows a quantize kernel of this chain (grouped_gemm.h, GemmChain).
+  GemmChain chain;
+  chain.offsets_before_wait = true;
+  bool reduced = false;
   MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 3), stream_ptr));
-  MXMOE_RETURN_IF_ERROR(
-      gemm.run(GemmArgs(args, ws, 1), ws.gemm_workspace, ws.gemm_bytes, stream_ptr));
+  MXMOE_RETURN_IF_ERROR(gemm.run(GemmArgs(args, ws, 1), ws.gemm_workspace, ws.gemm_bytes,
+                                 stream_ptr, chain, &reduced));
   MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 5), stream_ptr));
-  MXMOE_RETURN_IF_ERROR(
-      gemm.run(GemmArgs(args, ws, 2), ws.gemm_workspace, ws.gemm_bytes, stream_ptr));
-  return LaunchWeightedReduce<T>(args, ws, stream);
+  const ReduceParams reduce = MakeReduceParams(args, ws);
+  chain.reduce = &reduce;
+  chain.reduce_counters = ws.reduce_counters;
+  MXMOE_RETURN_IF_ERROR(gemm.run(GemmArgs(args, ws, 2), ws.gemm_workspace, ws.gemm_bytes,
+                                 stream_ptr, chain, &reduced));
+  return reduced ? MXMOE_STATUS_OK : LaunchWeightedReduce<T>(reduce, stream);
 }
 
 }  // namespace
@@ -842,9 +907,14 @@ mxmoe_status MoeForward(const mxmoe_moe_forward_args& args, mxmoe_backend backen
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
 
   const RoutingParams routing = MakeRoutingParams(args, ws);
-  MXMOE_RETURN_IF_ERROR(args.router_logits != nullptr ? LaunchRouting(routing, stream)
-                                                      : LaunchCopyTopK(routing, stream));
-  MXMOE_RETURN_IF_ERROR(LaunchMetadata(args, ws, stream));
+  const MetadataParams metadata = MakeMetadataParams(args, ws);
+  if (args.router_logits != nullptr && RoutingMetadataFused(routing)) {
+    MXMOE_RETURN_IF_ERROR(LaunchRoutingMetadata(routing, metadata, stream));
+  } else {
+    MXMOE_RETURN_IF_ERROR(args.router_logits != nullptr ? LaunchRouting(routing, stream)
+                                                        : LaunchCopyTopK(routing, stream));
+    MXMOE_RETURN_IF_ERROR(LaunchMetadata(metadata, stream));
+  }
   return args.activation_dtype == MXMOE_DTYPE_BF16
              ? RunExperts<quant::Bf16>(args, ws, gemm, stream_ptr)
              : RunExperts<quant::Fp16>(args, ws, gemm, stream_ptr);

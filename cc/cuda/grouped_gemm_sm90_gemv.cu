@@ -31,7 +31,11 @@
 // the E4M3 subnormal grid) except those 19 or more binades below, which both paths flush to zero
 // (the prepared record keeps only a clamped table index for them). Within docs/format.md's bound.
 // Writes: exactly the expert rows [expert_offsets[e], expert_offsets[e+1]) clipped to
-// [0, rows), columns < n; nothing else.
+// [0, rows), columns < n; nothing else, except with the MoE chain's fused weighted reduce
+// (GemvKernelParams::reduce): then also the panel counters and, by each panel's last CTA, the
+// panel's columns of every token's output row.
+// In the MoE chain (offsets_before_wait) the expert search and the first chunk's weight loads
+// come before the PDL wait (pdl.cuh); standalone, the kernel waits first.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -283,7 +287,8 @@ __device__ __forceinline__ void GemvFusedReduceAs(const GemvKernelParams& p, int
       const int64_t b = static_cast<int64_t>(pair_expert[pair]) * r.hidden_size + column;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        bias_smem[pair * kPanelRows + 8 * vec + j] = quant::LoadAsFloat(r.bias, r.bias_dtype, b + j);
+        bias_smem[pair * kPanelRows + 8 * vec + j] =
+            quant::LoadAsFloat(r.bias, r.bias_dtype, b + j);
       }
     }
   }
@@ -522,7 +527,9 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
       const int col = panel * kPanelRows + r;
       if (col >= p.n) continue;
       float sum = 0.0f;
-      for (int w = 0; w < used_warps; ++w) sum += partial[(w * kPanelRows + r) * kGemvMaxTokens + tok];
+      for (int w = 0; w < used_warps; ++w) {
+        sum += partial[(w * kPanelRows + r) * kGemvMaxTokens + tok];
+      }
       const uint16_t bits = p.c_is_fp16 ? __half_as_ushort(__float2half_rn(sum))
                                         : __bfloat16_as_ushort(__float2bfloat16_rn(sum));
       static_cast<uint16_t*>(p.c)[(r0 + tok) * p.n + col] = bits;

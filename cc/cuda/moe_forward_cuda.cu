@@ -36,10 +36,11 @@
 // block), top_k + num_shared_experts <= 32 (one warp per token), E_global <= 4096, at most 32
 // expert groups, T * (top_k + num_shared_experts) < 2^30.
 //
-// Status: tested on an NVIDIA H200 (sm90) on 2026-12-02: every activation, bias dtype, routing
-// mode and shared experts against the CPU backend, CUDA-graph replay, compute-sanitizer memcheck
-// and synccheck clean (tests/gpu/test_moe_gpu.py, tests/gpu/test_moe_options_gpu.py). The sm100
-// build is compiled for sm_100a and has never run (no Blackwell GPU here).
+// Status: tested on an NVIDIA H200 (sm90) on 2026-12-03 at 49bc7c6 (the whole GPU suite): every
+// activation, bias dtype, routing mode and shared experts against the CPU backend, CUDA-graph
+// replay, compute-sanitizer memcheck, racecheck and synccheck clean (tests/gpu/test_moe_gpu.py,
+// tests/gpu/test_moe_options_gpu.py). The sm100 build is compiled for sm_100a and has never run
+// (no Blackwell GPU here).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -137,8 +138,8 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, size_t gemm_b
                                       scale_rows * ScaleCols(args.intermediate_size),
                                       &ws->intermediate_scales));
   MXMOE_RETURN_IF_ERROR(carver->Carve("gemm2_output", slots * h, &ws->gemm2_output));
-  MXMOE_RETURN_IF_ERROR(carver->Carve("reduce_counters", static_cast<size_t>(fmt::CeilDiv(args.hidden_size, 64)),
-                                      &ws->reduce_counters));
+  const size_t panels = static_cast<size_t>(fmt::CeilDiv(args.hidden_size, 64));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("reduce_counters", panels, &ws->reduce_counters));
   MXMOE_RETURN_IF_ERROR(carver->Carve("gemm_workspace", gemm_bytes, &ws->gemm_workspace));
   ws->gemm_bytes = gemm_bytes;
   return MXMOE_STATUS_OK;
@@ -565,7 +566,9 @@ __global__ void __launch_bounds__(kMetadataThreads)
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   extern __shared__ float routing_shared[];
-  if (warp < r.num_tokens) RouteToken<V>(r, warp, lane, routing_shared + warp * r.num_global_experts);
+  if (warp < r.num_tokens) {
+    RouteToken<V>(r, warp, lane, routing_shared + warp * r.num_global_experts);
+  }
   __syncthreads();
   BuildMetadata(m);
 }
@@ -591,7 +594,8 @@ __global__ void __launch_bounds__(kThreads) WeightedReduceKernel(ReduceParams p)
             p.expert_outputs + static_cast<int64_t>(row) * p.hidden_size + column));
       },
       [&](int s, int j) {
-        const int64_t bias_row = static_cast<int64_t>(p.local_expert[first_slot + s]) * p.hidden_size;
+        const int64_t bias_row =
+            static_cast<int64_t>(p.local_expert[first_slot + s]) * p.hidden_size;
         return LoadAsFloat(p.bias, p.bias_dtype, bias_row + column + j);
       });
   *reinterpret_cast<uint4*>(p.output + token * p.hidden_size + column) = result;

@@ -18,7 +18,9 @@
 //   the wait, it keeps one more guarantee: when a kernel starts, everything before its
 //   immediate predecessor has completed, so a kernel may read before its wait what only
 //   earlier kernels wrote (the sm90 WGMMA GEMM reads the expert offsets and the weights there;
-//   only its activations come from the kernel right before it).
+//   only its activations come from the kernel right before it; the CUDA-core GEMM does the same
+//   only when the MoE chain says the kernel before it is one of the chain's, GemmChain in
+//   grouped_gemm.h).
 // A kernel launched without the attribute (MXMOE_PDL=0, or after something that is not a
 // kernel) is serialized as usual; both instructions are then no-ops.
 #ifndef MXMOE_CUDA_PDL_CUH_

@@ -9,7 +9,9 @@ with the reason. Checks:
 - every activation x bias dtype x routing x shared experts combination vs the CPU (rel L2 <=
   5e-3: only the GEMMs' accumulation order differs), poisoned outputs;
 - the stage building blocks (ops.moe_activation_quantize) on CUDA tensors bit for bit vs CPU;
-- CUDA-graph capture and replay of a GPT-OSS-style and a DeepSeek-style MoELayer.
+- CUDA-graph capture and replay of a GPT-OSS-style and a DeepSeek-style MoELayer;
+- the weighted reduce folded into GEMM 2 (sm90, T x slots <= 16) bit for bit against the reduce
+  kernel: the same tokens in a batch too large to fold, the CUDA-core GEMM forced at every T.
 """
 
 import itertools
@@ -69,6 +71,29 @@ def test_options_match_cpu(activation, bias_dtype, routing, shared, tokens):
     assert torch.equal(ids.cpu(), ids_cpu) and torch.equal(weights.cpu(), weights_cpu), context
     err = rel_l2(out, ref)
     assert err <= 5e-3, f"{context}: rel L2 vs CPU {err:.3e}"
+
+
+@pytest.mark.parametrize("bias_dtype", [None, BF16, torch.float32])
+def test_folded_reduce_matches_reduce_kernel(bias_dtype, monkeypatch):
+    """On sm90 the MoE folds the weighted reduce into GEMM 2's CUDA-core epilogue when T x slots
+    <= 16, and runs the reduce kernel otherwise. With the CUDA-core GEMM forced at every T
+    (MXMOE_SM90_GEMV=1: its per-row sums do not depend on the other rows), every stage is
+    per-token, so the first tokens of an 8-token batch (40 pairs: the reduce kernel) must equal
+    a 1- and a 2-token batch (5 and 10 pairs: folded) bit for bit."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the folded reduce is the sm90 CUDA-core path's")
+    monkeypatch.setenv("MXMOE_SM90_GEMV", "1")
+    layer = build_layer("swiglu_oai", bias_dtype, "softmax_topk", 1, seed=5).to("cuda")
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(8, layer.hidden_size, generator=g) * 2).to(BF16).cuda()
+    logits = torch.randn(8, layer.num_experts - 1, generator=g).cuda()
+    batch = layer(x, logits)
+    for t in (1, 2):
+        folded = layer(x[:t].contiguous(), logits[:t].contiguous())
+        torch.cuda.synchronize()
+        assert torch.equal(folded, batch[:t]), (
+            f"{bias_dtype=} T={t}: folded reduce differs from the reduce kernel in "
+            f"{int((folded != batch[:t]).sum())} of {folded.numel()} outputs")
 
 
 def test_activation_quantize_op_bit_exact_on_gpu():

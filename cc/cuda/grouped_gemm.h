@@ -47,7 +47,7 @@ struct GemmChain {
   bool offsets_before_wait = false;
   // Fold the weighted reduce into the CUDA-core path's epilogue, where that path serves this GEMM
   // and reduce->num_tokens * reduce->slots_per_token <= 16 (n == hidden_size);
-  // reduce_counters: ceil(n / 64) int32, zero on entry.
+  // reduce_counters: sm90::NumPanels(n) int32, zero on entry.
   const ReduceParams* reduce = nullptr;
   int32_t* reduce_counters = nullptr;
 };

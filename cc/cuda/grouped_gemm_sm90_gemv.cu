@@ -352,6 +352,8 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   int32_t* pair_row = reinterpret_cast<int32_t*>(smem + layout.pairs);
   float* pair_weight = reinterpret_cast<float*>(pair_row + kGemvReduceMaxPairs);
   int32_t* pair_expert = pair_row + 2 * kGemvReduceMaxPairs;
+  uint8_t* reduce_y = smem + layout.y;
+  float* reduce_bias = reinterpret_cast<float*>(smem + layout.bias);
   for (int i = tid; i <= num_experts; i += nthreads) eo[i] = __ldg(p.expert_offsets + i);
   if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);
   if (tid == 0) chosen_expert = -1;
@@ -434,8 +436,8 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   if (e < 0) {  // fewer active experts than slots
     // No expert has rows at all: slot 0's CTAs write the (zero) reduce of every panel.
     if (fused && active == 0 && slot == 0) {
-      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, smem + layout.y,
-                      reinterpret_cast<float*>(smem + layout.bias), tid, nthreads);
+      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, reduce_y, reduce_bias, tid,
+                      nthreads);
     }
     return;
   }
@@ -545,8 +547,8 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
     __syncthreads();
     if (last_cta) {
       __threadfence();
-      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, smem + layout.y,
-                      reinterpret_cast<float*>(smem + layout.bias), tid, nthreads);
+      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, reduce_y, reduce_bias, tid,
+                      nthreads);
     }
   }
 #endif

@@ -52,6 +52,7 @@
 #include "cc/cuda/device.h"
 #include "cc/cuda/dispatch.h"
 #include "cc/cuda/grouped_gemm.h"
+#include "cc/cuda/grouped_gemm_sm90_layout.h"
 #include "cc/cuda/pdl.cuh"
 #include "cc/cuda/quantize.h"
 #include "cc/cuda/quantize_device.cuh"
@@ -102,7 +103,8 @@ struct MoeWorkspace {
   uint8_t* intermediate_packed = nullptr;  // [slots, I/2]
   uint8_t* intermediate_scales = nullptr;  // [scale_rows, round_up(I/32, 4)]
   uint16_t* gemm2_output = nullptr;        // [slots, H] activation dtype
-  int32_t* reduce_counters = nullptr;      // [ceil(H / 64)] zeroed by the metadata kernel
+  int32_t* reduce_counters = nullptr;      // [num_reduce_counters] zeroed by the metadata kernel
+  int32_t num_reduce_counters = 0;         // sm90::NumPanels(H): one per GEMM 2 weight panel
   uint8_t* gemm_workspace = nullptr;       // both GEMMs' scratch (shared)
   size_t gemm_bytes = 0;
 };
@@ -138,8 +140,10 @@ mxmoe_status CarveMoeWorkspace(const mxmoe_moe_forward_args& args, size_t gemm_b
                                       scale_rows * ScaleCols(args.intermediate_size),
                                       &ws->intermediate_scales));
   MXMOE_RETURN_IF_ERROR(carver->Carve("gemm2_output", slots * h, &ws->gemm2_output));
-  const size_t panels = static_cast<size_t>(fmt::CeilDiv(args.hidden_size, 64));
-  MXMOE_RETURN_IF_ERROR(carver->Carve("reduce_counters", panels, &ws->reduce_counters));
+  ws->num_reduce_counters = static_cast<int32_t>(sm90::NumPanels(args.hidden_size));
+  MXMOE_RETURN_IF_ERROR(carver->Carve("reduce_counters",
+                                      static_cast<size_t>(ws->num_reduce_counters),
+                                      &ws->reduce_counters));
   MXMOE_RETURN_IF_ERROR(carver->Carve("gemm_workspace", gemm_bytes, &ws->gemm_workspace));
   ws->gemm_bytes = gemm_bytes;
   return MXMOE_STATUS_OK;
@@ -730,15 +734,23 @@ RoutingParams MakeRoutingParams(const mxmoe_moe_forward_args& args, const MoeWor
   return r;
 }
 
+// Whether the routing scores expert groups (RoutingKernel's shared memory: E floats per warp).
+bool GroupedRouting(const RoutingParams& r) {
+  return r.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK && r.kept_groups < r.groups;
+}
+
+// Rank values per lane: ceil(E / 32), in one of four budgets (E <= 4096).
+int RankValuesPerLane(int num_experts) {
+  const int e = num_experts;
+  return e <= 4 * 32 ? 4 : e <= 8 * 32 ? 8 : e <= 16 * 32 ? 16 : 128;
+}
+
 mxmoe_status LaunchRouting(const RoutingParams& r, cudaStream_t stream) {
-  const bool grouped = r.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK && r.kept_groups < r.groups;
+  const bool grouped = GroupedRouting(r);
   const size_t per_warp = grouped ? sizeof(float) * r.num_global_experts : 0;
   const int warps = static_cast<int>(
       grouped ? std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes / per_warp)) : 4);
-  // Rank values per lane: ceil(E / 32), in one of four budgets (E <= 4096).
-  const int e = r.num_global_experts;
-  const int per_lane = e <= 4 * 32 ? 4 : e <= 8 * 32 ? 8 : e <= 16 * 32 ? 16 : 128;
-  return DispatchValue<4, 8, 16, 128>(per_lane, "routing rank values per lane", [&](auto v) {
+  return DispatchValue<4, 8, 16, 128>(RankValuesPerLane(r.num_global_experts), "routing rank values per lane", [&](auto v) {
     MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(RoutingKernel<decltype(v)::value>,
                                          dim3(Blocks(r.num_tokens, warps)), dim3(warps * 32),
                                          warps * per_warp, stream, r));
@@ -763,7 +775,7 @@ MetadataParams MakeMetadataParams(const mxmoe_moe_forward_args& args, const MoeW
   m.problem_sizes1 = ws.problem_sizes1;
   m.problem_sizes2 = ws.problem_sizes2;
   m.reduce_counters = ws.reduce_counters;
-  m.num_counters = static_cast<int32_t>(fmt::CeilDiv(args.hidden_size, int64_t{64}));
+  m.num_counters = ws.num_reduce_counters;
   m.slots = ws.slots;
   m.num_experts = args.num_local_experts;
   m.hidden_size = static_cast<int32_t>(args.hidden_size);
@@ -777,17 +789,17 @@ mxmoe_status LaunchMetadata(const MetadataParams& m, cudaStream_t stream) {
   return MXMOE_STATUS_OK;
 }
 
-// Routing (from router logits) and metadata in one launch: few tokens, E <= 256.
+// Routing (from router logits) and metadata in one launch: few tokens, at most 8 rank values per
+// lane (E <= 256).
 bool RoutingMetadataFused(const RoutingParams& r) {
-  return r.num_tokens <= kFusedRoutingMaxTokens && r.num_global_experts <= 8 * 32;
+  return r.num_tokens <= kFusedRoutingMaxTokens && RankValuesPerLane(r.num_global_experts) <= 8;
 }
 
 mxmoe_status LaunchRoutingMetadata(const RoutingParams& r, const MetadataParams& m,
                                    cudaStream_t stream) {
-  const bool grouped = r.routing == MXMOE_ROUTING_SIGMOID_GROUPED_TOPK && r.kept_groups < r.groups;
-  const size_t smem = grouped ? sizeof(float) * r.num_global_experts * r.num_tokens : 0;
-  const int per_lane = r.num_global_experts <= 4 * 32 ? 4 : 8;
-  return DispatchValue<4, 8>(per_lane, "fused routing rank values per lane", [&](auto v) {
+  const size_t smem = GroupedRouting(r) ? sizeof(float) * r.num_global_experts * r.num_tokens : 0;
+  return DispatchValue<4, 8>(RankValuesPerLane(r.num_global_experts),
+                             "fused routing rank values per lane", [&](auto v) {
     MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(RoutingMetadataKernel<decltype(v)::value>, dim3(1),
                                          dim3(kMetadataThreads), smem, stream, r, m));
     return MXMOE_STATUS_OK;

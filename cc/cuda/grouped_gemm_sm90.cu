@@ -392,6 +392,39 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
                                 &reduced);
 }
 
+namespace {
+
+// The tile configuration for args (on args.device's multiprocessor count, *num_sms).
+sm90::GemmConfig ChainConfig(const mxmoe_grouped_gemm_args& args, int* num_sms,
+                             mxmoe_status* status) {
+  *status = MultiprocessorCount(args.device.id, num_sms);
+  const sm90::GemmProblem problem{args.rows, args.n, args.k, args.num_experts, *num_sms};
+  return sm90::ChooseGemmConfigWithOverride(problem);
+}
+
+// GemmSource::Kind as the CUDA-core kernel's GemvSource.
+sm90::GemvSource GemvSourceOf(GemmSource::Kind kind) {
+  switch (kind) {
+    case GemmSource::Kind::kGather:
+      return sm90::GemvSource::kGather;
+    case GemmSource::Kind::kSiluMul:
+      return sm90::GemvSource::kSiluMul;
+    case GemmSource::Kind::kGeneral:
+      return sm90::GemvSource::kGeneral;
+  }
+  return sm90::GemvSource::kMxfp4;
+}
+
+}  // namespace
+
+bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args) {
+  if (args.rows == 0 || args.n == 0) return false;
+  mxmoe_status status = MXMOE_STATUS_OK;
+  int num_sms = 0;
+  const sm90::GemmConfig config = ChainConfig(args, &num_sms, &status);
+  return status == MXMOE_STATUS_OK && config.gemv_source;
+}
+
 mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* workspace,
                                     size_t workspace_bytes, void* stream_ptr,
                                     const GemmChain& chain, bool* reduced) {
@@ -414,11 +447,17 @@ mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* w
     weights = out;
   }
 
+  mxmoe_status config_status = MXMOE_STATUS_OK;
   int num_sms = 0;
-  MXMOE_RETURN_IF_ERROR(MultiprocessorCount(args.device.id, &num_sms));
-  sm90::GemmProblem problem{args.rows, args.n, args.k, args.num_experts, num_sms};
-  const sm90::GemmConfig config = sm90::ChooseGemmConfigWithOverride(problem);
+  const sm90::GemmConfig config = ChainConfig(args, &num_sms, &config_status);
+  MXMOE_RETURN_IF_ERROR(config_status);
   const int num_chunks = static_cast<int>(sm90::NumChunks(args.k));
+  const GemmSource* source = chain.source;
+  if (source != nullptr && !config.gemv_source) {
+    return Fail(MXMOE_STATUS_INTERNAL,
+                "grouped_gemm (sm90): the chain passed a source the CUDA-core path does not take"
+                " (rows=", args.rows, ")");
+  }
 
   if (config.gemv) {
     sm90::GemvKernelParams gp;
@@ -443,6 +482,19 @@ mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* w
         r->num_tokens * r->slots_per_token <= sm90::kGemvReduceMaxPairs) {
       gp.reduce = *r;
       gp.reduce_counters = chain.reduce_counters;
+    }
+    gp.source = sm90::GemvSource::kMxfp4;
+    if (source != nullptr) {
+      gp.source = GemvSourceOf(source->kind);
+      gp.src = source->input;
+      gp.row_source = source->row_source;
+      gp.slots_per_token = source->slots_per_token;
+      gp.source_rows = static_cast<int32_t>(source->source_rows);
+      gp.bias = source->bias;
+      gp.bias_dtype = source->bias_dtype;
+      gp.activation = source->activation;
+      gp.swiglu_alpha = source->swiglu_alpha;
+      gp.swiglu_limit = source->swiglu_limit;
     }
     const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
     MXMOE_RETURN_IF_ERROR(sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream));

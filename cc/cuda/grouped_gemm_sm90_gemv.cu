@@ -36,6 +36,14 @@
 // panel's columns of every token's output row.
 // In the MoE chain (offsets_before_wait) the expert search and the first chunk's weight loads
 // come before the PDL wait (pdl.cuh); standalone, the kernel waits first.
+// Activation source (GemvSource, a template parameter): standalone, the MXFP4 codes and swizzled
+// scales (kMxfp4). In the MoE chain, the 16-bit rows the chain's quantize kernel would read:
+// the gathered tokens (kGather, GEMM 1) or GEMM 1's [gate | up] output with SiLU (kSiluMul) or
+// the layer's bias and activation (kGeneral, GEMM 2). Each CTA quantizes its expert's rows
+// while staging them, with quantize_device.cuh's functions (the quantize kernel's QuantizeTile
+// calls the same ones), so the staged codes and factors, and hence the output, are bit for bit
+// those of quantize-then-GEMM; the CTAs of one expert (one per weight panel) repeat that small
+// work instead of a launch and a round trip through global memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,6 +54,7 @@
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
 #include "cc/cuda/pdl.cuh"
+#include "cc/cuda/quantize_device.cuh"
 #include "cc/cuda/weighted_reduce.cuh"
 #include "mxmoe/format.h"
 
@@ -128,6 +137,156 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) 
 
 // Panel row of a lane's row slot i = 2w + rh (16-row group w, upper half rh) for lane group g.
 __device__ __forceinline__ int LaneRow(int i, int g) { return 16 * (i >> 1) + g + 8 * (i & 1); }
+
+// Stages one word of 8 MXFP4 codes (element j in bits 4j..4j+3) of staged token `tok`, elements
+// k0..k0+7, as int8 twice-values in the lane order of GemvHalfChunk: k = 32s + 16 half + 4t + j
+// lives at byte 64q + 16t + 8h + 4 half + j of its chunk, s = 2q + h.
+__device__ __forceinline__ void StageCodes(uint8_t* act, int tok, int kp, int k0,
+                                           uint32_t codes) {
+  uint32_t out[2];
+#pragma unroll
+  for (int hw = 0; hw < 2; ++hw) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int tv = format::E2M1TwiceValue(static_cast<uint8_t>((codes >> (16 * hw + 4 * j)) &
+                                                                 0xFu));
+      word |= (static_cast<uint32_t>(tv) & 0xFFu) << (8 * j);
+    }
+    out[hw] = word;
+  }
+  const int c = k0 / kChunkK, kk = k0 % kChunkK;
+  const int s = kk / 32, kin = kk % 32, half = kin / 16, t = (kin % 16) / 4;
+  const int q = s >> 1, h = s & 1;
+  uint8_t* dst = act + tok * kp + c * kChunkK + q * 64 + h * 8 + half * 4;
+  *reinterpret_cast<uint32_t*>(dst + t * 16) = out[0];
+  *reinterpret_cast<uint32_t*>(dst + (t + 1) * 16) = out[1];
+}
+
+// A block's activation factor 2^(sa - 129) as fp32: NaN for scale 0xFF, 0 for kPaddingScale (a
+// padding block past K, whose codes are zero).
+constexpr uint32_t kPaddingScale = 0x100;
+__device__ __forceinline__ float BlockFactor(uint32_t sa) {
+  return sa == kPaddingScale ? 0.0f
+         : sa == 0xFF        ? format::BitsFloat(0x7FC00000u)
+                             : Pow2(static_cast<int>(sa) - 129);
+}
+
+// Stages rows r0 .. r0 + nt - 1 from MXFP4 codes and swizzled scales (GemvSource::kMxfp4), in
+// passes whose loads are all in flight before any is used: items [0, code_items) are one
+// (token, 8 codes) each, a 32-bit load; then one (token, block) scale each. Tokens nt..staged-1
+// and blocks past K are staged as zeros.
+__device__ __forceinline__ void StageMxfp4(const GemvKernelParams& p, int64_t r0, int nt,
+                                           int staged, int64_t scale_base, int64_t expert_start,
+                                           int kp, uint8_t* act, float* fac, int tid,
+                                           int nthreads) {
+  const int num_chunks = p.num_chunks;
+  const int scale_cols = p.k / 32;
+  const int words_per_row = kp / 8;
+  const int code_items = staged * words_per_row;
+  const int items = code_items + staged * num_chunks * 4;
+  constexpr int kUnroll = 4;
+  for (int i0 = tid; i0 < items; i0 += kUnroll * nthreads) {
+    uint32_t val[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * nthreads;
+      val[u] = 0;
+      if (i < code_items) {
+        const int tok = i / words_per_row, k0 = (i - tok * words_per_row) * 8;
+        if (tok < nt && k0 < p.k) {
+          val[u] =
+              __ldg(reinterpret_cast<const uint32_t*>(p.a + (r0 + tok) * (p.k / 2) + k0 / 2));
+        }
+      } else if (i < items) {
+        const int j = i - code_items;
+        const int tok = j / (num_chunks * 4), kb = j - tok * (num_chunks * 4);
+        val[u] = kPaddingScale;
+        if (tok < nt && kb < scale_cols) {
+          const int64_t scale_row = scale_base + (r0 + tok - expert_start);
+          val[u] = p.a_scales[format::SwizzledOffset(scale_row, kb, scale_cols)];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = i0 + u * nthreads;
+      if (i < code_items) {
+        const int tok = i / words_per_row, k0 = (i - tok * words_per_row) * 8;
+        StageCodes(act, tok, kp, k0, val[u]);
+      } else if (i < items) {
+        fac[i - code_items] = BlockFactor(val[u]);
+      }
+    }
+  }
+}
+
+// Stages rows r0 .. r0 + nt - 1 of expert e from 16-bit rows (GemvSource kGather, kSiluMul,
+// kGeneral), quantized here exactly as the MoE's quantize kernel does (quantize.cu's QuantizeTile:
+// the same gather, activation and QuantizeLane), so the staged codes and factors are those that
+// kernel's output would give. One lane per 8 elements, four lanes per 32-element block (all 32
+// lanes of a warp call QuantizeLane together: the loop bound is warp-uniform); the loads of
+// kUnroll lanes per thread are in flight before any is used.
+template <typename T, GemvSource kSource>
+__device__ __forceinline__ void StageQuantized(const GemvKernelParams& p, int e, int64_t r0,
+                                               int nt, int staged, int kp, uint8_t* act,
+                                               float* fac, int tid, int nthreads) {
+  constexpr bool kPairs = kSource != GemvSource::kGather;  // [gate | up] rows of width 2k
+  const uint16_t* src = static_cast<const uint16_t*>(p.src);
+  const int64_t row_elems = kPairs ? 2 * int64_t{p.k} : p.k;
+  const int lanes_per_row = kp / 8;
+  const int lanes = staged * lanes_per_row;
+  const int lane = tid & 31;
+  // kGeneral (bias loads, SwiGLU) at 4 lanes per thread spills 84 bytes (ptxas, sm_90a); at 2
+  // it spills no more than the other kinds.
+  constexpr int kUnroll = kSource == GemvSource::kGeneral ? 2 : 4;
+  for (int b0 = tid - lane; b0 < lanes; b0 += kUnroll * nthreads) {
+    uint4 g[kUnroll], up[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = b0 + u * nthreads + lane;
+      const int tok = i / lanes_per_row, k0 = (i - tok * lanes_per_row) * 8;
+      valid[u] = i < lanes && tok < nt && k0 < p.k;
+      g[u] = make_uint4(0, 0, 0, 0);
+      up[u] = make_uint4(0, 0, 0, 0);
+      if (valid[u]) {
+        int64_t row = r0 + tok;
+        if constexpr (kSource == GemvSource::kGather) {
+          const int32_t slot = p.row_source[row];
+          const int32_t token = slot < 0 ? 0 : slot / p.slots_per_token;
+          row = token < p.source_rows ? token : 0;
+        }
+        const uint16_t* at = src + row * row_elems + k0;
+        g[u] = __ldcg(reinterpret_cast<const uint4*>(at));
+        if constexpr (kPairs) up[u] = __ldcg(reinterpret_cast<const uint4*>(at + p.k));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (b0 + u * nthreads >= lanes) break;  // warp-uniform
+      const int i = b0 + u * nthreads + lane;
+      const int tok = i / lanes_per_row, k0 = (i - tok * lanes_per_row) * 8;
+      quant::Lane8 x = quant::AsLane8(g[u]);
+      if constexpr (kSource == GemvSource::kSiluMul) {
+        if (valid[u]) x = quant::SiluMulChecked<T>(quant::AsLane8(g[u]), quant::AsLane8(up[u]));
+      } else if constexpr (kSource == GemvSource::kGeneral) {
+        if (valid[u]) {
+          const quant::ActivationSpec spec{p.bias, p.bias_dtype, p.activation, p.swiglu_alpha,
+                                           p.swiglu_limit};
+          x = quant::BiasActivation<T>(spec, quant::AsLane8(g[u]), quant::AsLane8(up[u]), e,
+                                       p.k, k0);
+        }
+      }
+      const quant::QuantizedLane q = quant::QuantizeLane<T>(x);
+      if (i < lanes) {
+        StageCodes(act, tok, kp, k0, valid[u] ? q.codes : 0u);
+        // The block's 4 lanes are valid alike (k % 32 == 0); its first lane stores the factor.
+        if (lane % 4 == 0) fac[i / 4] = BlockFactor(valid[u] ? q.scale : kPaddingScale);
+      }
+    }
+  }
+}
 
 // Half q (blocks 2q and 2q + 1) of one chunk for kTok staged tokens: v[w] is the lane's 16-byte
 // piece of 16-row group w; acc[i][tok] for the lane's rows i = 2w + rh (row 16w + g + 8rh).
@@ -321,6 +480,7 @@ __device__ __forceinline__ void GemvFusedReduce(const GemvKernelParams& p, int p
   }
 }
 
+template <GemvSource kSource>
 __global__ void __launch_bounds__(kGemvMaxThreads, 2)
     GroupedGemvSm90Kernel(GemvKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -416,7 +576,6 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
 
   const int num_chunks = p.num_chunks;
   const int kp = num_chunks * kChunkK;
-  const int scale_cols = p.k / 32;
   GemvLoader ld;
   ld.records = p.prepared + (static_cast<int64_t>(e < 0 ? 0 : e) * p.num_panels + panel) *
                                 num_chunks * kRecordBytes;
@@ -444,73 +603,20 @@ __global__ void __launch_bounds__(kGemvMaxThreads, 2)
   int64_t row_begin, row_end;
   clipped(e, &row_begin, &row_end);
   const int64_t expert_start = eo[e];
-  const int64_t scale_base = __ldg(p.blockscale_offsets + e);
+  const int64_t scale_base =
+      kSource == GemvSource::kMxfp4 ? __ldg(p.blockscale_offsets + e) : 0;
 
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
     const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
                                                                   : kGemvMaxTokens);
     const int staged = nt == 3 ? 4 : nt;  // three rows run the four-row pass, the fourth zero
     if (r0 != row_begin) __syncthreads();  // the previous group's reads of act/fac/partial
-    // Stage, in passes whose loads are all in flight before any is used. Items
-    // [0, code_items): one (token, 8 codes) each, a 32-bit load and two int8x4 words into the
-    // lane order (k = 32s + 16 half + 4t + j lives at byte 64q + 16t + 8h + 4 half + j,
-    // s = 2q + h); then one (token, block) scale each, as its fp32 factor.
-    const int words_per_row = kp / 8;
-    const int code_items = staged * words_per_row;
-    const int items = code_items + staged * num_chunks * 4;
-    constexpr int kUnroll = 4;
-    for (int i0 = tid; i0 < items; i0 += kUnroll * nthreads) {
-      uint32_t val[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = i0 + u * nthreads;
-        val[u] = 0;
-        if (i < code_items) {
-          const int tok = i / words_per_row, k0 = (i - tok * words_per_row) * 8;
-          if (tok < nt && k0 < p.k) {
-            val[u] = __ldg(
-                reinterpret_cast<const uint32_t*>(p.a + (r0 + tok) * (p.k / 2) + k0 / 2));
-          }
-        } else if (i < items) {
-          const int j = i - code_items;
-          const int tok = j / (num_chunks * 4), kb = j - tok * (num_chunks * 4);
-          val[u] = 0x100;  // padding block past K (its codes are zero): factor 0
-          if (tok < nt && kb < scale_cols) {
-            const int64_t scale_row = scale_base + (r0 + tok - expert_start);
-            val[u] = p.a_scales[format::SwizzledOffset(scale_row, kb, scale_cols)];
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = i0 + u * nthreads;
-        if (i < code_items) {
-          const int tok = i / words_per_row, k0 = (i - tok * words_per_row) * 8;
-          uint32_t out[2];
-#pragma unroll
-          for (int hw = 0; hw < 2; ++hw) {
-            uint32_t word = 0;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const int tv = format::E2M1TwiceValue(
-                  static_cast<uint8_t>((val[u] >> (16 * hw + 4 * j)) & 0xFu));
-              word |= (static_cast<uint32_t>(tv) & 0xFFu) << (8 * j);
-            }
-            out[hw] = word;
-          }
-          const int c = k0 / kChunkK, kk = k0 % kChunkK;
-          const int s = kk / 32, kin = kk % 32, half = kin / 16, t = (kin % 16) / 4;
-          const int q = s >> 1, h = s & 1;
-          uint8_t* dst = act + tok * kp + c * kChunkK + q * 64 + h * 8 + half * 4;
-          *reinterpret_cast<uint32_t*>(dst + t * 16) = out[0];
-          *reinterpret_cast<uint32_t*>(dst + (t + 1) * 16) = out[1];
-        } else if (i < items) {
-          const uint32_t sa = val[u];
-          fac[i - code_items] = sa == 0x100  ? 0.0f
-                                : sa == 0xFF ? format::BitsFloat(0x7FC00000u)
-                                             : Pow2(static_cast<int>(sa) - 129);
-        }
-      }
+    if constexpr (kSource == GemvSource::kMxfp4) {
+      StageMxfp4(p, r0, nt, staged, scale_base, expert_start, kp, act, fac, tid, nthreads);
+    } else if (p.c_is_fp16) {
+      StageQuantized<quant::Fp16, kSource>(p, e, r0, nt, staged, kp, act, fac, tid, nthreads);
+    } else {
+      StageQuantized<quant::Bf16, kSource>(p, e, r0, nt, staged, kp, act, fac, tid, nthreads);
     }
     __syncthreads();
     const bool reload = r0 + kGemvMaxTokens < row_end;  // another row group follows
@@ -569,11 +675,25 @@ mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
   int warps = kGemvMaxWarps;
   while (warps > 1 && warps > params.num_chunks) warps /= 2;
   const int smem = GemvLayout(params.num_experts, params.num_chunks).total;
-  MXMOE_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      GroupedGemvSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(GroupedGemvSm90Kernel, dim3(static_cast<unsigned>(grid)),
-                                       dim3(32 * warps), smem, stream, params));
-  return MXMOE_STATUS_OK;
+  auto launch = [&](auto kernel) {
+    MXMOE_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(kernel, dim3(static_cast<unsigned>(grid)),
+                                         dim3(32 * warps), smem, stream, params));
+    return MXMOE_STATUS_OK;
+  };
+  switch (params.source) {
+    case GemvSource::kMxfp4:
+      return launch(GroupedGemvSm90Kernel<GemvSource::kMxfp4>);
+    case GemvSource::kGather:
+      return launch(GroupedGemvSm90Kernel<GemvSource::kGather>);
+    case GemvSource::kSiluMul:
+      return launch(GroupedGemvSm90Kernel<GemvSource::kSiluMul>);
+    case GemvSource::kGeneral:
+      return launch(GroupedGemvSm90Kernel<GemvSource::kGeneral>);
+  }
+  return Fail(MXMOE_STATUS_INTERNAL, "grouped_gemm (sm90 CUDA-core): unexpected source ",
+              static_cast<int>(params.source));
 }
 
 }  // namespace sm90

@@ -80,8 +80,13 @@ inline size_t GemmKernelSmemBytes(int block_n, int num_experts) {
 }
 
 // ---- the CUDA-core path for a few rows per expert (grouped_gemm_sm90_gemv.cu) ----------------
-// Reads the MXFP4 activations as they are (no E4M3 conversion) and the prepared weights.
+// Reads the MXFP4 activations as they are (no E4M3 conversion) and the prepared weights, or, in
+// the MoE chain, the bf16/fp16 rows the chain's quantize kernel would read (GemvSource).
 constexpr int kGemvMaxTokens = 4;  // rows of one expert per pass (more rows: more passes)
+
+// Where the kernel's activations come from: MXFP4 codes and swizzled scales (a, a_scales), or
+// 16-bit rows of c's dtype that each CTA quantizes itself (grouped_gemm.h, GemmSource::Kind).
+enum class GemvSource : int32_t { kMxfp4 = 0, kGather = 1, kSiluMul = 2, kGeneral = 3 };
 
 struct GemvKernelParams {
   const uint8_t* prepared;            // [E][P][C][kRecordBytes]
@@ -107,6 +112,18 @@ struct GemvKernelParams {
   // columns of every token into reduce.output with weighted_reduce.cuh's arithmetic.
   ReduceParams reduce;
   int32_t* reduce_counters;  // [num_panels]
+  // GemvSource other than kMxfp4 (a and a_scales unused): the 16-bit rows (c's dtype) and, per
+  // kind, the gather's slot table or the activation's options (GemmSource in grouped_gemm.h).
+  GemvSource source;
+  const void* src;
+  const int32_t* row_source;
+  int32_t slots_per_token;
+  int32_t source_rows;
+  const void* bias;
+  int32_t bias_dtype;
+  int32_t activation;
+  float swiglu_alpha;
+  float swiglu_limit;
 };
 
 // The most (token, slot) pairs the fused reduce stages in shared memory.

@@ -27,8 +27,14 @@
 //                             CUDA-core GEMM) it is folded into GEMM 2's epilogue instead: the
 //                             last CTA of each weight panel reduces that panel's columns, with the
 //                             same device function (GemmChain in grouped_gemm.h).
-// Both GEMMs follow a quantize kernel of this chain, which waits before it lets them launch: the
-// sm90 CUDA-core GEMM finds its expert and starts its weight loads before its own wait.
+// With few rows on sm90 (T * slots <= 16, the CUDA-core GEMM) steps 3 and 5 are done inside
+// GEMMs 1 and 2 instead: each CTA reads the 16-bit rows (the gathered tokens; GEMM 1's output)
+// and quantizes them with the quantize kernels' device functions (GemmSource in grouped_gemm.h),
+// so the chain is 3 launches (routing + metadata, GEMM 1, GEMM 2 + reduce) and bit-identical to
+// the 7-step one (MXMOE_SM90_GEMV_QUANTIZE=0 restores steps 3 and 5: A/B runs and the test).
+// PDL: a GEMM that follows a quantize kernel, or GEMM 2 after GEMM 1, finds its expert and
+// starts its weight loads before its own wait (the kernel before it waits first, so the
+// metadata is complete); GEMM 1 right after the metadata kernel waits first.
 // Device-side inputs the host cannot check: a precomputed top-k id outside [0, E_global) and an
 // expert_map entry outside [0, E_local - num_shared) make that slot contribute nothing (never out
 // of bounds).
@@ -639,6 +645,8 @@ struct GemmBackend {
   // The chain's requests (grouped_gemm.h); *reduced: the weighted reduce was folded in.
   mxmoe_status (*run)(const mxmoe_grouped_gemm_args&, void*, size_t, void*, const GemmChain&,
                       bool* reduced);
+  // Whether run takes GemmChain::source (quantizes A itself) for these arguments.
+  bool (*takes_source)(const mxmoe_grouped_gemm_args&);
 };
 
 // sm100 takes none of the chain's requests.
@@ -649,13 +657,16 @@ mxmoe_status GroupedGemmSm100InChain(const mxmoe_grouped_gemm_args& args, void* 
   return GroupedGemmSm100(args, workspace, workspace_bytes, stream);
 }
 
+bool GroupedGemmSm100TakesSource(const mxmoe_grouped_gemm_args&) { return false; }
+
 mxmoe_status GemmBackendFor(mxmoe_backend backend, GemmBackend* gemm) {
   switch (backend) {
     case MXMOE_BACKEND_SM90:
-      *gemm = {GroupedGemmSm90WorkspaceSize, GroupedGemmSm90Chained};
+      *gemm = {GroupedGemmSm90WorkspaceSize, GroupedGemmSm90Chained, GroupedGemmSm90TakesSource};
       return MXMOE_STATUS_OK;
     case MXMOE_BACKEND_SM100:
-      *gemm = {GroupedGemmSm100WorkspaceSize, GroupedGemmSm100InChain};
+      *gemm = {GroupedGemmSm100WorkspaceSize, GroupedGemmSm100InChain,
+               GroupedGemmSm100TakesSource};
       return MXMOE_STATUS_OK;
     default:
       return Fail(MXMOE_STATUS_INTERNAL, "moe_forward (cuda): unexpected backend ", backend);
@@ -750,7 +761,8 @@ mxmoe_status LaunchRouting(const RoutingParams& r, cudaStream_t stream) {
   const size_t per_warp = grouped ? sizeof(float) * r.num_global_experts : 0;
   const int warps = static_cast<int>(
       grouped ? std::max<size_t>(1, std::min<size_t>(4, kRoutingSharedBytes / per_warp)) : 4);
-  return DispatchValue<4, 8, 16, 128>(RankValuesPerLane(r.num_global_experts), "routing rank values per lane", [&](auto v) {
+  const int values = RankValuesPerLane(r.num_global_experts);
+  return DispatchValue<4, 8, 16, 128>(values, "routing rank values per lane", [&](auto v) {
     MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(RoutingKernel<decltype(v)::value>,
                                          dim3(Blocks(r.num_tokens, warps)), dim3(warps * 32),
                                          warps * per_warp, stream, r));
@@ -870,24 +882,75 @@ mxmoe_status LaunchWeightedReduce(const ReduceParams& r, cudaStream_t stream) {
   return MXMOE_STATUS_OK;
 }
 
-// Stages 3, 5 and 7 for one activation dtype.
+// Stage 3 as a GEMM source: each sorted row's token, read by the GEMM itself.
+GemmSource GatherSource(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws) {
+  GemmSource source;
+  source.kind = GemmSource::Kind::kGather;
+  source.input = args.hidden_states;
+  source.row_source = ws.row_slot;
+  source.slots_per_token = SlotsPerToken(args);
+  source.source_rows = args.num_tokens;
+  return source;
+}
+
+// Stage 5 as a GEMM source: the activation of GEMM 1's output, applied by the GEMM itself, with
+// the same device functions as QuantizeJob(args, ws, 5)'s kernel.
+GemmSource ActivationSource(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws) {
+  GemmSource source;
+  const bool plain_silu =
+      args.activation == MXMOE_ACTIVATION_SILU_AND_MUL && args.w13_bias == nullptr;
+  source.kind = plain_silu ? GemmSource::Kind::kSiluMul : GemmSource::Kind::kGeneral;
+  source.input = ws.gemm1_output;
+  source.bias = args.w13_bias;
+  source.bias_dtype = args.w13_bias_dtype;
+  source.activation = args.activation;
+  source.swiglu_alpha = args.swiglu_alpha;
+  source.swiglu_limit = args.swiglu_limit;
+  return source;
+}
+
+// Stages 3 to 7 for one activation dtype. Where the GEMM takes a source (the sm90 CUDA-core
+// path, at most 16 rows), stage 3 or 5 is done inside GEMM 1 or 2 and its own launch is skipped.
 template <typename T>
 mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
                         const GemmBackend& gemm, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  // Each GEMM follows a quantize kernel of this chain (grouped_gemm.h, GemmChain).
-  GemmChain chain;
-  chain.offsets_before_wait = true;
   bool reduced = false;
-  MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 3), stream_ptr));
-  MXMOE_RETURN_IF_ERROR(gemm.run(GemmArgs(args, ws, 1), ws.gemm_workspace, ws.gemm_bytes,
-                                 stream_ptr, chain, &reduced));
-  MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 5), stream_ptr));
+  const mxmoe_grouped_gemm_args gemm1 = GemmArgs(args, ws, 1);
+  const mxmoe_grouped_gemm_args gemm2 = GemmArgs(args, ws, 2);
+  const bool gather_in_gemm = gemm.takes_source(gemm1);
+  const bool activation_in_gemm = gemm.takes_source(gemm2);
+
+  GemmChain chain1;
+  const GemmSource gather = GatherSource(args, ws);
+  if (gather_in_gemm) {
+    // GEMM 1 follows the metadata kernel, which writes the expert offsets after it lets its
+    // dependents launch: GEMM 1 must read them after its wait (pdl.cuh).
+    chain1.offsets_before_wait = false;
+    chain1.source = &gather;
+  } else {
+    MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 3), stream_ptr));
+    chain1.offsets_before_wait = true;  // it follows the quantize kernel, which waits first
+  }
+  MXMOE_RETURN_IF_ERROR(
+      gemm.run(gemm1, ws.gemm_workspace, ws.gemm_bytes, stream_ptr, chain1, &reduced));
+
+  // GEMM 2 follows a kernel of this chain that waits before it lets its dependents launch (the
+  // quantize kernel or GEMM 1, which never writes the offsets): the metadata kernel that wrote
+  // them is complete before GEMM 2 launches.
+  GemmChain chain2;
+  chain2.offsets_before_wait = true;
+  const GemmSource activation = ActivationSource(args, ws);
+  if (activation_in_gemm) {
+    chain2.source = &activation;
+  } else {
+    MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 5), stream_ptr));
+  }
   const ReduceParams reduce = MakeReduceParams(args, ws);
-  chain.reduce = &reduce;
-  chain.reduce_counters = ws.reduce_counters;
-  MXMOE_RETURN_IF_ERROR(gemm.run(GemmArgs(args, ws, 2), ws.gemm_workspace, ws.gemm_bytes,
-                                 stream_ptr, chain, &reduced));
+  chain2.reduce = &reduce;
+  chain2.reduce_counters = ws.reduce_counters;
+  MXMOE_RETURN_IF_ERROR(
+      gemm.run(gemm2, ws.gemm_workspace, ws.gemm_bytes, stream_ptr, chain2, &reduced));
   return reduced ? MXMOE_STATUS_OK : LaunchWeightedReduce<T>(reduce, stream);
 }
 

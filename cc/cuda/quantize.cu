@@ -264,12 +264,7 @@ __device__ __forceinline__ void QuantizeTile(const RowsParams& p, int32_t* s_off
     } else if constexpr (kSilu == SiluImpl::kTable) {
       x = quant::SiluMulTable(s_silu_table, quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
     } else if constexpr (kSilu == SiluImpl::kFast) {
-      bool in_domain;
-      x = quant::SiluMulFast<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]), &in_domain);
-      if (!in_domain) {  // rare (|gate| < 2^-64, zeros included, or > 64): the reference SiLU
-        x = quant::SiluMul<T>(quant::AsLane8(gate_or_x[i]),
-                                               quant::AsLane8(up[i]));
-      }
+      x = quant::SiluMulChecked<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
     } else if constexpr (kSilu == SiluImpl::kSilu) {
       x = quant::SiluMul<T>(quant::AsLane8(gate_or_x[i]), quant::AsLane8(up[i]));
     } else {

@@ -237,6 +237,15 @@ __device__ __forceinline__ Lane8 SiluMulFast(const Lane8& gate, const Lane8& up,
   });
 }
 
+// SiluMul<T> bit for bit: SiluMulFast, and where a gate value fell outside its domain (rare:
+// |gate| < 2^-64, zeros included, or > 64) the reference SiluMul.
+template <typename T>
+__device__ __forceinline__ Lane8 SiluMulChecked(const Lane8& gate, const Lane8& up) {
+  bool in_domain;
+  const Lane8 y = SiluMulFast<T>(gate, up, &in_domain);
+  return in_domain ? y : SiluMul<T>(gate, up);
+}
+
 // The SiLU table of SiluImpl::kTable: entry i < kSiluTableSpan is format::SiluF32 of the bf16 with
 // bits kSiluTableFirst + i (the magnitudes 2^-16 = 0x3780 up to, not including, 2^7 = 0x4300: 23
 // binades of 128 values), entry kSiluTableNegative + i that of its negative. The negative half

@@ -11,7 +11,9 @@ with the reason. Checks:
 - the stage building blocks (ops.moe_activation_quantize) on CUDA tensors bit for bit vs CPU;
 - CUDA-graph capture and replay of a GPT-OSS-style and a DeepSeek-style MoELayer;
 - the weighted reduce folded into GEMM 2 (sm90, T x slots <= 16) bit for bit against the reduce
-  kernel: the same tokens in a batch too large to fold, the CUDA-core GEMM forced at every T.
+  kernel: the same tokens in a batch too large to fold, the CUDA-core GEMM forced at every T;
+- the CUDA-core GEMMs' own activation quantize (T x slots <= 16) bit for bit against the quantize
+  kernels (MXMOE_SM90_GEMV_QUANTIZE=0), every activation, bf16 and fp16, K = 2880.
 """
 
 import itertools
@@ -94,6 +96,87 @@ def test_folded_reduce_matches_reduce_kernel(bias_dtype, monkeypatch):
         assert torch.equal(folded, batch[:t]), (
             f"{bias_dtype=} T={t}: folded reduce differs from the reduce kernel in "
             f"{int((folded != batch[:t]).sum())} of {folded.numel()} outputs")
+
+
+_EMPTY_LIKE = torch.empty_like
+
+
+def poisoned_empty_like(*args, **kwargs):
+    """torch.empty_like with NaN in every element (for the op's output buffer)."""
+    return _EMPTY_LIKE(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("activation,bias_dtype", [
+    ("silu", None), ("silu", BF16), ("swiglu_oai", None), ("swiglu_oai", torch.float32)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+@pytest.mark.parametrize("shape", ["small", "k2880"])
+def test_gemv_quantize_matches_quantize_kernels(activation, bias_dtype, dtype, shape,
+                                                monkeypatch):
+    """At T x slots <= 16 on sm90 the CUDA-core GEMMs quantize their own activations (the
+    gather + quantize before GEMM 1 and the activation + quantize before GEMM 2 are done inside
+    them, with the quantize kernels' device functions). MXMOE_SM90_GEMV_QUANTIZE=0 runs the
+    quantize kernels instead: the outputs must be equal bit for bit, at 1 to 16 rows, with
+    empty experts, a shared expert, K = 2880 (a partial last chunk), bf16 and fp16, each
+    activation; poisoned outputs, so an unwritten element shows. Both are also checked against
+    the CPU backend (rel L2)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUDA-core GEMM is the sm90 path's")
+    if shape == "small":
+        layer = build_layer(activation, bias_dtype, "softmax_topk", 1, seed=7)
+        cases = [1, 2, 3]  # 5, 10 and 15 rows
+    else:  # GPT-OSS's H = 2880 with a small I and few experts (some get no row)
+        layer = build_layer(activation, bias_dtype, "softmax_topk", 0, e=8, h=2880, i=160,
+                            top_k=2, seed=8)
+        cases = [1, 4, 8]  # 2, 8 and 16 rows
+    g = torch.Generator().manual_seed(9)
+    inputs = []
+    for tokens in cases:  # the CPU backend's results first (the layer moves, not copies)
+        x = (torch.randn(tokens, layer.hidden_size, generator=g) * 2).to(dtype)
+        logits = torch.randn(tokens, layer.num_experts - layer.num_shared_experts, generator=g)
+        ids, weights = layer.route(logits)
+        inputs.append((x, ids, weights, layer.forward_topk(x, ids, weights)))
+    gpu = layer.to("cuda")
+    for x, ids, weights, ref in inputs:
+        outs = {}
+        for mode in ("1", "0"):
+            monkeypatch.setenv("MXMOE_SM90_GEMV_QUANTIZE", mode)
+            with monkeypatch.context() as m:  # the op's output buffer, poisoned
+                m.setattr(torch, "empty_like", poisoned_empty_like)
+                outs[mode] = gpu.forward_topk(x.cuda(), ids.cuda(), weights.cuda())
+            torch.cuda.synchronize()
+        context = f"{activation=} {bias_dtype=} {dtype=} {shape=} tokens={x.shape[0]}"
+        for mode, out in outs.items():
+            assert not out.isnan().any(), f"{context} QUANTIZE={mode}: unwritten outputs"
+        assert torch.equal(outs["1"], outs["0"]), (
+            f"{context}: in-GEMM quantize differs from the quantize kernels in "
+            f"{int((outs['1'] != outs['0']).sum())} of {outs['1'].numel()} outputs")
+        err = rel_l2(outs["1"].cpu(), ref)
+        assert err <= 5e-3, f"{context}: rel L2 vs CPU {err:.3e}"
+
+
+def test_gemv_quantize_skips_quantize_launches(monkeypatch):
+    """The fold is real: at 5 rows the layer launches no quantize kernel (3 kernels: routing +
+    metadata, GEMM 1, GEMM 2 with the reduce); with MXMOE_SM90_GEMV_QUANTIZE=0 it launches the
+    two quantize kernels (torch.profiler's CUDA kernel records, by name)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUDA-core GEMM is the sm90 path's")
+    layer = build_layer("swiglu_oai", BF16, "softmax_topk", 1, seed=3).to("cuda")
+    x = torch.randn(1, layer.hidden_size).to(BF16).cuda()
+    logits = torch.randn(1, layer.num_experts - 1).cuda()
+    layer(x, logits)  # warm-up: workspace, prepared weights
+    torch.cuda.synchronize()
+    counts = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MXMOE_SM90_GEMV_QUANTIZE", mode)
+        activity = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activity) as prof:
+            layer(x, logits)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        counts[mode] = (sum("QuantizeRowsKernel" in n for n in names),
+                        sum("GroupedGemvSm90Kernel" in n for n in names))
+    assert counts == {"1": (0, 2), "0": (2, 2)}, (
+        f"(quantize kernels, CUDA-core GEMMs) per forward by MXMOE_SM90_GEMV_QUANTIZE: {counts}")
 
 
 def test_activation_quantize_op_bit_exact_on_gpu():

@@ -61,9 +61,11 @@ struct GemmSource {
   float swiglu_limit = 0.0f;
 };
 
-// Whether GroupedGemmSm90Chained would take a GemmChain::source for these arguments: where the
-// CUDA-core path serves the GEMM (at most 16 rows), unless MXMOE_SM90_GEMV_QUANTIZE=0.
-bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args);
+// Whether GroupedGemmSm90Chained takes a GemmChain::source of this kind for these arguments:
+// where the CUDA-core path serves the GEMM (at most 16 rows) and MXMOE_SM90_GEMV_QUANTIZE (a bit
+// mask: 1 the gather, 2 the activations; default kSm90SourceKinds) allows the kind.
+constexpr int kSm90SourceKinds = 3;
+bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args, GemmSource::Kind kind);
 
 struct GemmChain {
   // The kernel right before this GEMM in the stream is one of the chain's own, which waits before
@@ -77,7 +79,7 @@ struct GemmChain {
   const ReduceParams* reduce = nullptr;
   int32_t* reduce_counters = nullptr;
   // Quantize A inside the GEMM (args.a and args.a_scales unused) where
-  // GroupedGemmSm90TakesSource(args) says so; INTERNAL otherwise. The chain then skips its
+  // GroupedGemmSm90TakesSource(args, source->kind) says so; INTERNAL otherwise. The chain then skips its
   // quantize kernel: one launch and one pass over the activations fewer.
   const GemmSource* source = nullptr;
 };

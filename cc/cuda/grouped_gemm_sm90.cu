@@ -21,6 +21,7 @@
 #include <cudaTypedefs.h>
 #include <stdint.h>
 
+#include <cstdlib>
 #include <mutex>
 
 #include "cc/base/cuda_check.h"
@@ -417,12 +418,33 @@ sm90::GemvSource GemvSourceOf(GemmSource::Kind kind) {
 
 }  // namespace
 
-bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args) {
+namespace {
+
+// Whether the CUDA-core path, chosen by config, takes a source of this kind.
+bool TakesSource(const mxmoe_grouped_gemm_args& args, const sm90::GemmConfig& config,
+                 int num_sms, GemmSource::Kind kind) {
+  if (!config.gemv) return false;
+  int kinds = kSm90SourceKinds;
+  if (const char* env = getenv("MXMOE_SM90_GEMV_QUANTIZE")) kinds = atoi(env);
+  const int bit = kind == GemmSource::Kind::kGather ? 1 : 2;
+  if ((kinds & bit) == 0) return false;
+  // EXPERIMENT: at most this many CTAs (slots x panels), in waves of 2 CTAs per SM.
+  if (const char* env = getenv("MXMOE_SM90_GEMV_QUANTIZE_WAVES")) {
+    const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
+    const int64_t ctas = slots * sm90::NumPanels(args.n);
+    if (ctas > int64_t{2} * num_sms * atoi(env)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args, GemmSource::Kind kind) {
   if (args.rows == 0 || args.n == 0) return false;
   mxmoe_status status = MXMOE_STATUS_OK;
   int num_sms = 0;
   const sm90::GemmConfig config = ChainConfig(args, &num_sms, &status);
-  return status == MXMOE_STATUS_OK && config.gemv_source;
+  return status == MXMOE_STATUS_OK && TakesSource(args, config, num_sms, kind);
 }
 
 mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* workspace,
@@ -453,7 +475,7 @@ mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* w
   MXMOE_RETURN_IF_ERROR(config_status);
   const int num_chunks = static_cast<int>(sm90::NumChunks(args.k));
   const GemmSource* source = chain.source;
-  if (source != nullptr && !config.gemv_source) {
+  if (source != nullptr && !TakesSource(args, config, num_sms, source->kind)) {
     return Fail(MXMOE_STATUS_INTERNAL,
                 "grouped_gemm (sm90): the chain passed a source the CUDA-core path does not take"
                 " (rows=", args.rows, ")");

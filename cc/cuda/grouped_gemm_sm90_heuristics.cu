@@ -23,8 +23,7 @@ std::string GemmProblem::ToString() const {
 std::string GemmConfig::ToString() const {
   return "block_m(weights)=128 block_n(tokens)=" + std::to_string(block_n) +
          " block_k=128 grid=" + std::to_string(grid) + " pingpong=" + (pingpong ? "1" : "0") +
-         " gemv=" + (gemv ? "1" : "0") +
-         " gemv_source=" + (gemv_source ? "1" : "0");
+         " gemv=" + (gemv ? "1" : "0");
 }
 
 namespace {
@@ -52,7 +51,6 @@ GemmConfig ChooseGemmConfig(const GemmProblem& problem) {
   }
   config.grid = (problem.num_sms > 0 ? problem.num_sms : 132) * GemmCtasPerSm(config.block_n);
   config.gemv = problem.rows <= kGemvMaxRows && GemvFits(problem);
-  config.gemv_source = config.gemv;
   return config;
 }
 
@@ -68,10 +66,6 @@ GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem) {
   }
   if (const char* pp = getenv("MXMOE_SM90_PINGPONG")) config.pingpong = atoi(pp) != 0;
   if (const char* gv = getenv("MXMOE_SM90_GEMV")) config.gemv = atoi(gv) != 0 && GemvFits(problem);
-  config.gemv_source = config.gemv;
-  if (const char* gq = getenv("MXMOE_SM90_GEMV_QUANTIZE")) {
-    config.gemv_source = config.gemv && atoi(gq) != 0;
-  }
   const char* print = getenv("MXMOE_PRINT_CONFIG");
   if (print != nullptr && strcmp(print, "1") == 0) {
     static std::mutex mu;

@@ -34,10 +34,6 @@ struct GemmConfig {
   // kGemvMaxRows rows in all (the MoE at T <= 16 / top_k), where the WGMMA kernel's per-chunk
   // latency with one token per tile dominates; block_n and grid are then unused.
   bool gemv = false;
-  // With gemv, in the MoE chain: the CUDA-core kernel quantizes its activations itself
-  // (GemmChain::source in grouped_gemm.h). Off with MXMOE_SM90_GEMV_QUANTIZE=0 (for A/B runs and
-  // the bit-exactness test).
-  bool gemv_source = false;
   std::string ToString() const;
 };
 

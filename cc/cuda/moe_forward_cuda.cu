@@ -645,8 +645,8 @@ struct GemmBackend {
   // The chain's requests (grouped_gemm.h); *reduced: the weighted reduce was folded in.
   mxmoe_status (*run)(const mxmoe_grouped_gemm_args&, void*, size_t, void*, const GemmChain&,
                       bool* reduced);
-  // Whether run takes GemmChain::source (quantizes A itself) for these arguments.
-  bool (*takes_source)(const mxmoe_grouped_gemm_args&);
+  // Whether run takes a GemmChain::source of this kind (quantizes A itself) for these arguments.
+  bool (*takes_source)(const mxmoe_grouped_gemm_args&, GemmSource::Kind);
 };
 
 // sm100 takes none of the chain's requests.
@@ -657,7 +657,9 @@ mxmoe_status GroupedGemmSm100InChain(const mxmoe_grouped_gemm_args& args, void* 
   return GroupedGemmSm100(args, workspace, workspace_bytes, stream);
 }
 
-bool GroupedGemmSm100TakesSource(const mxmoe_grouped_gemm_args&) { return false; }
+bool GroupedGemmSm100TakesSource(const mxmoe_grouped_gemm_args&, GemmSource::Kind) {
+  return false;
+}
 
 mxmoe_status GemmBackendFor(mxmoe_backend backend, GemmBackend* gemm) {
   switch (backend) {
@@ -918,11 +920,12 @@ mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& 
   bool reduced = false;
   const mxmoe_grouped_gemm_args gemm1 = GemmArgs(args, ws, 1);
   const mxmoe_grouped_gemm_args gemm2 = GemmArgs(args, ws, 2);
-  const bool gather_in_gemm = gemm.takes_source(gemm1);
-  const bool activation_in_gemm = gemm.takes_source(gemm2);
+  const GemmSource gather = GatherSource(args, ws);
+  const GemmSource activation = ActivationSource(args, ws);
+  const bool gather_in_gemm = gemm.takes_source(gemm1, gather.kind);
+  const bool activation_in_gemm = gemm.takes_source(gemm2, activation.kind);
 
   GemmChain chain1;
-  const GemmSource gather = GatherSource(args, ws);
   if (gather_in_gemm) {
     // GEMM 1 follows the metadata kernel, which writes the expert offsets after it lets its
     // dependents launch: GEMM 1 must read them after its wait (pdl.cuh).
@@ -940,7 +943,6 @@ mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& 
   // them is complete before GEMM 2 launches.
   GemmChain chain2;
   chain2.offsets_before_wait = true;
-  const GemmSource activation = ActivationSource(args, ws);
   if (activation_in_gemm) {
     chain2.source = &activation;
   } else {

@@ -13,7 +13,7 @@ with the reason. Checks:
 - the weighted reduce folded into GEMM 2 (sm90, T x slots <= 16) bit for bit against the reduce
   kernel: the same tokens in a batch too large to fold, the CUDA-core GEMM forced at every T;
 - the CUDA-core GEMMs' own activation quantize (T x slots <= 16) bit for bit against the quantize
-  kernels (MXMOE_SM90_GEMV_QUANTIZE=0), every activation, bf16 and fp16, K = 2880.
+  kernels (MXMOE_SM90_GEMV_QUANTIZE=0, 1, 2), every activation, bf16 and fp16, K = 2880.
 """
 
 import itertools
@@ -114,8 +114,9 @@ def test_gemv_quantize_matches_quantize_kernels(activation, bias_dtype, dtype, s
                                                 monkeypatch):
     """At T x slots <= 16 on sm90 the CUDA-core GEMMs quantize their own activations (the
     gather + quantize before GEMM 1 and the activation + quantize before GEMM 2 are done inside
-    them, with the quantize kernels' device functions). MXMOE_SM90_GEMV_QUANTIZE=0 runs the
-    quantize kernels instead: the outputs must be equal bit for bit, at 1 to 16 rows, with
+    them, with the quantize kernels' device functions). MXMOE_SM90_GEMV_QUANTIZE (a mask: 1 the
+    gather, 2 the activation) 0 runs the quantize kernels instead: every mode's outputs must be
+    equal bit for bit, at 1 to 16 rows, with
     empty experts, a shared expert, K = 2880 (a partial last chunk), bf16 and fp16, each
     activation; poisoned outputs, so an unwritten element shows. Both are also checked against
     the CPU backend (rel L2)."""
@@ -138,7 +139,7 @@ def test_gemv_quantize_matches_quantize_kernels(activation, bias_dtype, dtype, s
     gpu = layer.to("cuda")
     for x, ids, weights, ref in inputs:
         outs = {}
-        for mode in ("1", "0"):
+        for mode in ("3", "1", "2", "0"):  # both, the gather only, the activation only, none
             monkeypatch.setenv("MXMOE_SM90_GEMV_QUANTIZE", mode)
             with monkeypatch.context() as m:  # the op's output buffer, poisoned
                 m.setattr(torch, "empty_like", poisoned_empty_like)
@@ -147,17 +148,18 @@ def test_gemv_quantize_matches_quantize_kernels(activation, bias_dtype, dtype, s
         context = f"{activation=} {bias_dtype=} {dtype=} {shape=} tokens={x.shape[0]}"
         for mode, out in outs.items():
             assert not out.isnan().any(), f"{context} QUANTIZE={mode}: unwritten outputs"
-        assert torch.equal(outs["1"], outs["0"]), (
-            f"{context}: in-GEMM quantize differs from the quantize kernels in "
-            f"{int((outs['1'] != outs['0']).sum())} of {outs['1'].numel()} outputs")
-        err = rel_l2(outs["1"].cpu(), ref)
+        for mode in ("3", "1", "2"):
+            assert torch.equal(outs[mode], outs["0"]), (
+                f"{context} QUANTIZE={mode}: in-GEMM quantize differs from the quantize kernels "
+                f"in {int((outs[mode] != outs['0']).sum())} of {outs['0'].numel()} outputs")
+        err = rel_l2(outs["3"].cpu(), ref)
         assert err <= 5e-3, f"{context}: rel L2 vs CPU {err:.3e}"
 
 
 def test_gemv_quantize_skips_quantize_launches(monkeypatch):
-    """The fold is real: at 5 rows the layer launches no quantize kernel (3 kernels: routing +
-    metadata, GEMM 1, GEMM 2 with the reduce); with MXMOE_SM90_GEMV_QUANTIZE=0 it launches the
-    two quantize kernels (torch.profiler's CUDA kernel records, by name)."""
+    """The fold is real: at 5 rows with MXMOE_SM90_GEMV_QUANTIZE=3 the layer launches no quantize
+    kernel (3 kernels: routing + metadata, GEMM 1, GEMM 2 with the reduce), with 1 or 2 one, with
+    0 both (torch.profiler's CUDA kernel records, by name)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the CUDA-core GEMM is the sm90 path's")
     layer = build_layer("swiglu_oai", BF16, "softmax_topk", 1, seed=3).to("cuda")
@@ -166,7 +168,7 @@ def test_gemv_quantize_skips_quantize_launches(monkeypatch):
     layer(x, logits)  # warm-up: workspace, prepared weights
     torch.cuda.synchronize()
     counts = {}
-    for mode in ("1", "0"):
+    for mode in ("3", "1", "2", "0"):
         monkeypatch.setenv("MXMOE_SM90_GEMV_QUANTIZE", mode)
         activity = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activity) as prof:
@@ -175,7 +177,7 @@ def test_gemv_quantize_skips_quantize_launches(monkeypatch):
         names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         counts[mode] = (sum("QuantizeRowsKernel" in n for n in names),
                         sum("GroupedGemvSm90Kernel" in n for n in names))
-    assert counts == {"1": (0, 2), "0": (2, 2)}, (
+    assert counts == {"3": (0, 2), "1": (1, 2), "2": (1, 2), "0": (2, 2)}, (
         f"(quantize kernels, CUDA-core GEMMs) per forward by MXMOE_SM90_GEMV_QUANTIZE: {counts}")
 
 

@@ -62,9 +62,9 @@ struct GemmSource {
 };
 
 // Whether GroupedGemmSm90Chained takes a GemmChain::source of this kind for these arguments:
-// where the CUDA-core path serves the GEMM (at most 16 rows) and MXMOE_SM90_GEMV_QUANTIZE (a bit
-// mask: 1 the gather, 2 the activations; default kSm90SourceKinds) allows the kind.
-constexpr int kSm90SourceKinds = 3;
+// where the CUDA-core path serves the GEMM (at most 16 rows) in one wave of CTAs, for the gather
+// and plain SiLU (measured: elsewhere the quantize kernel is faster); MXMOE_SM90_GEMV_QUANTIZE
+// forces it (0 never; a mask: 1 the gather, 2 the activation, wherever the path runs).
 bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args, GemmSource::Kind kind);
 
 struct GemmChain {

@@ -416,25 +416,22 @@ sm90::GemvSource GemvSourceOf(GemmSource::Kind kind) {
   return sm90::GemvSource::kMxfp4;
 }
 
-}  // namespace
-
-namespace {
-
-// Whether the CUDA-core path, chosen by config, takes a source of this kind.
+// Whether the CUDA-core path, chosen by config, takes a source of this kind. By default where
+// it pays (docs/perf-notes.md, "The CUDA-core GEMMs quantize their own activations"): every CTA
+// of an expert repeats the quantize of its rows, which costs less than the quantize kernel's
+// launch only when the grid (slots x weight panels) is one wave of resident CTAs, and the
+// general activation (bias loads, SwiGLU) costs more even then. MXMOE_SM90_GEMV_QUANTIZE forces
+// it: 0 never, else a mask (1 the gather, 2 the activation, any kind) wherever the path runs.
 bool TakesSource(const mxmoe_grouped_gemm_args& args, const sm90::GemmConfig& config,
                  int num_sms, GemmSource::Kind kind) {
   if (!config.gemv) return false;
-  int kinds = kSm90SourceKinds;
-  if (const char* env = getenv("MXMOE_SM90_GEMV_QUANTIZE")) kinds = atoi(env);
-  const int bit = kind == GemmSource::Kind::kGather ? 1 : 2;
-  if ((kinds & bit) == 0) return false;
-  // EXPERIMENT: at most this many CTAs (slots x panels), in waves of 2 CTAs per SM.
-  if (const char* env = getenv("MXMOE_SM90_GEMV_QUANTIZE_WAVES")) {
-    const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
-    const int64_t ctas = slots * sm90::NumPanels(args.n);
-    if (ctas > int64_t{2} * num_sms * atoi(env)) return false;
+  if (const char* env = getenv("MXMOE_SM90_GEMV_QUANTIZE")) {
+    const int bit = kind == GemmSource::Kind::kGather ? 1 : 2;
+    return (atoi(env) & bit) != 0;
   }
-  return true;
+  if (kind == GemmSource::Kind::kGeneral) return false;
+  const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
+  return slots * sm90::NumPanels(args.n) <= int64_t{sm90::kGemvCtasPerSm} * num_sms;
 }
 
 }  // namespace

@@ -481,7 +481,7 @@ __device__ __forceinline__ void GemvFusedReduce(const GemvKernelParams& p, int p
 }
 
 template <GemvSource kSource>
-__global__ void __launch_bounds__(kGemvMaxThreads, 2)
+__global__ void __launch_bounds__(kGemvMaxThreads, kGemvCtasPerSm)
     GroupedGemvSm90Kernel(GemvKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) uint8_t smem[];

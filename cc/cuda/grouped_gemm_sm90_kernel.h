@@ -83,6 +83,7 @@ inline size_t GemmKernelSmemBytes(int block_n, int num_experts) {
 // Reads the MXFP4 activations as they are (no E4M3 conversion) and the prepared weights, or, in
 // the MoE chain, the bf16/fp16 rows the chain's quantize kernel would read (GemvSource).
 constexpr int kGemvMaxTokens = 4;  // rows of one expert per pass (more rows: more passes)
+constexpr int kGemvCtasPerSm = 2;  // resident CTAs per SM (its __launch_bounds__)
 
 // Where the kernel's activations come from: MXFP4 codes and swizzled scales (a, a_scales), or
 // 16-bit rows of c's dtype that each CTA quantizes itself (grouped_gemm.h, GemmSource::Kind).

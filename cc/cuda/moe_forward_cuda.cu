@@ -27,11 +27,13 @@
 //                             CUDA-core GEMM) it is folded into GEMM 2's epilogue instead: the
 //                             last CTA of each weight panel reduces that panel's columns, with the
 //                             same device function (GemmChain in grouped_gemm.h).
-// With few rows on sm90 (T * slots <= 16, the CUDA-core GEMM) steps 3 and 5 are done inside
+// With few rows on sm90 (T * slots <= 16, the CUDA-core GEMM) steps 3 and 5 may be done inside
 // GEMMs 1 and 2 instead: each CTA reads the 16-bit rows (the gathered tokens; GEMM 1's output)
 // and quantizes them with the quantize kernels' device functions (GemmSource in grouped_gemm.h),
-// so the chain is 3 launches (routing + metadata, GEMM 1, GEMM 2 + reduce) and bit-identical to
-// the 7-step one (MXMOE_SM90_GEMV_QUANTIZE=0 restores steps 3 and 5: A/B runs and the test).
+// bit-identical to the separate step. By default only where that was measured faster (the
+// GEMM's grid one wave of CTAs; the gather and plain SiLU: GroupedGemmSm90TakesSource), e.g.
+// qwen3 at T = 1: 3 launches (routing + metadata, GEMM 1, GEMM 2 + reduce).
+// MXMOE_SM90_GEMV_QUANTIZE forces it (0 never; mask 1 gather, 2 activation): tests, A/B runs.
 // PDL: a GEMM that follows a quantize kernel, or GEMM 2 after GEMM 1, finds its expert and
 // starts its weight loads before its own wait (the kernel before it waits first, so the
 // metadata is complete); GEMM 1 right after the metadata kernel waits first.

@@ -79,8 +79,8 @@ struct GemmChain {
   const ReduceParams* reduce = nullptr;
   int32_t* reduce_counters = nullptr;
   // Quantize A inside the GEMM (args.a and args.a_scales unused) where
-  // GroupedGemmSm90TakesSource(args, source->kind) says so; INTERNAL otherwise. The chain then skips its
-  // quantize kernel: one launch and one pass over the activations fewer.
+  // GroupedGemmSm90TakesSource(args, source->kind) says so; INTERNAL otherwise. The chain then
+  // skips its quantize kernel: one launch and one pass over the activations fewer.
   const GemmSource* source = nullptr;
 };
 

@@ -44,11 +44,11 @@
 // block), top_k + num_shared_experts <= 32 (one warp per token), E_global <= 4096, at most 32
 // expert groups, T * (top_k + num_shared_experts) < 2^30.
 //
-// Status: tested on an NVIDIA H200 (sm90) on 2026-12-03 at 49bc7c6 (the whole GPU suite): every
+// Status: tested on an NVIDIA H200 (sm90) on 2026-12-04 at 371a9c2 (the whole GPU suite): every
 // activation, bias dtype, routing mode and shared experts against the CPU backend, CUDA-graph
-// replay, compute-sanitizer memcheck, racecheck and synccheck clean (tests/gpu/test_moe_gpu.py,
-// tests/gpu/test_moe_options_gpu.py). The sm100 build is compiled for sm_100a and has never run
-// (no Blackwell GPU here).
+// replay; compute-sanitizer memcheck, racecheck and synccheck clean over tests/gpu/test_moe_gpu.py
+// and the in-GEMM quantize test (at 49bc7c6 over all of test_moe_options_gpu.py). The sm100
+// build is compiled for sm_100a and has never run (no Blackwell GPU here).
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -1,8 +1,8 @@
 """GPU MoE forward with the model options (activations, biases, routing modes, shared experts)
 against the CPU backend with the same quantized weights.
 
-Ran on an NVIDIA H200 on 2026-12-03 at 8771771 (all cases passed). Without a CUDA device every test skips
-with the reason. Checks:
+Ran on an NVIDIA H200 on 2026-12-04 at 371a9c2 (all cases passed). Without a CUDA device every
+test skips with the reason. Checks:
 - routing bit for bit: for every mode, the GPU's moe_forward with router logits equals the GPU's
   moe_forward with the ids and weights of ops.route (so the GPU routing kernel chose the same
   experts and weights as the contract), and the final output is within 5e-3 of the CPU's;

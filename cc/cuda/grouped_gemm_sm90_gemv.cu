@@ -49,8 +49,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <cstdlib>
-
 #include "cc/base/cuda_check.h"
 #include "cc/base/status.h"
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
@@ -107,7 +105,6 @@ __device__ __forceinline__ float Pow2(int e) {
 // partial sums (8 warps x 64 rows x kGemvMaxTokens fp32).
 struct GemvSmem {
   int offsets;  // (E + 1) int32
-  int slot_expert;  // E int32: the experts with rows, in order (slot j -> its expert)
   int act;      // kGemvMaxTokens * Kp bytes, 16-aligned
   int factors;  // kGemvMaxTokens * 4C floats
   int partial;  // kGemvMaxWarps * 64 * kGemvMaxTokens floats
@@ -122,8 +119,6 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) 
   int at = 0;
   s.offsets = at;
   at += static_cast<int>(format::RoundUp(4 * (num_experts + 1), 16));
-  s.slot_expert = at;
-  at += static_cast<int>(format::RoundUp(4 * num_experts, 16));
   s.act = at;
   at += kGemvMaxTokens * num_chunks * kChunkK;
   s.factors = at;
@@ -492,13 +487,15 @@ __global__ void __launch_bounds__(kGemvMaxThreads, kGemvCtasPerSm)
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ float pow2_idx[kNumTables];
   __shared__ int warp_counts[kGemvMaxWarps];
+  __shared__ int chosen_expert;
   const GemvSmem layout = GemvLayout(p.num_experts, p.num_chunks);
   int32_t* eo = reinterpret_cast<int32_t*>(smem + layout.offsets);
-  int32_t* slot_expert = reinterpret_cast<int32_t*>(smem + layout.slot_expert);
   uint8_t* act = smem + layout.act;
   float* fac = reinterpret_cast<float*>(smem + layout.factors);
   float* partial = reinterpret_cast<float*>(smem + layout.partial);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int slot = static_cast<int>(blockIdx.x) / p.num_panels;
+  const int panel = static_cast<int>(blockIdx.x) % p.num_panels;
   const int num_experts = p.num_experts;
   const int nthreads = static_cast<int>(blockDim.x);
 
@@ -519,6 +516,7 @@ __global__ void __launch_bounds__(kGemvMaxThreads, kGemvCtasPerSm)
   float* reduce_bias = reinterpret_cast<float*>(smem + layout.bias);
   for (int i = tid; i <= num_experts; i += nthreads) eo[i] = __ldg(p.expert_offsets + i);
   if (tid < kNumTables) pow2_idx[tid] = tid == 0 ? 0.0f : Pow2(tid);
+  if (tid == 0) chosen_expert = -1;
   if (fused && tid < p.reduce.num_tokens * p.reduce.slots_per_token) {
     const ReduceParams& r = p.reduce;
     const int token = tid / r.slots_per_token, s = tid % r.slots_per_token;
@@ -528,8 +526,8 @@ __global__ void __launch_bounds__(kGemvMaxThreads, kGemvCtasPerSm)
   }
   __syncthreads();
 
-  // The experts with rows in [0, rows), in order, into slot_expert: each thread counts a
-  // contiguous range of experts, a block-wide exclusive scan places its range.
+  // The slot-th expert with rows in [0, rows): each thread counts a contiguous range of experts,
+  // a block-wide exclusive scan finds the range that holds it.
   auto clipped = [&](int e, int64_t* begin, int64_t* end) {
     int64_t b = eo[e], en = eo[e + 1];
     b = b < 0 ? 0 : b;
@@ -556,35 +554,37 @@ __global__ void __launch_bounds__(kGemvMaxThreads, kGemvCtasPerSm)
   __syncthreads();
   int before = 0;
   for (int w = 0; w < warp; ++w) before += warp_counts[w];
-  int seen = before + incl - count;
-  for (int e = e_lo; e < e_hi; ++e) {
-    int64_t b, en;
-    if (clipped(e, &b, &en)) slot_expert[seen++] = e;
+  const int excl = before + incl - count;
+  if (slot >= excl && slot < excl + count) {
+    int seen = excl;
+    for (int e = e_lo; e < e_hi; ++e) {
+      int64_t b, en;
+      if (clipped(e, &b, &en)) {
+        if (seen == slot) {
+          chosen_expert = e;
+          break;
+        }
+        ++seen;
+      }
+    }
   }
   __syncthreads();
+  const int e = chosen_expert;
   const int warps = nthreads >> 5;
-  int active = 0;  // experts with rows: the items of each panel that store and count themselves
+  int active = 0;  // experts with rows: the CTAs of each panel that store and count themselves
   for (int w = 0; w < warps; ++w) active += warp_counts[w];
 
-  // Persistent: items (slot, panel), slot-major, slot < active (one slot's items when no expert
-  // has rows: its CTAs write the fused reduce's zeros); this CTA takes blockIdx.x, + gridDim.x,
-  // ... The first item's weights go out before the activations are staged (and, early, before
-  // the wait); each later item's before the previous item's sums and stores.
   const int num_chunks = p.num_chunks;
   const int kp = num_chunks * kChunkK;
-  const int items = (active > 0 ? active : 1) * p.num_panels;
   GemvLoader ld;
+  ld.records = p.prepared + (static_cast<int64_t>(e < 0 ? 0 : e) * p.num_panels + panel) *
+                                num_chunks * kRecordBytes;
   ld.lane = lane;
-  auto item_records = [&](int item) {
-    const int e = active > 0 ? slot_expert[item / p.num_panels] : 0;
-    return p.prepared + (static_cast<int64_t>(e) * p.num_panels + item % p.num_panels) *
-                            num_chunks * kRecordBytes;
-  };
+  // The first chunk's weights go out before the activations are staged (and, early, before the
+  // wait).
   uint4 v[4];
   uint32_t sw[8];
-  const int first = static_cast<int>(blockIdx.x);
-  if (first < items && active > 0 && warp < num_chunks) {
-    ld.records = item_records(first);
+  if (e >= 0 && warp < num_chunks) {
     ld.Codes(warp, 0, v);
     ld.Scales(warp, sw);
   }
@@ -592,89 +592,69 @@ __global__ void __launch_bounds__(kGemvMaxThreads, kGemvCtasPerSm)
     PdlWait();
     PdlLaunchDependents();
   }
-  for (int item = first; item < items; item += static_cast<int>(gridDim.x)) {
-    const int slot = item / p.num_panels;
-    const int panel = item % p.num_panels;
-    if (item != first) __syncthreads();  // the previous item's reads of act/fac/partial/y
-    if (active == 0) {
-      // No expert has rows at all: slot 0's items write the (zero) reduce of every panel.
-      if (fused) {
-        GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, reduce_y, reduce_bias, tid,
-                        nthreads);
-      }
-      continue;
+  if (e < 0) {  // fewer active experts than slots
+    // No expert has rows at all: slot 0's CTAs write the (zero) reduce of every panel.
+    if (fused && active == 0 && slot == 0) {
+      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, reduce_y, reduce_bias, tid,
+                      nthreads);
     }
-    const int e = slot_expert[slot];
-    ld.records = item_records(item);
-    const int next = item + static_cast<int>(gridDim.x);
-    int64_t row_begin, row_end;
-    clipped(e, &row_begin, &row_end);
-    const int64_t expert_start = eo[e];
-    const int64_t scale_base =
-        kSource == GemvSource::kMxfp4 ? __ldg(p.blockscale_offsets + e) : 0;
+    return;
+  }
+  int64_t row_begin, row_end;
+  clipped(e, &row_begin, &row_end);
+  const int64_t expert_start = eo[e];
+  const int64_t scale_base =
+      kSource == GemvSource::kMxfp4 ? __ldg(p.blockscale_offsets + e) : 0;
 
-    for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
-      const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
-                                                                    : kGemvMaxTokens);
-      const int staged = nt == 3 ? 4 : nt;  // three rows run the four-row pass, the fourth zero
-      if (r0 != row_begin) __syncthreads();  // the previous group's reads of act/fac/partial
-      if constexpr (kSource == GemvSource::kMxfp4) {
-        StageMxfp4(p, r0, nt, staged, scale_base, expert_start, kp, act, fac, tid, nthreads);
-      } else if (p.c_is_fp16) {
-        StageQuantized<quant::Fp16, kSource>(p, e, r0, nt, staged, kp, act, fac, tid,
-                                             nthreads);
-      } else {
-        StageQuantized<quant::Bf16, kSource>(p, e, r0, nt, staged, kp, act, fac, tid,
-                                             nthreads);
-      }
-      __syncthreads();
-      const bool reload = r0 + kGemvMaxTokens < row_end;  // another row group follows
-      if (nt == 1) {
-        GemvGroup<1>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps,
-                     pow2_idx);
-      } else if (nt == 2) {
-        GemvGroup<2>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps,
-                     pow2_idx);
-      } else {
-        GemvGroup<4>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps,
-                     pow2_idx);
-      }
-      if (!reload && next < items && warp < num_chunks) {
-        // The next item's first chunk, in flight while this one's sums are stored.
-        GemvLoader next_ld = ld;
-        next_ld.records = item_records(next);
-        next_ld.Codes(warp, 0, v);
-        next_ld.Scales(warp, sw);
-      }
-      __syncthreads();
-      // One thread per (row, token): the warps' partials in warp order, one rounding, one store.
-      const int used_warps = num_chunks < warps ? num_chunks : warps;
-      for (int i = tid; i < kPanelRows * nt; i += nthreads) {
-        const int tok = i / kPanelRows, r = i % kPanelRows;
-        const int col = panel * kPanelRows + r;
-        if (col >= p.n) continue;
-        float sum = 0.0f;
-        for (int w = 0; w < used_warps; ++w) {
-          sum += partial[(w * kPanelRows + r) * kGemvMaxTokens + tok];
-        }
-        const uint16_t bits = p.c_is_fp16 ? __half_as_ushort(__float2half_rn(sum))
-                                          : __bfloat16_as_ushort(__float2bfloat16_rn(sum));
-        static_cast<uint16_t*>(p.c)[(r0 + tok) * p.n + col] = bits;
-      }
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kGemvMaxTokens) {
+    const int nt = static_cast<int>(row_end - r0 < kGemvMaxTokens ? row_end - r0
+                                                                  : kGemvMaxTokens);
+    const int staged = nt == 3 ? 4 : nt;  // three rows run the four-row pass, the fourth zero
+    if (r0 != row_begin) __syncthreads();  // the previous group's reads of act/fac/partial
+    if constexpr (kSource == GemvSource::kMxfp4) {
+      StageMxfp4(p, r0, nt, staged, scale_base, expert_start, kp, act, fac, tid, nthreads);
+    } else if (p.c_is_fp16) {
+      StageQuantized<quant::Fp16, kSource>(p, e, r0, nt, staged, kp, act, fac, tid, nthreads);
+    } else {
+      StageQuantized<quant::Bf16, kSource>(p, e, r0, nt, staged, kp, act, fac, tid, nthreads);
     }
-    if (fused) {
-      // Every thread's y stores reach the device scope before the item counts itself; the
-      // panel's last item then reads all of them (from L2: ld.global.cg).
-      __shared__ int last_cta;
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) last_cta = atomicAdd(p.reduce_counters + panel, 1) == active - 1;
-      __syncthreads();
-      if (last_cta) {
-        __threadfence();
-        GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, reduce_y, reduce_bias,
-                        tid, nthreads);
+    __syncthreads();
+    const bool reload = r0 + kGemvMaxTokens < row_end;  // another row group follows
+    if (nt == 1) {
+      GemvGroup<1>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
+    } else if (nt == 2) {
+      GemvGroup<2>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
+    } else {
+      GemvGroup<4>(ld, v, sw, reload, act, fac, partial, kp, num_chunks, warp, warps, pow2_idx);
+    }
+    __syncthreads();
+    // One thread per (row, token): the warps' partials in warp order, one rounding, one store.
+    const int used_warps = num_chunks < warps ? num_chunks : warps;
+    for (int i = tid; i < kPanelRows * nt; i += nthreads) {
+      const int tok = i / kPanelRows, r = i % kPanelRows;
+      const int col = panel * kPanelRows + r;
+      if (col >= p.n) continue;
+      float sum = 0.0f;
+      for (int w = 0; w < used_warps; ++w) {
+        sum += partial[(w * kPanelRows + r) * kGemvMaxTokens + tok];
       }
+      const uint16_t bits = p.c_is_fp16 ? __half_as_ushort(__float2half_rn(sum))
+                                        : __bfloat16_as_ushort(__float2bfloat16_rn(sum));
+      static_cast<uint16_t*>(p.c)[(r0 + tok) * p.n + col] = bits;
+    }
+  }
+  if (fused) {
+    // Every thread's y stores reach the device scope before the CTA counts itself; the panel's
+    // last CTA then reads all of them (from L2: ld.global.cg).
+    __shared__ int last_cta;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last_cta = atomicAdd(p.reduce_counters + panel, 1) == active - 1;
+    __syncthreads();
+    if (last_cta) {
+      __threadfence();
+      GemvFusedReduce(p, panel, pair_row, pair_weight, pair_expert, reduce_y, reduce_bias, tid,
+                      nthreads);
     }
   }
 #endif
@@ -686,10 +666,10 @@ int64_t GemvSmemBytes(int32_t num_experts, int64_t k) {
   return GemvLayout(num_experts, static_cast<int>(NumChunks(k))).total;
 }
 
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int num_sms,
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
                               cudaStream_t stream) {
-  const int64_t items = static_cast<int64_t>(num_slots) * params.num_panels;
-  if (items == 0) return MXMOE_STATUS_OK;
+  const int64_t grid = static_cast<int64_t>(num_slots) * params.num_panels;
+  if (grid == 0) return MXMOE_STATUS_OK;
   // 8 warps, fewer only where K has fewer chunks. Fewer warps so that a large grid fits one wave
   // was measured slower at 2-4 rows per expert (longer chains per warp; docs/perf-notes.md).
   int warps = kGemvMaxWarps;
@@ -698,14 +678,6 @@ mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int
   auto launch = [&](auto kernel) {
     MXMOE_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int resident = 0;
-    MXMOE_CUDA_RETURN_IF_ERROR(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, 32 * warps, smem));
-    const int64_t wave = static_cast<int64_t>(resident > 0 ? resident : 1) * num_sms;
-    int64_t grid = items < wave ? items : wave;
-    if (const char* env = getenv("MXMOE_SM90_GEMV_PERSISTENT")) {  // EXPERIMENT
-      if (atoi(env) == 0) grid = items;
-    }
     MXMOE_CUDA_RETURN_IF_ERROR(LaunchPdl(kernel, dim3(static_cast<unsigned>(grid)),
                                          dim3(32 * warps), smem, stream, params));
     return MXMOE_STATUS_OK;

@@ -136,11 +136,9 @@ int64_t GemvSmemBytes(int32_t num_experts, int64_t k);
 // The heuristic takes the CUDA-core path only where its shared memory allows two CTAs per SM.
 constexpr int64_t kGemvSmemLimit = 100 * 1024;
 
-// Items (expert slot, weight panel), num_slots >= the number of experts with rows
-// (min(rows, num_experts) always suffices), over a persistent grid of at most one wave of
-// resident CTAs on num_sms multiprocessors.
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int num_sms,
-                              cudaStream_t stream);
+// One CTA per (expert slot, weight panel); num_slots >= the number of experts with rows
+// (min(rows, num_experts) always suffices).
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, cudaStream_t stream);
 
 // Launches on `stream`; block_n in {16, 32, 64, 128}. Returns UNSUPPORTED for other values.
 mxmoe_status LaunchGemmKernel(int block_n, const GemmKernelLaunch& launch, cudaStream_t stream);

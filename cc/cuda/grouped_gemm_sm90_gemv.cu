@@ -42,8 +42,9 @@
 // the layer's bias and activation (kGeneral, GEMM 2). Each CTA quantizes its expert's rows
 // while staging them, with quantize_device.cuh's functions (the quantize kernel's QuantizeTile
 // calls the same ones), so the staged codes and factors, and hence the output, are bit for bit
-// those of quantize-then-GEMM; the CTAs of one expert (one per weight panel) repeat that small
-// work instead of a launch and a round trip through global memory.
+// those of quantize-then-GEMM. The CTAs of one expert (one per weight panel) each repeat that
+// work on their own critical path, so it beats the quantize kernel only where the grid is one
+// wave (measured; GroupedGemmSm90TakesSource in grouped_gemm_sm90.cu decides).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

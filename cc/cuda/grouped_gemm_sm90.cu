@@ -516,6 +516,7 @@ mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* w
       gp.swiglu_limit = source->swiglu_limit;
     }
     const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
+    // One CTA per (slot, panel): a persistent grid was measured slower (docs/perf-notes.md).
     MXMOE_RETURN_IF_ERROR(sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream));
     *reduced = gp.reduce.output != nullptr;
     return MXMOE_STATUS_OK;

@@ -138,7 +138,8 @@ constexpr int64_t kGemvSmemLimit = 100 * 1024;
 
 // One CTA per (expert slot, weight panel); num_slots >= the number of experts with rows
 // (min(rows, num_experts) always suffices).
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, cudaStream_t stream);
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
+                              cudaStream_t stream);
 
 // Launches on `stream`; block_n in {16, 32, 64, 128}. Returns UNSUPPORTED for other values.
 mxmoe_status LaunchGemmKernel(int block_n, const GemmKernelLaunch& launch, cudaStream_t stream);

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cc/cuda/quantize.h"
 #include "cc/cuda/weighted_reduce.h"
 #include "mxmoe/mxmoe.h"
 
@@ -39,33 +40,13 @@ mxmoe_status GroupedGemmSm90(const mxmoe_grouped_gemm_args& args, void* workspac
 
 // What the MoE layer's kernel chain (moe_forward_cuda.cu) may ask of the sm90 GEMM beyond a
 // standalone call, which passes none of it.
-// The A operand as the chain's bf16/fp16 rows (c's dtype) instead of MXFP4 codes and scales:
-// the GEMM quantizes them itself with the quantize kernels' device functions
-// (quantize_device.cuh), so its result is bit-identical to quantize-then-GEMM.
-struct GemmSource {
-  enum class Kind {
-    kGather,   // sorted row r is input row row_source[r] / slots_per_token (clamped to
-               // [0, source_rows); a negative slot reads row 0): [source_rows, k]
-    kSiluMul,  // row r of input [rows, 2k] = [gate | up]: silu(gate) * up
-    kGeneral,  // the same with the MoE's activation options (per-expert w13 bias, SwiGLU-OAI)
-  };
-  Kind kind = Kind::kGather;
-  const void* input = nullptr;
-  const int32_t* row_source = nullptr;  // kGather
-  int32_t slots_per_token = 1;
-  int64_t source_rows = 0;
-  const void* bias = nullptr;  // kGeneral: [E, 2k] or NULL
-  int32_t bias_dtype = 0;
-  int32_t activation = 0;  // mxmoe_activation
-  float swiglu_alpha = 0.0f;
-  float swiglu_limit = 0.0f;
-};
-
-// Whether GroupedGemmSm90Chained takes a GemmChain::source of this kind for these arguments:
-// where the CUDA-core path serves the GEMM (at most 16 rows) in one wave of CTAs, for the gather
-// and plain SiLU (measured: elsewhere the quantize kernel is faster); MXMOE_SM90_GEMV_QUANTIZE
-// forces it (0 never; a mask: 1 the gather, 2 the activation, wherever the path runs).
-bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args, GemmSource::Kind kind);
+// Whether GroupedGemmSm90Chained takes a GemmChain::source with this activation for these
+// arguments: where the CUDA-core path serves the GEMM (at most 16 rows) in one wave of CTAs, for
+// the gather (kNone) and plain SiLU (measured: elsewhere the quantize kernel is faster);
+// MXMOE_SM90_GEMV_QUANTIZE forces it (0 never; a mask: 1 the gather, 2 the activation, wherever
+// the path runs).
+bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args,
+                                ExpertsActivation activation);
 
 struct GemmChain {
   // The kernel right before this GEMM in the stream is one of the chain's own, which waits before
@@ -78,10 +59,13 @@ struct GemmChain {
   // reduce_counters: sm90::NumPanels(n) int32, zero on entry.
   const ReduceParams* reduce = nullptr;
   int32_t* reduce_counters = nullptr;
-  // Quantize A inside the GEMM (args.a and args.a_scales unused) where
-  // GroupedGemmSm90TakesSource(args, source->kind) says so; INTERNAL otherwise. The chain then
-  // skips its quantize kernel: one launch and one pass over the activations fewer.
-  const GemmSource* source = nullptr;
+  // The chain's quantize step for A (quantize.h) done inside the GEMM instead of by
+  // ExpertsQuantizeRows: the GEMM reads source->input (bf16/fp16 rows of c's dtype; gathered
+  // through source->row_source for kNone, [gate | up] with the activation otherwise) and
+  // quantizes them with the quantize kernels' device functions (quantize_device.cuh), so its
+  // result is bit-identical to quantize-then-GEMM; args.a and args.a_scales are unused. Where
+  // GroupedGemmSm90TakesSource(args, source->activation) says so; INTERNAL otherwise.
+  const ExpertsQuantizeJob* source = nullptr;
 };
 
 // GroupedGemmSm90 with the chain's requests; *reduced tells whether the weighted reduce was

@@ -403,14 +403,14 @@ sm90::GemmConfig ChainConfig(const mxmoe_grouped_gemm_args& args, int* num_sms,
   return sm90::ChooseGemmConfigWithOverride(problem);
 }
 
-// GemmSource::Kind as the CUDA-core kernel's GemvSource.
-sm90::GemvSource GemvSourceOf(GemmSource::Kind kind) {
-  switch (kind) {
-    case GemmSource::Kind::kGather:
+// A quantize step's activation as the CUDA-core kernel's GemvSource.
+sm90::GemvSource GemvSourceOf(ExpertsActivation activation) {
+  switch (activation) {
+    case ExpertsActivation::kNone:
       return sm90::GemvSource::kGather;
-    case GemmSource::Kind::kSiluMul:
+    case ExpertsActivation::kSiluMul:
       return sm90::GemvSource::kSiluMul;
-    case GemmSource::Kind::kGeneral:
+    case ExpertsActivation::kGeneral:
       return sm90::GemvSource::kGeneral;
   }
   return sm90::GemvSource::kMxfp4;
@@ -423,25 +423,26 @@ sm90::GemvSource GemvSourceOf(GemmSource::Kind kind) {
 // general activation (bias loads, SwiGLU) costs more even then. MXMOE_SM90_GEMV_QUANTIZE forces
 // it: 0 never, else a mask (1 the gather, 2 the activation, any kind) wherever the path runs.
 bool TakesSource(const mxmoe_grouped_gemm_args& args, const sm90::GemmConfig& config,
-                 int num_sms, GemmSource::Kind kind) {
+                 int num_sms, ExpertsActivation activation) {
   if (!config.gemv) return false;
   if (const char* env = getenv("MXMOE_SM90_GEMV_QUANTIZE")) {
-    const int bit = kind == GemmSource::Kind::kGather ? 1 : 2;
+    const int bit = activation == ExpertsActivation::kNone ? 1 : 2;
     return (atoi(env) & bit) != 0;
   }
-  if (kind == GemmSource::Kind::kGeneral) return false;
+  if (activation == ExpertsActivation::kGeneral) return false;
   const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
   return slots * sm90::NumPanels(args.n) <= int64_t{sm90::kGemvCtasPerSm} * num_sms;
 }
 
 }  // namespace
 
-bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args, GemmSource::Kind kind) {
+bool GroupedGemmSm90TakesSource(const mxmoe_grouped_gemm_args& args,
+                                ExpertsActivation activation) {
   if (args.rows == 0 || args.n == 0) return false;
   mxmoe_status status = MXMOE_STATUS_OK;
   int num_sms = 0;
   const sm90::GemmConfig config = ChainConfig(args, &num_sms, &status);
-  return status == MXMOE_STATUS_OK && TakesSource(args, config, num_sms, kind);
+  return status == MXMOE_STATUS_OK && TakesSource(args, config, num_sms, activation);
 }
 
 mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* workspace,
@@ -471,8 +472,10 @@ mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* w
   const sm90::GemmConfig config = ChainConfig(args, &num_sms, &config_status);
   MXMOE_RETURN_IF_ERROR(config_status);
   const int num_chunks = static_cast<int>(sm90::NumChunks(args.k));
-  const GemmSource* source = chain.source;
-  if (source != nullptr && !TakesSource(args, config, num_sms, source->kind)) {
+  const ExpertsQuantizeJob* source = chain.source;
+  if (source != nullptr && (!TakesSource(args, config, num_sms, source->activation) ||
+                            (source->activation == ExpertsActivation::kNone &&
+                             source->row_source == nullptr))) {
     return Fail(MXMOE_STATUS_INTERNAL,
                 "grouped_gemm (sm90): the chain passed a source the CUDA-core path does not take"
                 " (rows=", args.rows, ")");
@@ -504,16 +507,13 @@ mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* w
     }
     gp.source = sm90::GemvSource::kMxfp4;
     if (source != nullptr) {
-      gp.source = GemvSourceOf(source->kind);
+      gp.source = GemvSourceOf(source->activation);
       gp.src = source->input;
       gp.row_source = source->row_source;
       gp.slots_per_token = source->slots_per_token;
       gp.source_rows = static_cast<int32_t>(source->source_rows);
-      gp.bias = source->bias;
-      gp.bias_dtype = source->bias_dtype;
-      gp.activation = source->activation;
-      gp.swiglu_alpha = source->swiglu_alpha;
-      gp.swiglu_limit = source->swiglu_limit;
+      gp.activation = {source->bias, source->bias_dtype, source->activation_kind,
+                       source->swiglu_alpha, source->swiglu_limit};
     }
     const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
     // One CTA per (slot, panel): a persistent grid was measured slower (docs/perf-notes.md).

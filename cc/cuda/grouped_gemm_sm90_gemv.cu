@@ -273,10 +273,8 @@ __device__ __forceinline__ void StageQuantized(const GemvKernelParams& p, int e,
         if (valid[u]) x = quant::SiluMulChecked<T>(quant::AsLane8(g[u]), quant::AsLane8(up[u]));
       } else if constexpr (kSource == GemvSource::kGeneral) {
         if (valid[u]) {
-          const quant::ActivationSpec spec{p.bias, p.bias_dtype, p.activation, p.swiglu_alpha,
-                                           p.swiglu_limit};
-          x = quant::BiasActivation<T>(spec, quant::AsLane8(g[u]), quant::AsLane8(up[u]), e,
-                                       p.k, k0);
+          x = quant::BiasActivation<T>(p.activation, quant::AsLane8(g[u]),
+                                       quant::AsLane8(up[u]), e, p.k, k0);
         }
       }
       const quant::QuantizedLane q = quant::QuantizeLane<T>(x);

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "cc/cuda/grouped_gemm_sm90_layout.h"
+#include "cc/cuda/quantize_device.cuh"
 #include "cc/cuda/weighted_reduce.h"
 #include "mxmoe/mxmoe.h"
 
@@ -86,7 +87,7 @@ constexpr int kGemvMaxTokens = 4;  // rows of one expert per pass (more rows: mo
 constexpr int kGemvCtasPerSm = 2;  // resident CTAs per SM (its __launch_bounds__)
 
 // Where the kernel's activations come from: MXFP4 codes and swizzled scales (a, a_scales), or
-// 16-bit rows of c's dtype that each CTA quantizes itself (grouped_gemm.h, GemmSource::Kind).
+// 16-bit rows of c's dtype that each CTA quantizes itself (GemmChain::source in grouped_gemm.h).
 enum class GemvSource : int32_t { kMxfp4 = 0, kGather = 1, kSiluMul = 2, kGeneral = 3 };
 
 struct GemvKernelParams {
@@ -114,17 +115,13 @@ struct GemvKernelParams {
   ReduceParams reduce;
   int32_t* reduce_counters;  // [num_panels]
   // GemvSource other than kMxfp4 (a and a_scales unused): the 16-bit rows (c's dtype) and, per
-  // kind, the gather's slot table or the activation's options (GemmSource in grouped_gemm.h).
+  // kind, the gather's slot table or the activation's options (GemmChain::source).
   GemvSource source;
   const void* src;
   const int32_t* row_source;
   int32_t slots_per_token;
   int32_t source_rows;
-  const void* bias;
-  int32_t bias_dtype;
-  int32_t activation;
-  float swiglu_alpha;
-  float swiglu_limit;
+  quant::ActivationSpec activation;  // kGeneral
 };
 
 // The most (token, slot) pairs the fused reduce stages in shared memory.

@@ -28,11 +28,12 @@
 //                             last CTA of each weight panel reduces that panel's columns, with the
 //                             same device function (GemmChain in grouped_gemm.h).
 // With few rows on sm90 (T * slots <= 16, the CUDA-core GEMM) steps 3 and 5 may be done inside
-// GEMMs 1 and 2 instead: each CTA reads the 16-bit rows (the gathered tokens; GEMM 1's output)
-// and quantizes them with the quantize kernels' device functions (GemmSource in grouped_gemm.h),
-// bit-identical to the separate step. By default only where that was measured faster (the
-// GEMM's grid one wave of CTAs; the gather and plain SiLU: GroupedGemmSm90TakesSource), e.g.
-// qwen3 at T = 1: 3 launches (routing + metadata, GEMM 1, GEMM 2 + reduce).
+// GEMMs 1 and 2 instead: the step's ExpertsQuantizeJob goes to the GEMM (GemmChain::source in
+// grouped_gemm.h), whose CTAs read the 16-bit rows (the gathered tokens; GEMM 1's output) and
+// quantize them with the quantize kernels' device functions, bit-identical to the separate step.
+// By default only where that was measured faster (the GEMM's grid one wave of CTAs; the gather
+// and plain SiLU: GroupedGemmSm90TakesSource), e.g. qwen3 at T = 1: 3 launches (routing +
+// metadata, GEMM 1, GEMM 2 + reduce).
 // MXMOE_SM90_GEMV_QUANTIZE forces it (0 never; mask 1 gather, 2 activation): tests, A/B runs.
 // PDL: a GEMM that follows a quantize kernel, or GEMM 2 after GEMM 1, finds its expert and
 // starts its weight loads before its own wait (the kernel before it waits first, so the
@@ -647,8 +648,9 @@ struct GemmBackend {
   // The chain's requests (grouped_gemm.h); *reduced: the weighted reduce was folded in.
   mxmoe_status (*run)(const mxmoe_grouped_gemm_args&, void*, size_t, void*, const GemmChain&,
                       bool* reduced);
-  // Whether run takes a GemmChain::source of this kind (quantizes A itself) for these arguments.
-  bool (*takes_source)(const mxmoe_grouped_gemm_args&, GemmSource::Kind);
+  // Whether run takes a GemmChain::source with this activation (quantizes A itself) for these
+  // arguments.
+  bool (*takes_source)(const mxmoe_grouped_gemm_args&, ExpertsActivation);
 };
 
 // sm100 takes none of the chain's requests.
@@ -659,7 +661,7 @@ mxmoe_status GroupedGemmSm100InChain(const mxmoe_grouped_gemm_args& args, void* 
   return GroupedGemmSm100(args, workspace, workspace_bytes, stream);
 }
 
-bool GroupedGemmSm100TakesSource(const mxmoe_grouped_gemm_args&, GemmSource::Kind) {
+bool GroupedGemmSm100TakesSource(const mxmoe_grouped_gemm_args&, ExpertsActivation) {
   return false;
 }
 
@@ -886,33 +888,6 @@ mxmoe_status LaunchWeightedReduce(const ReduceParams& r, cudaStream_t stream) {
   return MXMOE_STATUS_OK;
 }
 
-// Stage 3 as a GEMM source: each sorted row's token, read by the GEMM itself.
-GemmSource GatherSource(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws) {
-  GemmSource source;
-  source.kind = GemmSource::Kind::kGather;
-  source.input = args.hidden_states;
-  source.row_source = ws.row_slot;
-  source.slots_per_token = SlotsPerToken(args);
-  source.source_rows = args.num_tokens;
-  return source;
-}
-
-// Stage 5 as a GEMM source: the activation of GEMM 1's output, applied by the GEMM itself, with
-// the same device functions as QuantizeJob(args, ws, 5)'s kernel.
-GemmSource ActivationSource(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws) {
-  GemmSource source;
-  const bool plain_silu =
-      args.activation == MXMOE_ACTIVATION_SILU_AND_MUL && args.w13_bias == nullptr;
-  source.kind = plain_silu ? GemmSource::Kind::kSiluMul : GemmSource::Kind::kGeneral;
-  source.input = ws.gemm1_output;
-  source.bias = args.w13_bias;
-  source.bias_dtype = args.w13_bias_dtype;
-  source.activation = args.activation;
-  source.swiglu_alpha = args.swiglu_alpha;
-  source.swiglu_limit = args.swiglu_limit;
-  return source;
-}
-
 // Stages 3 to 7 for one activation dtype. Where the GEMM takes a source (the sm90 CUDA-core
 // path, at most 16 rows), stage 3 or 5 is done inside GEMM 1 or 2 and its own launch is skipped.
 template <typename T>
@@ -922,10 +897,11 @@ mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& 
   bool reduced = false;
   const mxmoe_grouped_gemm_args gemm1 = GemmArgs(args, ws, 1);
   const mxmoe_grouped_gemm_args gemm2 = GemmArgs(args, ws, 2);
-  const GemmSource gather = GatherSource(args, ws);
-  const GemmSource activation = ActivationSource(args, ws);
-  const bool gather_in_gemm = gemm.takes_source(gemm1, gather.kind);
-  const bool activation_in_gemm = gemm.takes_source(gemm2, activation.kind);
+  // Stages 3 and 5, run by ExpertsQuantizeRows or, where the GEMM takes them, inside it.
+  const ExpertsQuantizeJob gather = QuantizeJob(args, ws, 3);
+  const ExpertsQuantizeJob activation = QuantizeJob(args, ws, 5);
+  const bool gather_in_gemm = gemm.takes_source(gemm1, gather.activation);
+  const bool activation_in_gemm = gemm.takes_source(gemm2, activation.activation);
 
   GemmChain chain1;
   if (gather_in_gemm) {
@@ -934,7 +910,7 @@ mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& 
     chain1.offsets_before_wait = false;
     chain1.source = &gather;
   } else {
-    MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 3), stream_ptr));
+    MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(gather, stream_ptr));
     chain1.offsets_before_wait = true;  // it follows the quantize kernel, which waits first
   }
   MXMOE_RETURN_IF_ERROR(
@@ -948,7 +924,7 @@ mxmoe_status RunExperts(const mxmoe_moe_forward_args& args, const MoeWorkspace& 
   if (activation_in_gemm) {
     chain2.source = &activation;
   } else {
-    MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(QuantizeJob(args, ws, 5), stream_ptr));
+    MXMOE_RETURN_IF_ERROR(ExpertsQuantizeRows(activation, stream_ptr));
   }
   const ReduceParams reduce = MakeReduceParams(args, ws);
   chain2.reduce = &reduce;

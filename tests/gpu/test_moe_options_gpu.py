@@ -179,6 +179,9 @@ def test_gemv_quantize_skips_quantize_launches(monkeypatch):
             layer(x, logits)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not names:  # CUPTI taken, e.g. by compute-sanitizer: nothing to count, not a pass
+            pytest.skip("torch.profiler recorded no CUDA kernel (CUPTI unavailable: under "
+                        "compute-sanitizer it has another subscriber)")
         counts[mode] = (sum("QuantizeRowsKernel" in n for n in names),
                         sum("GroupedGemvSm90Kernel" in n for n in names))
     # The default: the gather folded (20 CTAs: one wave), SwiGLU with a bias not.

@@ -90,6 +90,33 @@ MXMOE_CPU_FMA_TARGET inline void SiluMulBf16Row(const uint16_t* gate, const uint
   }
 }
 
+// acc[j] += w * y[j] over a bf16 row y, j < n: the weighted reduce's MXMOE_ADD(acc,
+// MXMOE_MUL(w, y)) (a multiply, then an add: no FMA), eight lanes at a time.
+MXMOE_CPU_FMA_TARGET inline void AccumulateBf16Row(const uint16_t* y, float w, int64_t n,
+                                                   float* acc) {
+  const __m256 w8 = _mm256_set1_ps(w);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 wy = _mm256_mul_ps(w8, LoadBf16X8(y + j));
+    _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), wy));
+  }
+  for (; j < n; ++j) {
+    acc[j] = MXMOE_ADD(acc[j], MXMOE_MUL(w, format::Bf16ToFloat(LoadU16(y, j))));
+  }
+}
+
+// out[j] = FloatToBf16(acc[j]), j < n, eight lanes at a time.
+MXMOE_CPU_FMA_TARGET inline void StoreBf16Row(const float* acc, int64_t n, uint16_t* out) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i bits = _mm256_srli_epi32(RoundToBf16X8(_mm256_loadu_ps(acc + j)), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j),
+                     _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                      _mm256_extracti128_si256(bits, 1)));
+  }
+  for (; j < n; ++j) StoreU16(out, j, format::FloatToBf16(acc[j]));
+}
+
 // The same row stored as bf16 (the MoE's intermediate activations).
 MXMOE_CPU_FMA_TARGET inline void SiluMulBf16RowToBf16(const uint16_t* gate, const uint16_t* up,
                                                       int64_t n, uint16_t* out) {

@@ -19,9 +19,9 @@ namespace cpu {
 constexpr int kBlock = format::kBlockSize;        // 32 elements
 constexpr int kPackedBlockBytes = kBlock / 2;     // 16 bytes of E2M1 codes
 
-// The AVX-512 form of QuantizeBlockPortable (panel_kernels.cc), or nullptr where the CPU lacks
-// AVX-512 (or MXMOE_CPU_KERNEL asks for another kernel): same bits, checked by
-// tests/cc/cpu_kernels_test.cc.
+// The vector form of QuantizeBlockPortable (panel_kernels.cc) for the selected panel kernel's
+// instruction set (AVX-512 or AVX2), or nullptr for SSE2 and the portable loop: same bits,
+// checked by tests/cc/cpu_kernels_test.cc.
 using QuantizeBlockFn = uint8_t (*)(const float* x, uint8_t* packed);
 QuantizeBlockFn VectorQuantizeBlock();
 

@@ -132,7 +132,8 @@ bool ActivationUsesFma();
 
 // The GEMM's bf16 epilogue for one full panel row (kPanelCols doubles -> kPanelCols bf16, as
 // element_io.h's StoreFromDouble does one by one): a vector form when the AVX-512 kernel is
-// selected, else nullptr (the scalar loop). Same bits (tests/cc/cpu_kernels_test.cc).
+// selected, or the AVX2 kernel on a CPU with FMA, else nullptr (the scalar loop). Same bits
+// (tests/cc/cpu_kernels_test.cc).
 using StoreBf16PanelRowFn = void (*)(const double* acc, uint16_t* out);
 StoreBf16PanelRowFn VectorStoreBf16PanelRow();
 #if defined(__x86_64__)
@@ -146,10 +147,10 @@ namespace internal {
 // on, or again the selected kernel with ResetKernelIsaForTesting().
 void SetKernelIsaForTesting(KernelIsa isa);
 void ResetKernelIsaForTesting();
-// The AVX-512 bf16 epilogue where the CPU runs it, else nullptr (whatever is selected).
-StoreBf16PanelRowFn StoreBf16PanelRowAvx512ForTesting();
-// The AVX-512 block quantizer where the CPU runs it, else nullptr (whatever is selected).
-QuantizeBlockFn QuantizeBlockAvx512ForTesting();
+// The bf16 epilogue / block quantizer of `isa` (AVX2 or AVX-512) where this CPU runs it, else
+// nullptr (whatever is selected).
+StoreBf16PanelRowFn StoreBf16PanelRowForTesting(KernelIsa isa);
+QuantizeBlockFn QuantizeBlockForTesting(KernelIsa isa);
 }  // namespace internal
 
 }  // namespace cpu

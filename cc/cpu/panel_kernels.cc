@@ -223,6 +223,94 @@ void Avx2Kernel(const uint8_t* panel, int64_t blocks, const int8_t* a_codes,
   });
 }
 
+// QuantizeBlockPortable on 4 x 8 lanes (AVX2): the same NaN test, the same amax (a maximum is
+// exact), the scale rule of format.h (scalar, once per block), the same fp32 products and the 7
+// threshold comparisons of format::FloatToE2M1, each lane's all-ones mask subtracted as -1.
+__attribute__((target("avx2"))) uint8_t QuantizeBlockAvx2(const float* x, uint8_t* packed) {
+  __m256 v[4];
+  __m256 unordered = _mm256_setzero_ps();
+  __m256 amax8 = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
+    amax8 = _mm256_max_ps(amax8, _mm256_and_ps(v[j], abs_mask));
+  }
+  if (_mm256_movemask_ps(unordered) != 0) {
+    memset(packed, 0, kPackedBlockBytes);
+    return format::kScaleNaN;
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const uint8_t scale = format::ScaleFromAmax(_mm_cvtss_f32(m4));
+  const __m256 multiplier = _mm256_set1_ps(format::QuantMultiplier(scale));
+  const float thresholds[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+  __m256i codes[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const __m256 q = _mm256_mul_ps(v[j], multiplier);
+    const __m256 a = _mm256_and_ps(q, abs_mask);
+    __m256i mag = _mm256_setzero_si256();
+#pragma GCC unroll 7
+    for (int t = 0; t < 7; ++t) {  // ties: > where the even code is below, >= where above
+      const __m256 edge = _mm256_set1_ps(thresholds[t]);
+      const __m256 hit = t % 2 == 0 ? _mm256_cmp_ps(a, edge, _CMP_GT_OQ)
+                                    : _mm256_cmp_ps(a, edge, _CMP_GE_OQ);
+      mag = _mm256_sub_epi32(mag, _mm256_castps_si256(hit));
+    }
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(q), 28),
+                                          _mm256_set1_epi32(8));
+    codes[j] = _mm256_or_si256(mag, sign);
+  }
+  // 32 int32 codes -> 32 bytes in element order (the packs work per 128-bit lane), then bytes 2i
+  // and 2i+1 -> one byte, element 2i in the low nibble.
+  const __m256i words = _mm256_packus_epi16(_mm256_packus_epi32(codes[0], codes[1]),
+                                            _mm256_packus_epi32(codes[2], codes[3]));
+  const __m256i bytes =
+      _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i merged = _mm256_or_si256(_mm256_and_si256(bytes, _mm256_set1_epi16(0x0F)),
+                                         _mm256_slli_epi16(_mm256_srli_epi16(bytes, 8), 4));
+  const __m256i narrow = _mm256_permute4x64_epi64(_mm256_packus_epi16(merged, merged), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(packed), _mm256_castsi256_si128(narrow));
+  return scale;
+}
+
+// Two vectors of 4 64-bit lane masks as 8 32-bit lane masks in element order.
+MXMOE_CPU_FMA_TARGET inline __m256i NarrowMasks(__m256d lo, __m256d hi) {
+  const __m256 two =
+      _mm256_shuffle_ps(_mm256_castpd_ps(lo), _mm256_castpd_ps(hi), _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_permute4x64_epi64(_mm256_castps_si256(two), _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+// StoreFromDouble to bf16 for one panel row (AVX2): element_io.h's RoundToOddFloat literally -
+// the nearest-even float, one step towards zero where it is larger in magnitude than the double,
+// the last bit set where inexact, NaN as the conversion makes it - then FloatToBf16
+// (RoundToBf16X8). The FMA target only because RoundToBf16X8 has it; no FMA is used.
+MXMOE_CPU_FMA_TARGET void StoreBf16PanelRowAvx2(const double* acc, uint16_t* out) {
+  const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFF));
+  __m128 f[2];
+  __m256d over[2], inexact[2];
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256d d = _mm256_loadu_pd(acc + 4 * h);
+    f[h] = _mm256_cvtpd_ps(d);  // nearest even (MXCSR's default, as static_cast<float>)
+    const __m256d back = _mm256_cvtps_pd(f[h]);
+    over[h] = _mm256_cmp_pd(_mm256_and_pd(back, abs_mask), _mm256_and_pd(d, abs_mask),
+                            _CMP_GT_OQ);
+    inexact[h] = _mm256_cmp_pd(back, d, _CMP_NEQ_OQ);  // false for NaN
+  }
+  __m256i u = _mm256_castps_si256(_mm256_set_m128(f[1], f[0]));
+  u = _mm256_add_epi32(u, NarrowMasks(over[0], over[1]));  // -1 where the float is too large
+  u = _mm256_or_si256(u, _mm256_and_si256(NarrowMasks(inexact[0], inexact[1]),
+                                          _mm256_set1_epi32(1)));
+  const __m256i bits = _mm256_srli_epi32(RoundToBf16X8(_mm256_castsi256_ps(u)), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                    _mm256_extracti128_si256(bits, 1)));
+}
+
 // GCC 12's AVX-512 headers initialise their "undefined" vectors from themselves, which
 // -Wuninitialized reports inside target-attribute functions: a false positive.
 #pragma GCC diagnostic push
@@ -459,34 +547,40 @@ std::atomic<int> g_forced_isa{-1};
 
 }  // namespace
 
-QuantizeBlockFn VectorQuantizeBlock() {
+namespace {
+
+// The vector block quantizer and bf16 epilogue of `isa`, or nullptr where this CPU cannot run
+// them (the epilogue's AVX2 form also needs FMA: it shares RoundToBf16X8's target).
+QuantizeBlockFn QuantizeBlockFor(KernelIsa isa) {
+  if (!CpuRuns(isa)) return nullptr;
 #if defined(MXMOE_CPU_X86)
-  if (SelectedKernelIsa() == KernelIsa::kAvx512) return QuantizeBlockAvx512;
+  if (isa == KernelIsa::kAvx512) return QuantizeBlockAvx512;
+  if (isa == KernelIsa::kAvx2) return QuantizeBlockAvx2;
 #endif
   return nullptr;
 }
 
-StoreBf16PanelRowFn VectorStoreBf16PanelRow() {
+StoreBf16PanelRowFn StoreBf16PanelRowFor(KernelIsa isa) {
+  if (!CpuRuns(isa)) return nullptr;
 #if defined(MXMOE_CPU_X86)
-  if (SelectedKernelIsa() == KernelIsa::kAvx512) return StoreBf16PanelRowAvx512;
+  if (isa == KernelIsa::kAvx512) return StoreBf16PanelRowAvx512;
+  if (isa == KernelIsa::kAvx2 && __builtin_cpu_supports("fma")) return StoreBf16PanelRowAvx2;
 #endif
   return nullptr;
 }
+
+}  // namespace
+
+QuantizeBlockFn VectorQuantizeBlock() { return QuantizeBlockFor(SelectedKernelIsa()); }
+
+StoreBf16PanelRowFn VectorStoreBf16PanelRow() { return StoreBf16PanelRowFor(SelectedKernelIsa()); }
 
 namespace internal {
-StoreBf16PanelRowFn StoreBf16PanelRowAvx512ForTesting() {
-#if defined(MXMOE_CPU_X86)
-  if (CpuRuns(KernelIsa::kAvx512)) return StoreBf16PanelRowAvx512;
-#endif
-  return nullptr;
+StoreBf16PanelRowFn StoreBf16PanelRowForTesting(KernelIsa isa) {
+  return StoreBf16PanelRowFor(isa);
 }
 
-QuantizeBlockFn QuantizeBlockAvx512ForTesting() {
-#if defined(MXMOE_CPU_X86)
-  if (CpuRuns(KernelIsa::kAvx512)) return QuantizeBlockAvx512;
-#endif
-  return nullptr;
-}
+QuantizeBlockFn QuantizeBlockForTesting(KernelIsa isa) { return QuantizeBlockFor(isa); }
 }  // namespace internal
 
 const char* KernelIsaName(KernelIsa isa) {

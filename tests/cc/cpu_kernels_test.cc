@@ -151,13 +151,14 @@ void TestActivationClonesAgree() {
 #endif
 }
 
-// The AVX-512 bf16 epilogue against StoreFromDouble on random doubles around every float
-// exponent, exact floats, bf16 halfway cases, the float range's edges, NaN and infinities.
-void TestBf16EpilogueAgrees(std::mt19937& rng) {
+// The vector bf16 epilogue of `isa` (AVX2, AVX-512) against StoreFromDouble on random doubles
+// around every float exponent, exact floats, bf16 halfway cases, the float range's edges, NaN
+// and infinities.
+void TestBf16EpilogueAgrees(KernelIsa isa, std::mt19937& rng) {
   const mxmoe::cpu::StoreBf16PanelRowFn vector =
-      mxmoe::cpu::internal::StoreBf16PanelRowAvx512ForTesting();
+      mxmoe::cpu::internal::StoreBf16PanelRowForTesting(isa);
   if (vector == nullptr) {
-    printf("bf16 epilogue: no AVX-512 on this CPU; skipped\n");
+    printf("bf16 epilogue: no %s form on this CPU; skipped\n", mxmoe::cpu::KernelIsaName(isa));
     return;
   }
   const double specials[] = {0.0,     -0.0,    1.0,      -1.5,    3.4028234663852886e38,
@@ -188,7 +189,9 @@ void TestBf16EpilogueAgrees(std::mt19937& rng) {
       }
     }
   }
-  EXPECT(bad == 0, "%d values: the AVX-512 bf16 epilogue differs from StoreFromDouble", bad);
+  EXPECT(bad == 0, "%d values: the %s bf16 epilogue differs from StoreFromDouble", bad,
+         mxmoe::cpu::KernelIsaName(isa));
+  printf("bf16 epilogue (%s): checked\n", mxmoe::cpu::KernelIsaName(isa));
 }
 
 void TestKernelsAgree(std::mt19937& rng) {
@@ -275,14 +278,13 @@ void TestKernelsAgree(std::mt19937& rng) {
 #endif
 }
 
-// The vector block quantizer (where the CPU has AVX-512) against the portable one: random blocks
+// The vector block quantizer of `isa` (AVX2, AVX-512) against the portable one: random blocks
 // over many binades with NaN, +-Inf, zeros of both signs, subnormals, and values on the E2M1
 // rounding thresholds.
-void TestQuantizeBlockAgrees(std::mt19937& rng) {
-  const mxmoe::cpu::QuantizeBlockFn vector =
-      mxmoe::cpu::internal::QuantizeBlockAvx512ForTesting();
+void TestQuantizeBlockAgrees(KernelIsa isa, std::mt19937& rng) {
+  const mxmoe::cpu::QuantizeBlockFn vector = mxmoe::cpu::internal::QuantizeBlockForTesting(isa);
   if (vector == nullptr) {
-    printf("no AVX-512 block quantizer on this CPU\n");
+    printf("no %s block quantizer on this CPU\n", mxmoe::cpu::KernelIsaName(isa));
     return;
   }
   const float specials[] = {0.0f, -0.0f, INFINITY, -INFINITY, 1e-45f, -1e-40f, 0.25f, 0.75f,
@@ -292,12 +294,16 @@ void TestQuantizeBlockAgrees(std::mt19937& rng) {
   int wrong = 0;
   for (int trial = 0; trial < 20000; ++trial) {
     float x[32];
-    const float block_scale = exp2f(binade(rng));
+    // Every 4th block: a power-of-two block scale and 6 * it first, so that the specials land
+    // exactly on the E2M1 rounding ties after the quantizer's multiply.
+    const bool ties = trial % 4 == 0;
+    const float block_scale = exp2f(ties ? roundf(binade(rng)) : binade(rng));
     for (float& v : x) {
-      const uint32_t pick = rng() % 16;
+      const uint32_t pick = rng() % (ties ? 2 : 16);
       v = pick == 0 ? specials[rng() % (sizeof(specials) / sizeof(specials[0]))] * block_scale
                     : normal(rng) * block_scale;
     }
+    if (ties) x[0] = 6.0f * block_scale;
     if (trial % 50 == 0) x[rng() % 32] = NAN;
     uint8_t want[16], got[16];
     memset(got, 0x5A, sizeof(got));
@@ -305,7 +311,9 @@ void TestQuantizeBlockAgrees(std::mt19937& rng) {
     const uint8_t got_scale = vector(x, got);
     wrong += got_scale != want_scale || memcmp(got, want, sizeof(want)) != 0;
   }
-  EXPECT(wrong == 0, "%d of 20000 blocks quantize differently with AVX-512", wrong);
+  EXPECT(wrong == 0, "%d of 20000 blocks quantize differently with %s", wrong,
+         mxmoe::cpu::KernelIsaName(isa));
+  printf("block quantizer (%s): checked\n", mxmoe::cpu::KernelIsaName(isa));
 }
 
 struct Gemm {
@@ -511,9 +519,9 @@ int main() {
   setenv("MXMOE_CPU_THREADS", "3", 1);  // before the first CPU call: read once
   std::mt19937 rng(20261201);
   TestActivationClonesAgree();
-  TestBf16EpilogueAgrees(rng);
+  for (KernelIsa isa : {KernelIsa::kAvx2, KernelIsa::kAvx512}) TestBf16EpilogueAgrees(isa, rng);
   TestKernelsAgree(rng);
-  TestQuantizeBlockAgrees(rng);
+  for (KernelIsa isa : {KernelIsa::kAvx2, KernelIsa::kAvx512}) TestQuantizeBlockAgrees(isa, rng);
   const std::vector<Gemm> problems = Problems(rng);
   TestParallelFor();
   TestGemmsAgree(problems);

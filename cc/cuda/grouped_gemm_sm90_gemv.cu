@@ -1,5 +1,5 @@
-// SM90 grouped GEMM for a few rows in all (at most kGemvMaxRows: decode at T <= 16 / top_k in the
-// MoE): a CUDA-core kernel
+// SM90 grouped GEMM for a few rows in all (decode: at most kGemvMaxRows, or kGemvWideMaxRows where
+// its grid is a few waves; grouped_gemm_sm90_heuristics.h): a CUDA-core kernel
 // that streams the PREPARED weight records (grouped_gemm_sm90_layout.h) from global memory and
 // computes exact integer block dots with dp4a, instead of the WGMMA kernel's
 // decode -> FP8 WGMMA -> promote chain, whose per-chunk latency dominates when a token tile holds

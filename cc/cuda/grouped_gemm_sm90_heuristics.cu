@@ -3,11 +3,13 @@
 #include "cc/cuda/grouped_gemm_sm90_heuristics.h"
 
 #include "cc/cuda/grouped_gemm_sm90_kernel.h"
+#include "cc/cuda/grouped_gemm_sm90_layout.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <mutex>
 #include <set>
 
@@ -50,8 +52,17 @@ GemmConfig ChooseGemmConfig(const GemmProblem& problem) {
     config.block_n = 128;
   }
   config.grid = (problem.num_sms > 0 ? problem.num_sms : 132) * GemmCtasPerSm(config.block_n);
-  config.gemv = problem.rows <= kGemvMaxRows && GemvFits(problem);
+  config.gemv = GemvFits(problem) &&
+                (problem.rows <= kGemvMaxRows ||
+                 (problem.rows <= kGemvWideMaxRows && GemvWaves(problem) <= kGemvWideMaxWaves));
   return config;
+}
+
+int64_t GemvWaves(const GemmProblem& problem) {
+  const int64_t active = std::min<int64_t>(problem.rows, std::max<int32_t>(problem.num_experts, 1));
+  const int64_t ctas = std::max<int64_t>(active, 1) * NumPanels(problem.n);
+  const int64_t slots = int64_t{kGemvCtasPerSm} * (problem.num_sms > 0 ? problem.num_sms : 132);
+  return std::max<int64_t>(1, (ctas + slots - 1) / slots);
 }
 
 GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem) {

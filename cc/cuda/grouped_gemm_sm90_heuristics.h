@@ -31,7 +31,8 @@ struct GemmConfig {
   int grid;     // persistent CTAs
   bool pingpong = true;  // token tile 128: math warpgroups alternate on the tensor cores
   // The CUDA-core kernel (grouped_gemm_sm90_gemv.cu) instead of the WGMMA kernel: at most
-  // kGemvMaxRows rows in all (the MoE at T <= 16 / top_k), where the WGMMA kernel's per-chunk
+  // kGemvMaxRows rows in all (the MoE at T <= 16 / top_k), or at most kGemvWideMaxRows where its
+  // grid is at most kGemvWideMaxWaves waves (GemvWaves), where the WGMMA kernel's per-chunk
   // latency with one token per tile dominates; block_n and grid are then unused.
   bool gemv = false;
   std::string ToString() const;
@@ -41,6 +42,16 @@ struct GemmConfig {
 // kernel at T = 1, 2, 4, 8, 16 of the three model shapes on an H200: faster at up to 16 rows,
 // i.e. T <= 4 at top-4 and T <= 2 at top-8; slower from 32 rows on).
 constexpr int64_t kGemvMaxRows = 16;
+// Up to 32 rows (T = 4 at top-8, T = 8 at top-4) the CUDA-core path is also taken where its grid,
+// one CTA per (active expert, 64-row panel) with min(rows, experts) experts assumed active, is at
+// most 4 waves of resident CTAs: measured on the H200 (docs/perf-notes.md, "32 rows"), it wins
+// there for Qwen3-30B-A3B at T = 4 (the layer 70 -> 59 us; 768 and 1024 CTAs) and loses for the
+// larger weights of GPT-OSS at T = 8 and DeepSeek-V3 at T = 4 (1440-3584 CTAs).
+constexpr int64_t kGemvWideMaxRows = 32;
+constexpr int64_t kGemvWideMaxWaves = 4;
+
+// Waves of the CUDA-core kernel's grid for `problem` (at least 1).
+int64_t GemvWaves(const GemmProblem& problem);
 
 // Token tiles the kernels are instantiated for (every one is tested).
 constexpr int kBlockNChoices[] = {16, 32, 64, 128};

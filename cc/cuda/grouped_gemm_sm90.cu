@@ -6,9 +6,8 @@
 // over the weights: pass PREPARED weights for speed); (2) convert the MXFP4 activations into
 // E4M3 with per-128-chunk exponent folding plus one fp32 factor per (row, chunk) in the
 // workspace; (3) the grouped GEMM. With few rows (the heuristic's `gemv`: at most kGemvMaxRows,
-// or up to kGemvWideMaxRows where its grid is small; decode) steps (2) and (3) are one
-// CUDA-core kernel instead (grouped_gemm_sm90_gemv.cu) that reads the MXFP4 activations as they
-// are. Everything is
+// or up to kGemvWideMaxRows where its grid is small; decode) steps (2) and (3) are one CUDA-core kernel instead
+// (grouped_gemm_sm90_gemv.cu) that reads the MXFP4 activations as they are. Everything is
 // asynchronous on `stream`: no allocation, no host synchronisation (CUDA-graph capturable).
 // Per-expert row counts come from expert_offsets on the device; problem_sizes is not read (it
 // must agree with expert_offsets).
@@ -518,8 +517,7 @@ mxmoe_status GroupedGemmSm90Chained(const mxmoe_grouped_gemm_args& args, void* w
     }
     const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
     // One CTA per (slot, panel): a persistent grid was measured slower (docs/perf-notes.md).
-    MXMOE_RETURN_IF_ERROR(
-        sm90::LaunchGemvKernel(gp, static_cast<int>(slots), config.gemv_warps, stream));
+    MXMOE_RETURN_IF_ERROR(sm90::LaunchGemvKernel(gp, static_cast<int>(slots), stream));
     *reduced = gp.reduce.output != nullptr;
     return MXMOE_STATUS_OK;
   }

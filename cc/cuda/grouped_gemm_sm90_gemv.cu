@@ -64,9 +64,9 @@ namespace cuda {
 namespace sm90 {
 namespace {
 
-// Warps per CTA (grouped_gemm_sm90_kernel.h): kGemvWarps = 8 (two CTAs per SM), fewer where K
-// has fewer than 8 chunks; or kGemvWideWarps = 16 (one CTA per SM) where the heuristic asks for
-// them (GemmConfig::gemv_warps: long K over several waves).
+// Warps per CTA: 8, or fewer where K has fewer than 8 chunks.
+constexpr int kGemvMaxWarps = 8;
+constexpr int kGemvMaxThreads = 32 * kGemvMaxWarps;
 
 // prmt tables: twice the magnitude of E2M1 codes 0..7 as int8, and its negation.
 constexpr uint32_t kPosLo = 0x03020100u, kPosHi = 0x0C080604u;
@@ -103,19 +103,19 @@ __device__ __forceinline__ float Pow2(int e) {
 
 // Shared memory (dynamic): the experts' offsets, the staged activations of one row group
 // (kGemvMaxTokens x Kp int8), their block factors (kGemvMaxTokens x 4C fp32) and the cross-warp
-// partial sums (`warps` x 64 rows x kGemvMaxTokens fp32).
+// partial sums (8 warps x 64 rows x kGemvMaxTokens fp32).
 struct GemvSmem {
   int offsets;  // (E + 1) int32
   int act;      // kGemvMaxTokens * Kp bytes, 16-aligned
   int factors;  // kGemvMaxTokens * 4C floats
-  int partial;  // warps * 64 * kGemvMaxTokens floats
+  int partial;  // kGemvMaxWarps * 64 * kGemvMaxTokens floats
   int pairs;    // the fused reduce: kGemvReduceMaxPairs x (row, weight, expert) int32/fp32
   int y;        // the fused reduce: kGemvReduceMaxPairs x 64 y values (16-bit)
   int bias;     // the fused reduce: kGemvReduceMaxPairs x 64 bias values (fp32)
   int total;
 };
 
-__host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks, int warps) {
+__host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks) {
   GemvSmem s;
   int at = 0;
   s.offsets = at;
@@ -125,7 +125,7 @@ __host__ __device__ inline GemvSmem GemvLayout(int num_experts, int num_chunks, 
   s.factors = at;
   at += kGemvMaxTokens * num_chunks * 4 * 4;
   s.partial = at;
-  at += warps * kPanelRows * kGemvMaxTokens * 4;
+  at += kGemvMaxWarps * kPanelRows * kGemvMaxTokens * 4;
   s.pairs = at;
   at += kGemvReduceMaxPairs * 3 * 4;
   s.y = at;
@@ -479,15 +479,15 @@ __device__ __forceinline__ void GemvFusedReduce(const GemvKernelParams& p, int p
   }
 }
 
-template <GemvSource kSource, int kWarps>
-__global__ void __launch_bounds__(32 * kWarps, kWarps > kGemvWarps ? 1 : kGemvCtasPerSm)
+template <GemvSource kSource>
+__global__ void __launch_bounds__(kGemvMaxThreads, kGemvCtasPerSm)
     GroupedGemvSm90Kernel(GemvKernelParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ float pow2_idx[kNumTables];
-  __shared__ int warp_counts[kWarps];
+  __shared__ int warp_counts[kGemvMaxWarps];
   __shared__ int chosen_expert;
-  const GemvSmem layout = GemvLayout(p.num_experts, p.num_chunks, kWarps);
+  const GemvSmem layout = GemvLayout(p.num_experts, p.num_chunks);
   int32_t* eo = reinterpret_cast<int32_t*>(smem + layout.offsets);
   uint8_t* act = smem + layout.act;
   float* fac = reinterpret_cast<float*>(smem + layout.factors);
@@ -661,23 +661,19 @@ __global__ void __launch_bounds__(32 * kWarps, kWarps > kGemvWarps ? 1 : kGemvCt
 
 }  // namespace
 
-int64_t GemvSmemBytes(int32_t num_experts, int64_t k, int warps) {
-  return GemvLayout(num_experts, static_cast<int>(NumChunks(k)), warps).total;
+int64_t GemvSmemBytes(int32_t num_experts, int64_t k) {
+  return GemvLayout(num_experts, static_cast<int>(NumChunks(k))).total;
 }
 
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int max_warps,
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
                               cudaStream_t stream) {
   const int64_t grid = static_cast<int64_t>(num_slots) * params.num_panels;
   if (grid == 0) return MXMOE_STATUS_OK;
-  if (max_warps != kGemvWarps && max_warps != kGemvWideWarps) {
-    return Fail(MXMOE_STATUS_INTERNAL, "grouped_gemm (sm90 CUDA-core): warps per CTA ", max_warps,
-                " (", kGemvWarps, " or ", kGemvWideWarps, ")");
-  }
-  // max_warps, fewer only where K has fewer chunks. Fewer warps so that a large grid fits one
-  // wave was measured slower at 2-4 rows per expert (longer chains per warp; docs/perf-notes.md).
-  int warps = max_warps;
+  // 8 warps, fewer only where K has fewer chunks. Fewer warps so that a large grid fits one wave
+  // was measured slower at 2-4 rows per expert (longer chains per warp; docs/perf-notes.md).
+  int warps = kGemvMaxWarps;
   while (warps > 1 && warps > params.num_chunks) warps /= 2;
-  const int smem = GemvLayout(params.num_experts, params.num_chunks, max_warps).total;
+  const int smem = GemvLayout(params.num_experts, params.num_chunks).total;
   auto launch = [&](auto kernel) {
     MXMOE_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -685,20 +681,15 @@ mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int
                                          dim3(32 * warps), smem, stream, params));
     return MXMOE_STATUS_OK;
   };
-  const bool wide = max_warps == kGemvWideWarps;
   switch (params.source) {
     case GemvSource::kMxfp4:
-      return wide ? launch(GroupedGemvSm90Kernel<GemvSource::kMxfp4, kGemvWideWarps>)
-                  : launch(GroupedGemvSm90Kernel<GemvSource::kMxfp4, kGemvWarps>);
+      return launch(GroupedGemvSm90Kernel<GemvSource::kMxfp4>);
     case GemvSource::kGather:
-      return wide ? launch(GroupedGemvSm90Kernel<GemvSource::kGather, kGemvWideWarps>)
-                  : launch(GroupedGemvSm90Kernel<GemvSource::kGather, kGemvWarps>);
+      return launch(GroupedGemvSm90Kernel<GemvSource::kGather>);
     case GemvSource::kSiluMul:
-      return wide ? launch(GroupedGemvSm90Kernel<GemvSource::kSiluMul, kGemvWideWarps>)
-                  : launch(GroupedGemvSm90Kernel<GemvSource::kSiluMul, kGemvWarps>);
+      return launch(GroupedGemvSm90Kernel<GemvSource::kSiluMul>);
     case GemvSource::kGeneral:
-      return wide ? launch(GroupedGemvSm90Kernel<GemvSource::kGeneral, kGemvWideWarps>)
-                  : launch(GroupedGemvSm90Kernel<GemvSource::kGeneral, kGemvWarps>);
+      return launch(GroupedGemvSm90Kernel<GemvSource::kGeneral>);
   }
   return Fail(MXMOE_STATUS_INTERNAL, "grouped_gemm (sm90 CUDA-core): unexpected source ",
               static_cast<int>(params.source));

@@ -25,13 +25,13 @@ std::string GemmProblem::ToString() const {
 std::string GemmConfig::ToString() const {
   return "block_m(weights)=128 block_n(tokens)=" + std::to_string(block_n) +
          " block_k=128 grid=" + std::to_string(grid) + " pingpong=" + (pingpong ? "1" : "0") +
-         " gemv=" + (gemv ? "1" : "0") + " gemv_warps=" + std::to_string(gemv_warps);
+         " gemv=" + (gemv ? "1" : "0");
 }
 
 namespace {
 
 bool GemvFits(const GemmProblem& problem) {
-  return GemvSmemBytes(problem.num_experts, problem.k, kGemvWarps) <= kGemvSmemLimit;
+  return GemvSmemBytes(problem.num_experts, problem.k) <= kGemvSmemLimit;
 }
 
 }  // namespace
@@ -55,9 +55,6 @@ GemmConfig ChooseGemmConfig(const GemmProblem& problem) {
   config.gemv = GemvFits(problem) &&
                 (problem.rows <= kGemvMaxRows ||
                  (problem.rows <= kGemvWideMaxRows && GemvWaves(problem) <= kGemvWideMaxWaves));
-  config.gemv_warps = NumChunks(problem.k) >= kGemvWideMinChunks && GemvWaves(problem) > 1
-                          ? kGemvWideWarps
-                          : kGemvWarps;
   return config;
 }
 
@@ -80,10 +77,6 @@ GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem) {
   }
   if (const char* pp = getenv("MXMOE_SM90_PINGPONG")) config.pingpong = atoi(pp) != 0;
   if (const char* gv = getenv("MXMOE_SM90_GEMV")) config.gemv = atoi(gv) != 0 && GemvFits(problem);
-  if (const char* gw = getenv("MXMOE_SM90_GEMV_WARPS")) {
-    const int v = atoi(gw);
-    if (v == kGemvWarps || v == kGemvWideWarps) config.gemv_warps = v;
-  }
   const char* print = getenv("MXMOE_PRINT_CONFIG");
   if (print != nullptr && strcmp(print, "1") == 0) {
     static std::mutex mu;

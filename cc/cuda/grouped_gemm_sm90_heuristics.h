@@ -35,11 +35,6 @@ struct GemmConfig {
   // grid is at most kGemvWideMaxWaves waves (GemvWaves), where the WGMMA kernel's per-chunk
   // latency with one token per tile dominates; block_n and grid are then unused.
   bool gemv = false;
-  // The CUDA-core kernel's warps per CTA: kGemvWarps (8, two CTAs per SM), or kGemvWideWarps (16,
-  // one per SM) where K has at least kGemvWideMinChunks chunks and the 8-warp grid is more than
-  // one wave: each warp's serial chain of chunks halves, and so does the last, partial wave's
-  // time (docs/perf-notes.md, "Sixteen warps").
-  int gemv_warps = 8;
   std::string ToString() const;
 };
 
@@ -55,11 +50,8 @@ constexpr int64_t kGemvMaxRows = 16;
 constexpr int64_t kGemvWideMaxRows = 32;
 constexpr int64_t kGemvWideMaxWaves = 4;
 
-// Waves of the CUDA-core kernel's grid of 8-warp CTAs for `problem` (at least 1).
+// Waves of the CUDA-core kernel's grid for `problem` (at least 1).
 int64_t GemvWaves(const GemmProblem& problem);
-// K chunks (of 128) from which the CUDA-core kernel runs 16-warp CTAs when its grid is more than
-// one wave.
-constexpr int64_t kGemvWideMinChunks = 32;
 
 // Token tiles the kernels are instantiated for (every one is tested).
 constexpr int kBlockNChoices[] = {16, 32, 64, 128};
@@ -70,8 +62,7 @@ GemmConfig ChooseGemmConfig(const GemmProblem& problem);
 // heuristic otherwise; it also turns the CUDA-core path off);
 // MXMOE_SM90_PINGPONG=0 turns the warpgroup ping-pong of the 128 tile off (experiments);
 // MXMOE_SM90_GEMV=0 never takes the CUDA-core path, =1 takes it at any row count where its shared
-// memory fits (tests of both paths on the same shapes, A/B runs); MXMOE_SM90_GEMV_WARPS=8|16
-// forces its warps per CTA.
+// memory fits (tests of both paths on the same shapes, A/B runs).
 GemmConfig ChooseGemmConfigWithOverride(const GemmProblem& problem);
 
 }  // namespace sm90

@@ -84,9 +84,7 @@ inline size_t GemmKernelSmemBytes(int block_n, int num_experts) {
 // Reads the MXFP4 activations as they are (no E4M3 conversion) and the prepared weights, or, in
 // the MoE chain, the bf16/fp16 rows the chain's quantize kernel would read (GemvSource).
 constexpr int kGemvMaxTokens = 4;  // rows of one expert per pass (more rows: more passes)
-constexpr int kGemvCtasPerSm = 2;  // resident CTAs per SM (its __launch_bounds__) of 8 warps
-constexpr int kGemvWarps = 8;      // warps per CTA (fewer where K has fewer chunks)
-constexpr int kGemvWideWarps = 16;  // the wide CTA: one per SM, for long K (GemmConfig)
+constexpr int kGemvCtasPerSm = 2;  // resident CTAs per SM (its __launch_bounds__)
 
 // Where the kernel's activations come from: MXFP4 codes and swizzled scales (a, a_scales), or
 // 16-bit rows of c's dtype that each CTA quantizes itself (GemmChain::source in grouped_gemm.h).
@@ -131,15 +129,13 @@ constexpr int kGemvReduceMaxPairs = 16;
 
 // Dynamic shared memory of the kernel: the experts' offsets, kGemvMaxTokens staged activation
 // rows of K padded to 128 (int8) and their block factors, and the cross-warp partial sums.
-// `warps`: the CTA's warps (kGemvWarps or kGemvWideWarps).
-int64_t GemvSmemBytes(int32_t num_experts, int64_t k, int warps);
+int64_t GemvSmemBytes(int32_t num_experts, int64_t k);
 // The heuristic takes the CUDA-core path only where its shared memory allows two CTAs per SM.
 constexpr int64_t kGemvSmemLimit = 100 * 1024;
 
 // One CTA per (expert slot, weight panel); num_slots >= the number of experts with rows
 // (min(rows, num_experts) always suffices).
-// max_warps: kGemvWarps (two CTAs per SM) or kGemvWideWarps (one).
-mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots, int max_warps,
+mxmoe_status LaunchGemvKernel(const GemvKernelParams& params, int num_slots,
                               cudaStream_t stream);
 
 // Launches on `stream`; block_n in {16, 32, 64, 128}. Returns UNSUPPORTED for other values.

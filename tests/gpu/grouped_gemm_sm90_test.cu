@@ -467,15 +467,13 @@ void RunCorrectness(const Problem& p, uint64_t seed) {
   Setup(p, d, &dp);
   const double tol = p.c_dtype == MXMOE_DTYPE_BF16 ? 2e-3 : 1e-3;
   // Every token tile of the WGMMA kernel (MXMOE_SM90_GEMV=0), then the CUDA-core path
-  // (block_n 0 here: MXMOE_SM90_GEMV=1, taken at any row count) with 8- and 16-warp CTAs (-16:
-  // MXMOE_SM90_GEMV_WARPS=16) on the same operands.
-  const int block_ns[] = {16, 32, 64, 128, 0, -16};
+  // (block_n 0 here: MXMOE_SM90_GEMV=1, taken at any row count) on the same operands.
+  const int block_ns[] = {16, 32, 64, 128, 0};
   bool first = true;
   for (int bn : block_ns) {
     if (g_only_block_n != 0 && bn != g_only_block_n) continue;
-    if (bn > 0) setenv("MXMOE_SM90_BLOCK_N", std::to_string(bn).c_str(), 1);
-    setenv("MXMOE_SM90_GEMV", bn <= 0 ? "1" : "0", 1);
-    setenv("MXMOE_SM90_GEMV_WARPS", bn == -16 ? "16" : "8", 1);
+    if (bn != 0) setenv("MXMOE_SM90_BLOCK_N", std::to_string(bn).c_str(), 1);
+    setenv("MXMOE_SM90_GEMV", bn == 0 ? "1" : "0", 1);
     const std::vector<uint16_t> c = RunOnce(&dp);
     const Compare cmp = CompareOutput(p, d, c, adversarial ? emulated : exact);
     bool ok = cmp.rel_l2 <= tol && cmp.nan_mismatch == 0 && cmp.unwritten == 0 &&
@@ -483,8 +481,7 @@ void RunCorrectness(const Problem& p, uint64_t seed) {
     printf("%s %s %s: rel_l2=%.3e (vs %s) nan_mismatch=%lld unwritten=%lld "
            "clobbered=%lld\n",
            ok ? "PASS" : "FAIL", Describe(p).c_str(),
-           bn == 0 ? "gemv" : bn < 0 ? "gemv-16warps" : ("block_n=" + std::to_string(bn)).c_str(),
-           cmp.rel_l2,
+           bn == 0 ? "gemv" : ("block_n=" + std::to_string(bn)).c_str(), cmp.rel_l2,
            adversarial ? "emulated folding" : "float64 dequantized", (long long)cmp.nan_mismatch,
            (long long)cmp.unwritten, (long long)cmp.clobbered);
     if (adversarial && first) {
@@ -503,7 +500,6 @@ void RunCorrectness(const Problem& p, uint64_t seed) {
   }
   unsetenv("MXMOE_SM90_BLOCK_N");
   unsetenv("MXMOE_SM90_GEMV");
-  unsetenv("MXMOE_SM90_GEMV_WARPS");
   if (p.compare_cpu && !FormatHeaderE2m1Ok()) {
     printf("SKIP %s vs CPU backend: format.h E2M1ToFloat/E2M1TwiceValue disagree with the "
            "contract (code 7 must be 6)\n", Describe(p).c_str());

@@ -45,14 +45,11 @@ if quick_mode():  # compute-sanitizer passes: small shapes only
     CASES = [([2, 0, 1, 0], 256, 128), ([0, 1, 7, 65], 96, 160)]
 
 
-@pytest.fixture(params=["wgmma", "gemv", "gemv16"])
+@pytest.fixture(params=["wgmma", "gemv"])
 def sm90_path(request, monkeypatch):
     """Both sm90 kernels on every case: MXMOE_SM90_GEMV=0 keeps the WGMMA kernel at any row
-    count, =1 takes the CUDA-core path at any row count (read per call by the heuristic), with
-    its 16-warp CTAs too (MXMOE_SM90_GEMV_WARPS=16; the default picks them for long K only)."""
-    monkeypatch.setenv("MXMOE_SM90_GEMV", "0" if request.param == "wgmma" else "1")
-    if request.param == "gemv16":
-        monkeypatch.setenv("MXMOE_SM90_GEMV_WARPS", "16")
+    count, =1 takes the CUDA-core path at any row count (read per call by the heuristic)."""
+    monkeypatch.setenv("MXMOE_SM90_GEMV", "1" if request.param == "gemv" else "0")
     return request.param
 
 

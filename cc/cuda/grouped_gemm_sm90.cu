@@ -6,8 +6,9 @@
 // over the weights: pass PREPARED weights for speed); (2) convert the MXFP4 activations into
 // E4M3 with per-128-chunk exponent folding plus one fp32 factor per (row, chunk) in the
 // workspace; (3) the grouped GEMM. With few rows (the heuristic's `gemv`: at most kGemvMaxRows,
-// or up to kGemvWideMaxRows where its grid is small; decode) steps (2) and (3) are one CUDA-core kernel instead
-// (grouped_gemm_sm90_gemv.cu) that reads the MXFP4 activations as they are. Everything is
+// or up to kGemvWideMaxRows where its grid is small; decode) steps (2) and (3) are one
+// CUDA-core kernel instead (grouped_gemm_sm90_gemv.cu) that reads the MXFP4 activations as they
+// are. Everything is
 // asynchronous on `stream`: no allocation, no host synchronisation (CUDA-graph capturable).
 // Per-expert row counts come from expert_offsets on the device; problem_sizes is not read (it
 // must agree with expert_offsets).

@@ -291,7 +291,10 @@ MXMOE_CPU_FMA_TARGET void ActivateRowsFma(const mxmoe_moe_forward_args& args,
 // Stage 8 for tokens [begin, end): each token's output row = the sum over its slots (routed in
 // rank order, then shared) of weight * y, y = the slot's GEMM2 row (+ the w2 bias, rounded to the
 // activation dtype first), in fp32, rounded once to the activation dtype. One hidden-size fp32
-// row of scratch per call (a failed allocation propagates through ParallelFor).
+// row of scratch per call (a failed allocation propagates through ParallelFor). kBf16Lanes (the
+// FMA clone, bf16 without a w2 bias): the same operations in the same order, eight lanes at a
+// time (activation_simd.h).
+template <bool kBf16Lanes>
 __attribute__((always_inline)) inline void ReduceTokensBody(const mxmoe_moe_forward_args& args,
                                                             const MoeWorkspace& ws,
                                                             int64_t begin, int64_t end) {
@@ -306,6 +309,13 @@ __attribute__((always_inline)) inline void ReduceTokensBody(const mxmoe_moe_forw
       const int32_t row = ws.row_of_slot[t * per_token + s];
       if (row < 0) continue;
       const float w = s < top_k ? ws.topk_weights[t * top_k + s] : 1.0f;
+#if defined(__x86_64__)
+      if constexpr (kBf16Lanes) {
+        AccumulateBf16Row(reinterpret_cast<const uint16_t*>(ws.activations) + row * hidden, w,
+                          hidden, acc.data());
+        continue;
+      }
+#endif
       const int64_t e = ws.expert_of_row[row];
       for (int64_t h = 0; h < hidden; ++h) {
         float y = LoadAsFloat(ws.activations, dtype, row * hidden + h);
@@ -317,39 +327,28 @@ __attribute__((always_inline)) inline void ReduceTokensBody(const mxmoe_moe_forw
         acc[h] = MXMOE_ADD(acc[h], MXMOE_MUL(w, y));
       }
     }
+#if defined(__x86_64__)
+    if constexpr (kBf16Lanes) {
+      StoreBf16Row(acc.data(), hidden, reinterpret_cast<uint16_t*>(args.output) + t * hidden);
+      continue;
+    }
+#endif
     for (int64_t h = 0; h < hidden; ++h) StoreFromFloat(args.output, dtype, t * hidden + h, acc[h]);
   }
 }
 
 void ReduceTokensPlain(const mxmoe_moe_forward_args& args, const MoeWorkspace& ws,
                        int64_t begin, int64_t end) {
-  ReduceTokensBody(args, ws, begin, end);
+  ReduceTokensBody<false>(args, ws, begin, end);
 }
 
 MXMOE_CPU_FMA_TARGET void ReduceTokensFma(const mxmoe_moe_forward_args& args,
                                           const MoeWorkspace& ws, int64_t begin, int64_t end) {
-#if defined(__x86_64__)
   if (args.w2_bias == nullptr && args.activation_dtype == MXMOE_DTYPE_BF16) {
-    // The same operations in the same order, eight lanes at a time (activation_simd.h).
-    const int64_t top_k = args.top_k;
-    const int64_t per_token = top_k + args.num_shared_experts;
-    const int64_t hidden = args.hidden_size;
-    const uint16_t* y = reinterpret_cast<const uint16_t*>(ws.activations);
-    std::vector<float> acc(static_cast<size_t>(hidden));
-    for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t s = 0; s < per_token; ++s) {
-        const int32_t row = ws.row_of_slot[t * per_token + s];
-        if (row < 0) continue;
-        const float w = s < top_k ? ws.topk_weights[t * top_k + s] : 1.0f;
-        AccumulateBf16Row(y + row * hidden, w, hidden, acc.data());
-      }
-      StoreBf16Row(acc.data(), hidden, reinterpret_cast<uint16_t*>(args.output) + t * hidden);
-    }
-    return;
+    ReduceTokensBody<true>(args, ws, begin, end);
+  } else {
+    ReduceTokensBody<false>(args, ws, begin, end);
   }
-#endif
-  ReduceTokensBody(args, ws, begin, end);
 }
 
 // A stage over [begin, end) compiled twice (plain and FMA): the clone ActivationUsesFma() picks.

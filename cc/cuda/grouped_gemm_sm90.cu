@@ -431,8 +431,7 @@ bool TakesSource(const mxmoe_grouped_gemm_args& args, const sm90::GemmConfig& co
     return (atoi(env) & bit) != 0;
   }
   if (activation == ExpertsActivation::kGeneral) return false;
-  const int64_t slots = args.rows < args.num_experts ? args.rows : args.num_experts;
-  return slots * sm90::NumPanels(args.n) <= int64_t{sm90::kGemvCtasPerSm} * num_sms;
+  return sm90::GemvWaves({args.rows, args.n, args.k, args.num_experts, num_sms}) == 1;
 }
 
 }  // namespace

@@ -238,14 +238,14 @@ __device__ __forceinline__ uint32_t RankKey(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Elements lane, lane + 32, ... (< count) of a bf16/fp16/fp32 vector at `base` as fp32 (zeros
-// past count). The raw loads all go out first, in one branch on the dtype (uniform across the
-// warp), and are converted after: a load inside each element's dtype branch makes the warp wait
-// for every load in turn (one DRAM latency per element at T = 1).
+// Elements lane, lane + 32, ... (< count) of a bf16/fp16/fp32 vector at `base`, as raw bits
+// (zeros past count), and LaneBitsAsFloat below converts them. The raw loads all go out first, in
+// one branch on the dtype (uniform across the warp), and are converted after: a load inside each
+// element's dtype branch makes the warp wait for every load in turn (one DRAM latency per element
+// at T = 1); two vectors' raw loads issued before either is converted wait one latency, not two.
 template <int V, int kUnroll>
-__device__ __forceinline__ void LoadLaneElements(const void* base, int32_t dtype, int64_t offset,
-                                                 int lane, int count, float (&out)[V]) {
-  uint32_t raw[V];
+__device__ __forceinline__ void LoadLaneBits(const void* base, int32_t dtype, int64_t offset,
+                                             int lane, int count, uint32_t (&raw)[V]) {
   if (dtype == MXMOE_DTYPE_FP32) {
     const uint32_t* src = static_cast<const uint32_t*>(base) + offset;
 #pragma unroll kUnroll
@@ -255,6 +255,11 @@ __device__ __forceinline__ void LoadLaneElements(const void* base, int32_t dtype
 #pragma unroll kUnroll
     for (int i = 0; i < V; ++i) raw[i] = lane + 32 * i < count ? src[lane + 32 * i] : 0u;
   }
+}
+
+template <int V, int kUnroll>
+__device__ __forceinline__ void LaneBitsAsFloat(const uint32_t (&raw)[V], int32_t dtype,
+                                                float (&out)[V]) {
 #pragma unroll kUnroll
   for (int i = 0; i < V; ++i) out[i] = quant::BitsAsFloat(raw[i], dtype);
 }
@@ -313,13 +318,16 @@ __device__ __forceinline__ void RouteToken(const RoutingParams& p, int64_t token
   // Rank values: probabilities, logits or choices (coalesced: the warp's lanes read consecutive
   // experts; every load in flight at once).
   LaneExperts<V> x;
-  LoadLaneElements<V, kUnroll>(p.logits, p.logits_dtype, row, lane, num_experts, x.value);
-  float bias[V];
+  uint32_t raw_logits[V], raw_bias[V];
+  LoadLaneBits<V, kUnroll>(p.logits, p.logits_dtype, row, lane, num_experts, raw_logits);
   const bool with_bias = sigmoid && p.correction_bias != nullptr;
   if (with_bias) {
-    LoadLaneElements<V, kUnroll>(p.correction_bias, p.correction_bias_dtype, 0, lane,
-                                 num_experts, bias);
+    LoadLaneBits<V, kUnroll>(p.correction_bias, p.correction_bias_dtype, 0, lane, num_experts,
+                             raw_bias);
   }
+  LaneBitsAsFloat<V, kUnroll>(raw_logits, p.logits_dtype, x.value);
+  float bias[V];
+  if (with_bias) LaneBitsAsFloat<V, kUnroll>(raw_bias, p.correction_bias_dtype, bias);
 #pragma unroll kUnroll
   for (int w = 0; w < LaneExperts<V>::kWords; ++w) x.available[w] = 0;
 #pragma unroll kUnroll
@@ -359,40 +367,77 @@ __device__ __forceinline__ void RouteToken(const RoutingParams& p, int64_t token
     }
   }
 
-  // Grouped routing: lane g scores group g by its two best choices (from shared memory, as a
-  // group's experts lie across lanes); the other groups' experts stop being available.
+  // Grouped routing: each group scored by its two best choices (RanksBefore order), the
+  // kept_groups best groups kept (ties to the lower group); the other groups' experts stop being
+  // available.
   if (sigmoid && p.kept_groups < p.groups) {
-#pragma unroll kUnroll
-    for (int i = 0; i < V; ++i) {
-      if (x.Available(i)) shared_value[lane + 32 * i] = x.value[i];
-    }
-    __syncwarp();
     const int group_size = num_experts / p.groups;
-    float score = 0.0f;
-    if (lane < p.groups) {
-      float first = 0.0f, second = 0.0f;
-      int32_t first_id = -1, second_id = -1;
-      for (int j = 0; j < group_size; ++j) {
-        const int e = lane * group_size + j;
-        const float v = shared_value[e];
-        if (first_id < 0 || fmt::RanksBefore(v, e, first, first_id)) {
-          second = first;
-          second_id = first_id;
-          first = v;
-          first_id = e;
-        } else if (second_id < 0 || fmt::RanksBefore(v, e, second, second_id)) {
-          second = v;
-          second_id = e;
-        }
-      }
-      score = second_id >= 0 ? MXMOE_ADD(first, second) : first;
-    }
     uint32_t kept_mask = 0;
-    for (int k = 0; k < p.kept_groups; ++k) {
-      float best = score;
-      int32_t best_id = (lane < p.groups && !((kept_mask >> lane) & 1u)) ? lane : -1;
-      WarpBest(&best, &best_id);
-      kept_mask |= 1u << best_id;
+    if (group_size == 32) {
+      // Expert e is lane e % 32's register e / 32, so group g is register g across the warp: its
+      // best two are warp reductions on rank keys (equal keys: the lower lane, the lower id), and
+      // every lane learns every group's score, so the kept groups need no shuffles (DeepSeek-V3:
+      // 8 groups of 32).
+      float group_score[V];
+#pragma unroll kUnroll
+      for (int g = 0; g < V; ++g) {
+        group_score[g] = 0.0f;
+        if (g >= p.groups) continue;  // uniform across the warp
+        const uint32_t key = RankKey(x.value[g]);
+        const uint32_t first_key = __reduce_max_sync(~0u, key);
+        const int first_lane = __reduce_min_sync(~0u, key == first_key ? lane : 32);
+        const uint32_t rest = lane == first_lane ? kNoCandidate : key;  // every number's key > 1
+        const uint32_t second_key = __reduce_max_sync(~0u, rest);
+        const int second_lane = __reduce_min_sync(~0u, rest == second_key ? lane : 32);
+        group_score[g] = MXMOE_ADD(__shfl_sync(~0u, x.value[g], first_lane),
+                                   __shfl_sync(~0u, x.value[g], second_lane));
+      }
+      for (int k = 0; k < p.kept_groups; ++k) {
+        float best = 0.0f;
+        int best_group = -1;
+#pragma unroll kUnroll
+        for (int g = 0; g < V; ++g) {
+          if (g >= p.groups || ((kept_mask >> g) & 1u)) continue;
+          if (best_group < 0 || fmt::RanksBefore(group_score[g], g, best, best_group)) {
+            best = group_score[g];
+            best_group = g;
+          }
+        }
+        kept_mask |= 1u << best_group;
+      }
+    } else {
+      // Any other group size: lane g scores group g from shared memory (a group's experts lie
+      // across lanes), a serial walk of its experts; then kept_groups warp-wide rounds.
+#pragma unroll kUnroll
+      for (int i = 0; i < V; ++i) {
+        if (x.Available(i)) shared_value[lane + 32 * i] = x.value[i];
+      }
+      __syncwarp();
+      float score = 0.0f;
+      if (lane < p.groups) {
+        float first = 0.0f, second = 0.0f;
+        int32_t first_id = -1, second_id = -1;
+        for (int j = 0; j < group_size; ++j) {
+          const int e = lane * group_size + j;
+          const float v = shared_value[e];
+          if (first_id < 0 || fmt::RanksBefore(v, e, first, first_id)) {
+            second = first;
+            second_id = first_id;
+            first = v;
+            first_id = e;
+          } else if (second_id < 0 || fmt::RanksBefore(v, e, second, second_id)) {
+            second = v;
+            second_id = e;
+          }
+        }
+        score = second_id >= 0 ? MXMOE_ADD(first, second) : first;
+      }
+      for (int k = 0; k < p.kept_groups; ++k) {
+        float best = score;
+        int32_t best_id = (lane < p.groups && !((kept_mask >> lane) & 1u)) ? lane : -1;
+        WarpBest(&best, &best_id);
+        kept_mask |= 1u << best_id;
+      }
     }
 #pragma unroll kUnroll
     for (int i = 0; i < V; ++i) {

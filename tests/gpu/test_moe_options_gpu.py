@@ -244,8 +244,8 @@ def test_cuda_graph_replay_with_options(kind, tokens):
 
 # Router widths that take each of the routing kernel's budgets (E <= 32 * V for V = 4, 8, 16,
 # 128 rank values per lane), with groups that divide E for the grouped mode.
-ROUTING_WIDTHS = [(8, 2, 1, 4), (64, 2, 1, 4), (128, 8, 4, 8), (200, 8, 3, 8), (256, 8, 4, 8), (384, 8, 4, 32),
-                  (1500, 30, 4, 8)]  # (E, groups, kept groups, top_k)
+ROUTING_WIDTHS = [(8, 2, 1, 4), (64, 2, 1, 4), (128, 8, 4, 8), (200, 8, 3, 8), (256, 8, 4, 8),
+                  (384, 8, 4, 32), (1500, 30, 4, 8)]  # (E, groups, kept groups, top_k)
 
 
 def adversarial_logits(kind, tokens, e, g):
